@@ -1,0 +1,180 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/status`, and the operator's tools
+//! for parked writes under `/requests`. Never on the data listener.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::forward::Health;
+use crate::metrics::{ClientView, KeysView};
+use crate::proxy::{Phase, Proxy};
+use crate::queue::{EntryId, OpError, QueueStatus, Status as EntryStatus};
+use crate::quota::QuotaStatus;
+use crate::response::{self, Body};
+
+#[derive(Serialize)]
+struct Status {
+    version: &'static str,
+    ready: bool,
+    now: String,
+    upstream: Health,
+    quotas: Vec<QuotaStatus>,
+    /// Keyed quotas: keys tracked and overflow.
+    keyed_quotas: Vec<KeysView>,
+    clients: Vec<ClientView>,
+    queue: QueueStatus,
+}
+
+pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
+    let path = req.uri().path();
+    if path == "/requests" || path.starts_with("/requests/") {
+        return requests(&proxy, req.method(), path, req.uri().query()).await;
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return response::method_not_allowed("GET, HEAD");
+    }
+    match path {
+        "/healthz" => response::text(StatusCode::OK, "ok\n"),
+        "/readyz" => match proxy.phase() {
+            Phase::Ready => response::text(StatusCode::OK, "ready\n"),
+            Phase::Starting => response::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting: restoring parked writes\n",
+            ),
+            Phase::Stopping => response::text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        },
+        "/metrics" => {
+            let now = proxy.clock.now();
+            let queue = proxy.queue.snapshot(now);
+            proxy.metrics.observe(&proxy.ledger.snapshot(now), &queue);
+            if let Some(stats) = proxy.queue.store_stats() {
+                proxy.metrics.observe_store(stats);
+            }
+            proxy
+                .metrics
+                .observe_clients(&proxy.client_views(&queue, now), &proxy.keys_views());
+            let mut resp = response::text(StatusCode::OK, proxy.metrics.encode());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/status" => {
+            let now = proxy.clock.now();
+            let queue = proxy.queue.snapshot(now);
+            let status = Status {
+                version: env!("CARGO_PKG_VERSION"),
+                ready: proxy.is_ready(),
+                now: now.to_string(),
+                upstream: proxy.upstream.health(),
+                quotas: proxy.ledger.snapshot(now),
+                keyed_quotas: proxy.keys_views(),
+                clients: proxy.client_views(&queue, now),
+                queue,
+            };
+            response::json_response(StatusCode::OK, &status)
+        }
+        _ => response::not_found(),
+    }
+}
+
+/// Most entries one listing returns unless `limit` says otherwise.
+const LIST_LIMIT: usize = 100;
+
+/// The operator's view of parked writes:
+/// - `GET /requests?status=S&limit=N`: the proxy's parked writes, oldest first;
+/// - `GET /requests/{id}`: one in full, credentials redacted;
+/// - `POST /requests/{id}/retry`: send a failed or expired one again;
+/// - `DELETE /requests/{id}`: give a failed or expired one up.
+async fn requests(
+    proxy: &Proxy,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Response<Body> {
+    let rest = path.trim_start_matches("/requests").trim_start_matches('/');
+    if rest.is_empty() {
+        if method != Method::GET && method != Method::HEAD {
+            return response::method_not_allowed("GET, HEAD");
+        }
+        return match list_params(query) {
+            Ok((status, limit)) => {
+                let all = proxy.queue.list(status);
+                let total = all.len();
+                let requests: Vec<_> = all.into_iter().take(limit).collect();
+                response::json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({ "total": total, "requests": requests }),
+                )
+            }
+            Err(e) => response::problem(StatusCode::BAD_REQUEST, "bad_query", e),
+        };
+    }
+    let (id_text, action) = match rest.split_once('/') {
+        Some((id, action)) => (id, Some(action)),
+        None => (rest, None),
+    };
+    let Ok(id) = id_text.parse::<EntryId>() else {
+        return response::not_found();
+    };
+    let commit = match (action, method) {
+        (None, &Method::GET | &Method::HEAD) => {
+            return match proxy.queue.inspect(id) {
+                Some(detail) => response::json_response(StatusCode::OK, &detail),
+                None => response::not_found(),
+            };
+        }
+        (None, &Method::DELETE) => proxy.queue.discard(id),
+        (None, _) => return response::method_not_allowed("GET, HEAD, DELETE"),
+        (Some("retry"), &Method::POST) => proxy.queue.retry(id, proxy.clock.now()),
+        (Some("retry"), _) => return response::method_not_allowed("POST"),
+        (Some(_), _) => return response::not_found(),
+    };
+    let commit = match commit {
+        Ok(c) => c,
+        Err(OpError::NotFound) => return response::not_found(),
+        Err(e @ OpError::WrongState(_)) => {
+            return response::problem(StatusCode::CONFLICT, "wrong_state", e);
+        }
+    };
+    if let Err(e) = commit.durable().await {
+        return response::problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_stored",
+            format!(
+                "done in memory, but the log could not record it ({e}); it may be undone by a restart"
+            ),
+        );
+    }
+    match proxy.queue.inspect(id) {
+        Some(detail) => response::json_response(StatusCode::OK, &detail.summary),
+        None => response::json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "id": id.to_string(), "status": "discarded" }),
+        ),
+    }
+}
+
+/// `status` and `limit` of a listing; anything else is an error.
+fn list_params(query: Option<&str>) -> Result<(Option<EntryStatus>, usize), String> {
+    let mut status = None;
+    let mut limit = LIST_LIMIT;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("status", s)) => status = Some(s.parse()?),
+            Some(("limit", n)) => {
+                limit = n
+                    .parse()
+                    .map_err(|_| format!("limit {n:?} is not a number"))?;
+            }
+            _ => return Err(format!("unknown parameter {pair:?} (status, limit)")),
+        }
+    }
+    Ok((status, limit))
+}

@@ -1,0 +1,147 @@
+//! Human units in config: durations (`250ms`, `10s`, `1m`, `1h30m`, `1d`) and sizes (`64MiB`).
+
+use std::time::Duration;
+
+/// Parses a duration written as one or more `<number><unit>` parts: `ms`, `s`, `m`, `h`, `d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!("{text:?} is not a duration (write a number and a unit: 250ms, 10s, 1m, 1h30m, 1d)")
+    };
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad)?,
+            "h" => n
+                .checked_mul(3_600)
+                .map(Duration::from_secs)
+                .ok_or_else(bad)?,
+            "d" => n
+                .checked_mul(86_400)
+                .map(Duration::from_secs)
+                .ok_or_else(bad)?,
+            _ => return Err(bad()),
+        };
+        total = total.checked_add(part).ok_or_else(bad)?;
+    }
+    Ok(total)
+}
+
+/// Formats a duration in the largest units that represent it exactly (`90s` → `1m30s`).
+pub fn format_duration(d: Duration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_string();
+    }
+    let mut out = String::new();
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ] {
+        if ms >= size {
+            out.push_str(&format!("{}{unit}", ms / size));
+            ms %= size;
+        }
+    }
+    out
+}
+
+/// Parses a byte size: a plain integer, or a number with `B`, `KB`, `MB`, `GB`, `KiB`, `MiB`, `GiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let bad =
+        || format!("{text:?} is not a size (write bytes or a number and a unit: 512KiB, 10MiB)");
+    let s = text.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    if digits == 0 {
+        return Err(bad());
+    }
+    let n: u64 = s[..digits].parse().map_err(|_| bad())?;
+    let factor: u64 = match s[digits..].trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(factor).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_every_unit_and_combination() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn bad_durations_explain_the_expected_form() {
+        for bad in [
+            "1 dya",
+            "",
+            "10",
+            "m",
+            "1x",
+            "-1s",
+            "1.5s",
+            "99999999999999999999d",
+        ] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("is not a duration"), "{bad}: {err}");
+        }
+        assert!(
+            parse_duration("1 dya")
+                .unwrap_err()
+                .starts_with("\"1 dya\"")
+        );
+    }
+
+    #[test]
+    fn durations_format_round_trip() {
+        for text in ["1m30s", "1d", "250ms", "2h", "0s", "1d1h1m1s1ms"] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("10MiB"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("10 parsecs").is_err());
+    }
+}

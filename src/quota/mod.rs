@@ -1,0 +1,771 @@
+//! The quota ledger: one all-or-nothing decision over every quota a request consumes, corrected
+//! (only ever downwards) by what the CRM reports about its own counters.
+
+mod keyed;
+mod pace;
+mod share;
+pub mod window;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use serde::Serialize;
+
+use crate::client::{ClientConfig, ClientId};
+use crate::clock::Time;
+use crate::config::{Fairness, Pace, QuotaConfig, WindowKind, format_duration};
+use crate::crm::Observation;
+use keyed::Keyed;
+use pace::Pacer;
+use share::ClientUse;
+pub use share::WaitingBoard;
+use window::Window;
+
+/// What a request asks of the ledger.
+#[derive(Debug, Clone, Copy)]
+pub struct Demand<'a> {
+    pub quotas: &'a [QuotaId],
+    /// The key of each keyed quota among `quotas` (a missing one counts as the empty key).
+    pub keys: &'a [(QuotaId, Arc<str>)],
+    pub client: ClientId,
+    /// A request whose client is waiting, rather than the drain of a parked write.
+    pub live: bool,
+}
+
+impl<'a> Demand<'a> {
+    /// A live request of the default client on unkeyed quotas.
+    pub fn live(quotas: &'a [QuotaId]) -> Demand<'a> {
+        Demand {
+            quotas,
+            keys: &[],
+            client: ClientId::default(),
+            live: true,
+        }
+    }
+
+    fn key(&self, q: QuotaId) -> &str {
+        self.keys
+            .iter()
+            .find(|(k, _)| *k == q)
+            .map_or("", |(_, key)| key)
+    }
+}
+
+/// How quotas are shared: client weights and caps, and the live/drain reserves.
+#[derive(Debug)]
+struct Sharing {
+    weights: Vec<u32>,
+    /// Per quota, per client: the hard cap, if any.
+    caps: Vec<Vec<Option<u32>>>,
+    fairness: Fairness,
+}
+
+/// Index of a quota in the config's `quotas` list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QuotaId(pub usize);
+
+/// Why a request cannot be sent now, and when it could.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denied {
+    /// Earliest time every quota involved could take one more request (if nothing else is charged).
+    pub retry_at: Time,
+    /// The quota that blocks longest; `None` when the upstream pacer is what blocks.
+    pub binding: Option<QuotaId>,
+}
+
+/// Proof of one charge: each consumed quota's grant count right after it. The CRM's answer to
+/// this request describes its counters as of then, so later grants are accounted for on top.
+/// While it lives, the request counts as awaiting its answer on every synced quota it consumed;
+/// dropping it (answer read, or no answer coming) releases that.
+#[derive(Debug, Default)]
+pub struct Grant {
+    marks: Vec<(QuotaId, u64)>,
+    /// Set when the grant holds synced quotas' outstanding counts.
+    shared: Option<Arc<Shared>>,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            let mut inner = shared.lock();
+            for &(q, _) in &self.marks {
+                let s = &mut inner.quotas[q.0];
+                s.outstanding = s.outstanding.saturating_sub(1);
+            }
+            drop(inner);
+            shared.released.notify_one();
+        }
+    }
+}
+
+/// One quota's state as a request sees it (for `RateLimit` headers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub quota: QuotaId,
+    pub remaining: u32,
+    pub reset_at: Time,
+}
+
+/// One quota's state for `/status` and metrics.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuotaStatus {
+    pub name: String,
+    pub limit: u32,
+    pub window: String,
+    pub kind: &'static str,
+    pub used: u32,
+    /// What the proxy may still send: the local window and, while it holds, the CRM's own count.
+    pub remaining: u32,
+    /// When the count next goes down (sliding) or the window resets (fixed).
+    pub next_reset_at: String,
+    /// Set while a CRM throttle answer paused this quota.
+    pub frozen_until: Option<String>,
+    /// The CRM's last reported remaining calls for the synced scope (before the reserve).
+    pub crm_remaining: Option<u64>,
+    pub crm_limit: Option<u64>,
+}
+
+/// What the CRM's headers impose: at most `ceiling` grants in total until `until`.
+#[derive(Clone, Copy, Debug)]
+struct Cap {
+    ceiling: u64,
+    until: Time,
+    /// The grant count the observation was made against (newer observations replace older ones).
+    mark: u64,
+    /// Set when the CRM named its reset (a fixed window): at each reset the cap rolls on to the
+    /// CRM's own limit for the next window instead of lapsing.
+    period: Option<Duration>,
+    /// False for a cap rolled into a new window: what other apps spent in it is unknown until
+    /// the first answer, so until then requests go one at a time (a probe).
+    confirmed: bool,
+}
+
+/// Below this many calls left (by the CRM's count), a synced quota sends one request at a time,
+/// so at most one can meet the wall if another app spends the rest first.
+fn careful_below(limit: u64) -> u64 {
+    (limit / 10).max(2)
+}
+
+struct QuotaState {
+    window: Window,
+    frozen_until: Time,
+    /// Grants ever charged (including extra cost the CRM reported).
+    grants: u64,
+    cap: Option<Cap>,
+    crm_remaining: Option<u64>,
+    crm_limit: Option<u64>,
+    /// Granted requests of a synced quota whose answers have not been read yet.
+    outstanding: u64,
+    /// Per-key windows, for a keyed quota.
+    keyed: Option<Keyed>,
+    /// Each client's use of the window (for caps and weighted shares).
+    clients: Vec<ClientUse>,
+    /// Use of the window by live requests and by the drain (for the reserves).
+    live_use: ClientUse,
+    drain_use: ClientUse,
+    /// Last live request of any client (the proxy's start counts as one).
+    last_live: Time,
+}
+
+impl QuotaState {
+    fn cap_left(&self, now: Time) -> Option<u64> {
+        self.cap
+            .filter(|c| now < c.until)
+            .map(|c| c.ceiling.saturating_sub(self.grants))
+    }
+
+    /// Rolls a lapsed periodic cap on to the next CRM window: the CRM's limit, less the reserve
+    /// and the requests still awaiting answers (they may land in the new window).
+    fn roll_cap(&mut self, reserve: u32, now: Time) {
+        let (Some(c), Some(limit)) = (self.cap, self.crm_limit) else {
+            return;
+        };
+        let Some(period) = c.period.filter(|_| now >= c.until) else {
+            return;
+        };
+        let behind = now.saturating_since(c.until).as_nanos() / period.as_nanos().max(1);
+        let until = c.until + period * (u32::try_from(behind).unwrap_or(u32::MAX - 1) + 1);
+        self.cap = Some(Cap {
+            ceiling: self.grants
+                + limit
+                    .saturating_sub(u64::from(reserve))
+                    .saturating_sub(self.outstanding),
+            until,
+            mark: self.grants,
+            period: c.period,
+            confirmed: false,
+        });
+    }
+
+    /// When one more request of `ask.d` could fit, or `None` if it fits now.
+    fn blocked_until(&mut self, ask: &Ask<'_>) -> Option<Time> {
+        let Ask {
+            q,
+            cfg,
+            d,
+            sharing,
+            board,
+            now,
+        } = *ask;
+        if now < self.frozen_until {
+            return Some(self.frozen_until);
+        }
+        if let Some(keyed) = &mut self.keyed {
+            return keyed.blocked_until(d.key(q), now);
+        }
+        // Reserves guarantee each class a minimum of every window: the drain leaves what live
+        // requests have not yet used of theirs while live traffic is about (a live request
+        // within two windows, or the proxy's start), and live requests leave what the drain has
+        // not yet used of its minimum while parked writes wait.
+        let share = |f: f64| (f64::from(cfg.limit) * f).ceil() as u64;
+        let held_for_others = if d.live {
+            if board.any(q) {
+                share(sharing.fairness.drain_min).saturating_sub(self.drain_use.used(now))
+            } else {
+                0
+            }
+        } else if now.saturating_since(self.last_live) < cfg.window * 2 {
+            share(sharing.fairness.live_reserve).saturating_sub(self.live_use.used(now))
+        } else {
+            0
+        };
+        let threshold = cfg.limit
+            - u32::try_from(held_for_others)
+                .unwrap_or(cfg.limit)
+                .min(cfg.limit);
+        if let Some(at) = self.window.blocked_below(threshold.max(1), now) {
+            return Some(at);
+        }
+        if let Some(at) = self.client_blocked(ask, threshold.max(1)) {
+            return Some(at);
+        }
+        self.roll_cap(cfg.reserve, now);
+        match (self.cap_left(now), self.cap) {
+            (Some(0), Some(c)) => return Some(c.until),
+            // Near the wall, or probing a new window: wait for the answers still out.
+            (Some(left), Some(c))
+                if self.outstanding > 0
+                    && (!c.confirmed
+                        || left
+                            < careful_below(self.crm_limit.unwrap_or(u64::from(cfg.limit)))) =>
+            {
+                return Some(now + Duration::from_secs(1));
+            }
+            _ => {}
+        }
+        self.window.blocked_until(now)
+    }
+
+    /// The client's hard cap, then its weighted share among the clients with parked writes
+    /// waiting (the demand that can be measured): a client under its fair share may go; one over
+    /// it only with what the others' unused shares leave. A client without a backlog lends its
+    /// share; live requests are protected by the live reserve and caps instead.
+    fn client_blocked(&mut self, ask: &Ask<'_>, threshold: u32) -> Option<Time> {
+        let Ask {
+            q,
+            cfg,
+            d,
+            sharing,
+            board,
+            now,
+        } = *ask;
+        let c = d.client.0;
+        let used_c = self.clients[c].used(now);
+        let retry = |u: &ClientUse| u.next_drop().unwrap_or(now + cfg.window);
+        if let Some(cap) = sharing.caps[q.0][c]
+            && used_c >= u64::from(cap)
+        {
+            return Some(retry(&self.clients[c]));
+        }
+        if sharing.weights.len() < 2 {
+            return None;
+        }
+        let active: Vec<usize> = (0..sharing.weights.len())
+            .filter(|&a| a == c || board.waiting(q, ClientId(a)) > 0)
+            .collect();
+        if active.len() < 2 {
+            return None;
+        }
+        let total_weight: u64 = active.iter().map(|&a| u64::from(sharing.weights[a])).sum();
+        let fair =
+            |a: usize| u64::from(threshold) * u64::from(sharing.weights[a]) / total_weight.max(1);
+        if used_c < fair(c) {
+            return None;
+        }
+        let used_all = u64::from(self.window.used(now));
+        let others_owed: u64 = active
+            .iter()
+            .filter(|&&a| a != c)
+            .map(|&a| fair(a).saturating_sub(self.clients[a].used(now)))
+            .sum();
+        if u64::from(threshold).saturating_sub(used_all + 1) >= others_owed {
+            return None;
+        }
+        Some(retry(&self.clients[c]))
+    }
+}
+
+/// What one quota's decision looks at besides the quota's own state.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    q: QuotaId,
+    cfg: &'a QuotaConfig,
+    d: &'a Demand<'a>,
+    sharing: &'a Sharing,
+    board: &'a WaitingBoard,
+    now: Time,
+}
+
+struct Inner {
+    quotas: Vec<QuotaState>,
+    pacer: Option<Pacer>,
+}
+
+/// The ledger's state, shared with the grants that hold outstanding counts.
+#[derive(Debug)]
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Signalled whenever a grant on a synced quota is released (an answer was read).
+    released: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave a window half-updated in a way that
+        // over-grants (charge is a single push), so a poisoned lock is still safe to use.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ledger state")
+    }
+}
+
+impl Inner {
+    /// The denial for `d` at `now`, naming the quota that blocks longest; `None` if all have room.
+    fn blocked(
+        &mut self,
+        configs: &[QuotaConfig],
+        sharing: &Sharing,
+        board: &WaitingBoard,
+        d: &Demand<'_>,
+        now: Time,
+    ) -> Option<Denied> {
+        let mut denied: Option<Denied> = None;
+        for &q in d.quotas {
+            let state = &mut self.quotas[q.0];
+            if d.live {
+                state.last_live = now;
+                state.clients[d.client.0].last_live = now;
+            }
+            let ask = Ask {
+                q,
+                cfg: &configs[q.0],
+                d,
+                sharing,
+                board,
+                now,
+            };
+            if let Some(at) = state.blocked_until(&ask)
+                && denied.is_none_or(|d| at > d.retry_at)
+            {
+                denied = Some(Denied {
+                    retry_at: at,
+                    binding: Some(q),
+                });
+            }
+        }
+        denied
+    }
+}
+
+/// All quotas of one upstream behind one lock.
+pub struct Ledger {
+    configs: Vec<QuotaConfig>,
+    shared: Arc<Shared>,
+    sharing: Sharing,
+    board: Arc<WaitingBoard>,
+}
+
+/// What applying a response's observations changed, for metrics.
+#[derive(Debug, Default)]
+pub struct Learned {
+    /// (quota, CRM remaining, CRM limit) for each quota an observation matched.
+    pub reported: Vec<(QuotaId, Option<u64>, Option<u64>)>,
+}
+
+impl Ledger {
+    /// A ledger with one client (`default`) and no live/drain reserves.
+    pub fn new(configs: &[QuotaConfig], pace: Option<Pace>, now: Time) -> Ledger {
+        let default = ClientConfig {
+            name: crate::client::DEFAULT_CLIENT.into(),
+            weight: 1,
+            rules: Vec::new(),
+            caps: Vec::new(),
+        };
+        let none = Fairness {
+            live_reserve: 0.0,
+            drain_min: 0.0,
+        };
+        Ledger::shared_by(configs, pace, now, &[default], none)
+    }
+
+    /// The ledger a config describes: its quotas, pacing, clients and fairness.
+    pub fn for_config(config: &crate::config::Config, now: Time) -> Ledger {
+        Ledger::shared_by(
+            &config.quotas,
+            config.upstream.pace,
+            now,
+            &config.clients,
+            config.fairness,
+        )
+    }
+
+    /// A ledger whose quotas are shared by `clients` (weights, caps) under `fairness`.
+    pub fn shared_by(
+        configs: &[QuotaConfig],
+        pace: Option<Pace>,
+        now: Time,
+        clients: &[ClientConfig],
+        fairness: Fairness,
+    ) -> Ledger {
+        let caps = configs
+            .iter()
+            .map(|q| {
+                clients
+                    .iter()
+                    .map(|c| {
+                        c.caps
+                            .iter()
+                            .find(|(n, _)| *n == q.name)
+                            .map(|(_, cap)| *cap)
+                    })
+                    .collect()
+            })
+            .collect();
+        Ledger {
+            configs: configs.to_vec(),
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner {
+                    quotas: configs
+                        .iter()
+                        .map(|q| QuotaState {
+                            window: Window::new(q),
+                            frozen_until: Time::ZERO,
+                            grants: 0,
+                            cap: None,
+                            crm_remaining: None,
+                            crm_limit: None,
+                            outstanding: 0,
+                            keyed: (!q.key.is_empty()).then(|| Keyed::new(q)),
+                            clients: clients
+                                .iter()
+                                .map(|_| ClientUse::new(q.window, q.margin))
+                                .collect(),
+                            live_use: ClientUse::new(q.window, q.margin),
+                            drain_use: ClientUse::new(q.window, q.margin),
+                            last_live: now,
+                        })
+                        .collect(),
+                    pacer: pace.map(|p| Pacer::new(p, now)),
+                }),
+                released: Notify::new(),
+            }),
+            sharing: Sharing {
+                weights: clients.iter().map(|c| c.weight).collect(),
+                caps,
+                fairness,
+            },
+            board: Arc::new(WaitingBoard::new(configs.len(), clients.len())),
+        }
+    }
+
+    /// The board on which the queue marks parked writes waiting (shared with it).
+    pub fn board(&self) -> Arc<WaitingBoard> {
+        self.board.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.shared.lock()
+    }
+
+    /// Completes when a request on a synced quota got its answer (a careful quota may go on).
+    pub async fn released(&self) {
+        self.shared.released.notified().await
+    }
+
+    pub fn config(&self, id: QuotaId) -> &QuotaConfig {
+        &self.configs[id.0]
+    }
+
+    /// Charges every quota of `d` if all of them have room now; otherwise charges none.
+    pub fn try_acquire(&self, d: &Demand<'_>, now: Time) -> Result<Grant, Denied> {
+        let mut inner = self.lock();
+        if let Some(denied) = inner.blocked(&self.configs, &self.sharing, &self.board, d, now) {
+            return Err(denied);
+        }
+        if let Some(pacer) = &inner.pacer
+            && let Err(at) = pacer.check(now)
+        {
+            return Err(Denied {
+                retry_at: at,
+                binding: None,
+            });
+        }
+        // Only synced quotas need marks and count answers outstanding.
+        let mut marks = Vec::new();
+        for &q in d.quotas {
+            let state = &mut inner.quotas[q.0];
+            match &mut state.keyed {
+                Some(keyed) => keyed.charge(&Arc::from(d.key(q)), now),
+                None => {
+                    state.window.charge(now);
+                    state.clients[d.client.0].charge(now);
+                    if d.live {
+                        state.live_use.charge(now);
+                    } else {
+                        state.drain_use.charge(now);
+                    }
+                }
+            }
+            state.grants += 1;
+            if self.configs[q.0].sync.is_some() {
+                state.outstanding += 1;
+                marks.push((q, state.grants));
+            }
+        }
+        let shared = (!marks.is_empty()).then(|| self.shared.clone());
+        Ok(Grant { marks, shared })
+    }
+
+    /// Whether `try_acquire` would grant now, without charging (the pacer is not consulted).
+    pub fn check(&self, d: &Demand<'_>, now: Time) -> Result<(), Denied> {
+        self.lock()
+            .blocked(&self.configs, &self.sharing, &self.board, d, now)
+            .map_or(Ok(()), Err)
+    }
+
+    /// Keys tracked by each keyed quota, and grants that went to its overflow window.
+    pub fn keys(&self) -> Vec<(QuotaId, usize, u64)> {
+        let inner = self.lock();
+        inner
+            .quotas
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                s.keyed
+                    .as_ref()
+                    .map(|k| (QuotaId(i), k.len(), k.overflowed))
+            })
+            .collect()
+    }
+
+    /// Each client's calls counted in each unkeyed quota's current window.
+    pub fn client_use(&self, now: Time) -> Vec<Vec<u64>> {
+        let mut inner = self.lock();
+        let clients = self.sharing.weights.len();
+        (0..clients)
+            .map(|c| {
+                inner
+                    .quotas
+                    .iter_mut()
+                    .map(|s| s.clients[c].used(now))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Quotas whose `sync` names this CRM scope.
+    pub fn synced_to(&self, scope: &str) -> Vec<QuotaId> {
+        self.configs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.sync.as_deref() == Some(scope))
+            .map(|(i, _)| QuotaId(i))
+            .collect()
+    }
+
+    /// Applies what the CRM said in its answer to the request behind `grant`. Only quotas that
+    /// request consumed and that sync to the observation's scope are affected, and only ever made
+    /// stricter than their local window: at most `remaining - reserve` more grants after the
+    /// request, until the CRM's reset (or, without one, for a short while). An extra cost (the
+    /// CRM charged more than one call) is charged to the local window too.
+    pub fn observe(&self, observations: &[Observation], grant: &Grant, now: Time) -> Learned {
+        let mut learned = Learned::default();
+        if observations.is_empty() {
+            return learned;
+        }
+        let mut inner = self.lock();
+        for &(q, mark) in &grant.marks {
+            let cfg = &self.configs[q.0];
+            let Some(scope) = cfg.sync.as_deref() else {
+                continue;
+            };
+            let Some(obs) = observations.iter().find(|o| o.scope == scope) else {
+                continue;
+            };
+            let state = &mut inner.quotas[q.0];
+            if let Some(cost) = obs.cost {
+                for _ in 1..cost.min(u64::from(cfg.limit)) {
+                    state.window.charge(now);
+                }
+                state.grants += cost.saturating_sub(1);
+            }
+            state.crm_limit = obs.limit.or(state.crm_limit);
+            state.crm_remaining = obs.remaining.or(state.crm_remaining);
+            learned.reported.push((q, obs.remaining, obs.limit));
+            let Some(remaining) = obs.remaining else {
+                continue;
+            };
+            let until = obs
+                .reset
+                .unwrap_or_else(|| default_hold(cfg, &mut state.window, now));
+            let cap = Cap {
+                ceiling: mark + remaining.saturating_sub(u64::from(cfg.reserve)),
+                until,
+                mark,
+                period: obs.reset.map(|_| cfg.window),
+                confirmed: true,
+            };
+            state.cap = match state.cap {
+                // An answer to an older request says less than the one already applied.
+                Some(old) if now < old.until && old.mark > mark => Some(old),
+                _ => Some(cap),
+            };
+        }
+        learned
+    }
+
+    /// Pauses `quotas` until `until` (never shortens an existing pause); returns how much pause
+    /// each quota gained.
+    pub fn freeze(&self, quotas: &[QuotaId], until: Time, now: Time) -> Vec<(QuotaId, Duration)> {
+        let mut inner = self.lock();
+        quotas
+            .iter()
+            .map(|&q| {
+                let state = &mut inner.quotas[q.0];
+                let gained = until.saturating_since(state.frozen_until.max(now));
+                state.frozen_until = state.frozen_until.max(until);
+                (q, gained)
+            })
+            .collect()
+    }
+
+    /// When the current window of a quota ends (fixed), or one window from now (sliding).
+    pub fn window_end(&self, q: QuotaId, now: Time) -> Time {
+        let mut inner = self.lock();
+        let cfg = &self.configs[q.0];
+        match &mut inner.quotas[q.0].window {
+            Window::Fixed(w) => w.bounds(now).1,
+            _ => now + cfg.window,
+        }
+    }
+
+    fn remaining(cfg: &QuotaConfig, state: &mut QuotaState, now: Time) -> u32 {
+        if now < state.frozen_until {
+            return 0;
+        }
+        let local = cfg.limit.saturating_sub(state.window.used(now));
+        match state.cap_left(now) {
+            Some(left) => local.min(u32::try_from(left).unwrap_or(u32::MAX)),
+            None => local,
+        }
+    }
+
+    fn next_reset(state: &mut QuotaState, now: Time) -> Time {
+        let mut at = state.window.next_reset(now).max(state.frozen_until);
+        if state.cap_left(now) == Some(0)
+            && let Some(c) = state.cap
+        {
+            at = at.max(c.until);
+        }
+        at
+    }
+
+    /// Remaining requests and reset time of each unkeyed quota, binding (fewest remaining) first.
+    pub fn usage(&self, quotas: &[QuotaId], now: Time) -> Vec<QuotaUsage> {
+        let mut inner = self.lock();
+        let mut out: Vec<QuotaUsage> = quotas
+            .iter()
+            .filter(|q| self.configs[q.0].key.is_empty())
+            .map(|&q| {
+                let state = &mut inner.quotas[q.0];
+                QuotaUsage {
+                    quota: q,
+                    remaining: Self::remaining(&self.configs[q.0], state, now),
+                    reset_at: Self::next_reset(state, now),
+                }
+            })
+            .collect();
+        out.sort_by_key(|u| (u.remaining, std::cmp::Reverse(u.reset_at)));
+        out
+    }
+
+    /// Estimated time at which the request `ahead` places behind the next one could be sent,
+    /// if only this lane spent the quotas.
+    pub fn estimate(&self, quotas: &[QuotaId], ahead: u64, now: Time) -> Time {
+        let mut inner = self.lock();
+        quotas
+            .iter()
+            .map(|&q| {
+                let state = &mut inner.quotas[q.0];
+                let capped = match (state.cap_left(now), state.cap) {
+                    (Some(left), Some(c)) if left <= ahead => c.until,
+                    _ => now,
+                };
+                state
+                    .window
+                    .time_for(ahead, now)
+                    .max(state.frozen_until)
+                    .max(capped)
+            })
+            .max()
+            .unwrap_or(now)
+            .max(now)
+    }
+
+    pub fn snapshot(&self, now: Time) -> Vec<QuotaStatus> {
+        let mut inner = self.lock();
+        self.configs
+            .iter()
+            .zip(inner.quotas.iter_mut())
+            .map(|(c, s)| QuotaStatus {
+                name: c.name.clone(),
+                limit: c.limit,
+                window: format_duration(c.window),
+                kind: match c.kind {
+                    WindowKind::Sliding => "sliding",
+                    WindowKind::Fixed { .. } => "fixed",
+                },
+                used: s.window.used(now),
+                remaining: Self::remaining(c, s, now),
+                next_reset_at: Self::next_reset(s, now).to_string(),
+                frozen_until: (now < s.frozen_until).then(|| s.frozen_until.to_string()),
+                crm_remaining: s.crm_remaining,
+                crm_limit: s.crm_limit,
+            })
+            .collect()
+    }
+
+    /// The window length of a quota in whole seconds (for `RateLimit-Policy`).
+    pub fn window_secs(&self, q: QuotaId) -> u64 {
+        self.configs[q.0].window.as_secs()
+    }
+}
+
+/// How long an observation without a reset holds: to the end of a fixed window, else briefly
+/// (a rolling window has no reset instant; the next answer refreshes it, and with no traffic the
+/// quota is probed again after this).
+fn default_hold(cfg: &QuotaConfig, window: &mut Window, now: Time) -> Time {
+    match window {
+        Window::Fixed(w) => w.bounds(now).1,
+        _ => now + cfg.window.min(Duration::from_secs(60)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,834 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::window::{BUCKETS, FixedWindow, SlidingBuckets, SlidingLog, Window, daily_bounds};
+use super::*;
+use crate::client::{ClientConfig, ClientId};
+use crate::clock::Time;
+use crate::config::Fairness;
+use crate::config::{DailyReset, QuotaScope, WindowKind};
+use crate::crm::Observation;
+
+const SEC: u64 = 1_000_000_000;
+
+fn quota(name: &str, limit: u32, window: Duration, kind: WindowKind) -> QuotaConfig {
+    QuotaConfig {
+        name: name.into(),
+        limit,
+        window,
+        kind,
+        scope: QuotaScope::Account,
+        margin: Duration::ZERO,
+        sync: None,
+        reserve: 0,
+        key: Vec::new(),
+        max_keys: 10_000,
+    }
+}
+
+fn daily(at: &str, zone: &str) -> DailyReset {
+    let (h, m) = at.split_once(':').unwrap();
+    DailyReset {
+        at: jiff::civil::Time::new(h.parse().unwrap(), m.parse().unwrap(), 0, 0).unwrap(),
+        zone: jiff::tz::TimeZone::get(zone).unwrap(),
+        zone_name: zone.into(),
+    }
+}
+
+fn t(rfc3339: &str) -> Time {
+    Time::from_timestamp(rfc3339.parse().unwrap())
+}
+
+/// Arrival times: sorted offsets (ns) with bursts (many at one instant) and gaps.
+fn arrivals(max_gap_ms: u64) -> impl Strategy<Value = Vec<u64>> {
+    prop::collection::vec(
+        prop_oneof![
+            Just(0u64),
+            0..max_gap_ms * 1_000_000,
+            0..max_gap_ms * 4_000_000
+        ],
+        1..300,
+    )
+    .prop_map(|gaps| {
+        let mut now = 1_700_000_000 * SEC;
+        gaps.into_iter()
+            .map(|g| {
+                now += g;
+                now
+            })
+            .collect()
+    })
+}
+
+/// Largest number of grants in any half-open interval `[a, a + span)`.
+fn max_in_any_interval(grants: &[u64], span: u64) -> usize {
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..grants.len() {
+        while grants[hi] >= grants[lo] + span {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+/// The reference model of a sliding window: grants in `(now - span, now]`.
+fn reference_room(grants: &[u64], now: u64, span: u64, limit: u32) -> bool {
+    grants.iter().filter(|&&g| g + span > now).count() < limit as usize
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The exact sliding log grants exactly when the reference model has room, and no interval of
+    /// the window's length ever holds more than `limit` grants.
+    #[test]
+    fn sliding_log_matches_reference(limit in 1u32..20, window_ms in 1_000u64..60_000, margin_ms in 0u64..300, times in arrivals(3_000)) {
+        let span = (window_ms + margin_ms) * 1_000_000;
+        let mut w = Window::Log(SlidingLog::new(limit, Duration::from_nanos(span)));
+        let mut grants: Vec<u64> = Vec::new();
+        for &now in &times {
+            let now_t = Time::from_nanos(now);
+            let room = reference_room(&grants, now, span, limit);
+            match w.blocked_until(now_t) {
+                None => {
+                    prop_assert!(room, "granted at {now} but the reference is full");
+                    w.charge(now_t);
+                    grants.push(now);
+                }
+                Some(at) => {
+                    prop_assert!(!room, "refused at {now} but the reference has room");
+                    prop_assert!(at > now_t);
+                    // The promised time is exact: the reference has room then and not a nanosecond before.
+                    prop_assert!(reference_room(&grants, at.as_nanos(), span, limit));
+                    prop_assert!(!reference_room(&grants, at.as_nanos() - 1, span, limit));
+                }
+            }
+            prop_assert_eq!(w.used(now_t) as usize, grants.iter().filter(|&&g| g + span > now).count());
+        }
+        prop_assert!(max_in_any_interval(&grants, window_ms * 1_000_000) <= limit as usize);
+    }
+
+    /// The bucketed sliding counter never over-grants, and refuses only where the reference window
+    /// stretched by one sub-window (its documented conservatism) is full too.
+    #[test]
+    fn sliding_buckets_are_safe_and_at_most_one_bucket_conservative(limit in 1u32..20, window_ms in 1_000u64..60_000, times in arrivals(3_000)) {
+        let window = Duration::from_millis(window_ms);
+        let width = window.as_nanos() as u64 / BUCKETS;
+        let span = window_ms * 1_000_000;
+        let mut w = Window::Buckets(SlidingBuckets::new(limit, window, window));
+        let mut grants: Vec<u64> = Vec::new();
+        for &now in &times {
+            let now_t = Time::from_nanos(now);
+            match w.blocked_until(now_t) {
+                None => {
+                    prop_assert!(reference_room(&grants, now, span, limit));
+                    w.charge(now_t);
+                    grants.push(now);
+                }
+                Some(at) => {
+                    prop_assert!(at > now_t);
+                    prop_assert!(!reference_room(&grants, now, span + width, limit),
+                        "refused at {now} though even the stretched reference has room");
+                }
+            }
+        }
+        prop_assert!(max_in_any_interval(&grants, span) <= limit as usize);
+    }
+
+    /// A fixed window grants while its aligned window has room and is not in its closing margin.
+    #[test]
+    fn fixed_window_matches_reference(limit in 1u32..20, window_s in 1u64..120, margin_ms in 0u64..400, times in arrivals(5_000)) {
+        let window = window_s * SEC;
+        let margin = margin_ms * 1_000_000;
+        let mut w = Window::Fixed(FixedWindow::new(limit, Duration::from_nanos(window), Duration::from_nanos(margin), None));
+        let mut grants: Vec<u64> = Vec::new();
+        for &now in &times {
+            let start = now - now % window;
+            let in_window = grants.iter().filter(|&&g| g >= start).count();
+            let room = in_window < limit as usize && now < start + window - margin;
+            match w.blocked_until(Time::from_nanos(now)) {
+                None => {
+                    prop_assert!(room);
+                    w.charge(Time::from_nanos(now));
+                    grants.push(now);
+                }
+                Some(at) => {
+                    prop_assert!(!room);
+                    prop_assert_eq!(at.as_nanos(), start + window);
+                }
+            }
+        }
+        for g in &grants {
+            let start = g - g % window;
+            prop_assert!(grants.iter().filter(|&&x| x >= start && x < start + window).count() <= limit as usize);
+        }
+    }
+
+    /// All-or-nothing: a denied request charges no quota.
+    #[test]
+    fn ledger_denial_charges_nothing(minute_limit in 1u32..10, day_limit in 1u32..30, times in arrivals(2_000)) {
+        let ledger = Ledger::new(&[
+            quota("minute", minute_limit, Duration::from_secs(60), WindowKind::Sliding),
+            quota("day", day_limit, Duration::from_secs(86_400), WindowKind::Sliding),
+        ], None, Time::ZERO);
+        let both = [QuotaId(0), QuotaId(1)];
+        let mut granted = 0u32;
+        for &now in &times {
+            let now = Time::from_nanos(now);
+            if ledger.try_acquire(&Demand::live(&both), now).is_ok() {
+                granted += 1;
+            }
+            let s = ledger.snapshot(now);
+            prop_assert_eq!(s[1].used, granted, "the day quota counts exactly the grants");
+        }
+    }
+}
+
+#[test]
+fn a_whole_day_of_2500_per_day_walks_in_milliseconds() {
+    // One request per second for 48 hours against 2,500/day: a daily fixed window (midnight UTC)
+    // grants exactly 2,500 per calendar day; a rolling 24 h window never holds more than 2,500.
+    let fixed = Ledger::new(
+        &[quota(
+            "day",
+            2_500,
+            Duration::from_secs(86_400),
+            WindowKind::Fixed {
+                daily: Some(daily("00:00", "UTC")),
+            },
+        )],
+        None,
+        Time::ZERO,
+    );
+    let rolling = Ledger::new(
+        &[quota(
+            "day",
+            2_500,
+            Duration::from_secs(86_400),
+            WindowKind::Sliding,
+        )],
+        None,
+        Time::ZERO,
+    );
+    let start = t("2026-06-01T00:00:00Z");
+    let mut per_day = [0u32; 2];
+    let mut rolling_grants = Vec::new();
+    for s in 0..(2 * 86_400u64) {
+        let now = start + Duration::from_secs(s);
+        if fixed.try_acquire(&Demand::live(&[QuotaId(0)]), now).is_ok() {
+            per_day[(s / 86_400) as usize] += 1;
+        }
+        if rolling
+            .try_acquire(&Demand::live(&[QuotaId(0)]), now)
+            .is_ok()
+        {
+            rolling_grants.push(now.as_nanos());
+        }
+    }
+    assert_eq!(per_day, [2_500, 2_500]);
+    // Rolling: the first 2,500 seconds, then again exactly 24 h after each of them.
+    assert_eq!(rolling_grants.len(), 5_000);
+    assert_eq!(
+        rolling_grants[2_500] - rolling_grants[0],
+        86_400 * SEC,
+        "the 2,501st call waits exactly until the 1st is 24 h old"
+    );
+    assert!(max_in_any_interval(&rolling_grants, 86_400 * SEC) <= 2_500);
+}
+
+#[test]
+fn daily_reset_follows_daylight_saving_changes() {
+    let ny = daily("00:00", "America/New_York");
+    // Spring forward (2026-03-08): that local day lasts 23 hours.
+    let (s, e) = daily_bounds(&ny, t("2026-03-08T12:00:00Z"));
+    assert_eq!(s, t("2026-03-08T05:00:00Z"));
+    assert_eq!(e, t("2026-03-09T04:00:00Z"));
+    assert_eq!(e.saturating_since(s), Duration::from_secs(23 * 3_600));
+    // Fall back (2026-11-01): 25 hours.
+    let (s, e) = daily_bounds(&ny, t("2026-11-01T12:00:00Z"));
+    assert_eq!(s, t("2026-11-01T04:00:00Z"));
+    assert_eq!(e, t("2026-11-02T05:00:00Z"));
+    assert_eq!(e.saturating_since(s), Duration::from_secs(25 * 3_600));
+    // Just before local midnight belongs to the previous day.
+    let (_, e) = daily_bounds(&ny, t("2026-03-08T04:59:59Z"));
+    assert_eq!(e, t("2026-03-08T05:00:00Z"));
+    // A reset time that does not exist on the spring-forward day (02:30) moves to 03:30 local.
+    let odd = daily("02:30", "America/New_York");
+    let (s, _) = daily_bounds(&odd, t("2026-03-08T12:00:00Z"));
+    assert_eq!(s, t("2026-03-08T07:30:00Z"));
+}
+
+#[test]
+fn daily_quota_resets_at_local_midnight_across_a_dst_change() {
+    let ledger = Ledger::new(
+        &[quota(
+            "day",
+            3,
+            Duration::from_secs(86_400),
+            WindowKind::Fixed {
+                daily: Some(daily("00:00", "America/New_York")),
+            },
+        )],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let evening = t("2026-03-07T23:00:00-05:00");
+    for _ in 0..3 {
+        ledger.try_acquire(&Demand::live(&q), evening).unwrap();
+    }
+    let denied = ledger.try_acquire(&Demand::live(&q), evening).unwrap_err();
+    assert_eq!(denied.retry_at, t("2026-03-08T00:00:00-05:00"));
+    // The new (23-hour) day admits three again, then refuses until the next local midnight (EDT).
+    let next = t("2026-03-08T00:00:00-05:00");
+    for _ in 0..3 {
+        ledger.try_acquire(&Demand::live(&q), next).unwrap();
+    }
+    let denied = ledger.try_acquire(&Demand::live(&q), next).unwrap_err();
+    assert_eq!(denied.retry_at, t("2026-03-09T00:00:00-04:00"));
+}
+
+#[test]
+fn denial_names_the_quota_that_blocks_longest() {
+    let ledger = Ledger::new(
+        &[
+            quota("minute", 1, Duration::from_secs(60), WindowKind::Sliding),
+            quota("ten-min", 1, Duration::from_secs(600), WindowKind::Sliding),
+        ],
+        None,
+        Time::ZERO,
+    );
+    let now = t("2026-01-01T00:00:00Z");
+    let both = [QuotaId(0), QuotaId(1)];
+    ledger.try_acquire(&Demand::live(&both), now).unwrap();
+    let d = ledger.try_acquire(&Demand::live(&both), now).unwrap_err();
+    assert_eq!(d.binding, Some(QuotaId(1)));
+    assert_eq!(d.retry_at, now + Duration::from_secs(600));
+    // Only the first quota: free after a minute, and the denial above charged nothing.
+    assert!(
+        ledger
+            .try_acquire(&Demand::live(&[QuotaId(0)]), now + Duration::from_secs(60))
+            .is_ok()
+    );
+}
+
+#[test]
+fn freeze_blocks_until_its_end_and_never_shortens() {
+    let ledger = Ledger::new(
+        &[quota(
+            "minute",
+            100,
+            Duration::from_secs(60),
+            WindowKind::Sliding,
+        )],
+        None,
+        Time::ZERO,
+    );
+    let now = t("2026-01-01T00:00:00Z");
+    let q = [QuotaId(0)];
+    let gained = ledger.freeze(&q, now + Duration::from_secs(30), now);
+    assert_eq!(gained, vec![(QuotaId(0), Duration::from_secs(30))]);
+    let gained = ledger.freeze(&q, now + Duration::from_secs(10), now);
+    assert_eq!(gained, vec![(QuotaId(0), Duration::ZERO)]);
+    let d = ledger.try_acquire(&Demand::live(&q), now).unwrap_err();
+    assert_eq!(d.retry_at, now + Duration::from_secs(30));
+    assert_eq!(ledger.usage(&q, now)[0].remaining, 0);
+    assert!(
+        ledger
+            .try_acquire(&Demand::live(&q), now + Duration::from_secs(30))
+            .is_ok()
+    );
+}
+
+#[test]
+fn usage_lists_the_binding_quota_first() {
+    let ledger = Ledger::new(
+        &[
+            quota("minute", 10, Duration::from_secs(60), WindowKind::Sliding),
+            quota("day", 3, Duration::from_secs(86_400), WindowKind::Sliding),
+        ],
+        None,
+        Time::ZERO,
+    );
+    let now = t("2026-01-01T00:00:00Z");
+    let both = [QuotaId(0), QuotaId(1)];
+    ledger.try_acquire(&Demand::live(&both), now).unwrap();
+    let u = ledger.usage(&both, now);
+    assert_eq!(u[0].quota, QuotaId(1));
+    assert_eq!(u[0].remaining, 2);
+    assert_eq!(u[0].reset_at, now + Duration::from_secs(86_400));
+    assert_eq!(u[1].remaining, 9);
+}
+
+#[test]
+fn estimate_counts_whole_windows_for_a_long_backlog() {
+    let ledger = Ledger::new(
+        &[quota("w", 10, Duration::from_secs(10), WindowKind::Sliding)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let now = t("2026-01-01T00:00:00Z");
+    assert_eq!(ledger.estimate(&q, 9, now), now);
+    for _ in 0..10 {
+        ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    }
+    assert_eq!(ledger.estimate(&q, 0, now), now + Duration::from_secs(10));
+    assert_eq!(ledger.estimate(&q, 9, now), now + Duration::from_secs(10));
+    assert_eq!(ledger.estimate(&q, 10, now), now + Duration::from_secs(20));
+}
+
+#[test]
+fn pacer_spaces_calls_inside_a_window() {
+    let ledger = Ledger::new(
+        &[quota(
+            "minute",
+            100,
+            Duration::from_secs(60),
+            WindowKind::Sliding,
+        )],
+        Some(Pace {
+            per_second: 2.0,
+            burst: 2,
+        }),
+        t("2026-01-01T00:00:00Z"),
+    );
+    let q = [QuotaId(0)];
+    let now = t("2026-01-01T00:00:01Z");
+    ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    let d = ledger.try_acquire(&Demand::live(&q), now).unwrap_err();
+    assert_eq!(d.binding, None);
+    assert_eq!(d.retry_at, now + Duration::from_millis(500));
+    // A paced denial charges no window.
+    assert_eq!(ledger.snapshot(now)[0].used, 2);
+    assert!(ledger.try_acquire(&Demand::live(&q), d.retry_at).is_ok());
+}
+
+fn synced(name: &str, limit: u32, window: Duration, reserve: u32) -> QuotaConfig {
+    QuotaConfig {
+        sync: Some("account".into()),
+        reserve,
+        ..quota(name, limit, window, WindowKind::Sliding)
+    }
+}
+
+fn account(remaining: u64, reset: Option<Time>) -> Observation {
+    Observation {
+        scope: "account".into(),
+        limit: Some(100),
+        remaining: Some(remaining),
+        reset,
+        cost: None,
+    }
+}
+
+#[test]
+fn a_crm_report_caps_what_is_left_until_its_reset() {
+    let ledger = Ledger::new(
+        &[synced("m", 100, Duration::from_secs(60), 2)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let now = t("2026-01-01T00:00:00Z");
+    let g = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    // Another app spent most of the minute: the CRM says 5 left, reset in 40 s. Reserve 2.
+    ledger.observe(&[account(5, Some(now + Duration::from_secs(40)))], &g, now);
+    drop(g);
+    for _ in 0..3 {
+        ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    }
+    let d = ledger.try_acquire(&Demand::live(&q), now).unwrap_err();
+    assert_eq!(d.retry_at, now + Duration::from_secs(40));
+    assert_eq!(ledger.usage(&q, now)[0].remaining, 0);
+    assert_eq!(ledger.snapshot(now)[0].crm_remaining, Some(5));
+    // After the CRM's reset only the local window counts again.
+    assert!(
+        ledger
+            .try_acquire(&Demand::live(&q), now + Duration::from_secs(40))
+            .is_ok()
+    );
+}
+
+#[test]
+fn requests_in_flight_when_the_crm_answered_are_counted_on_top() {
+    let ledger = Ledger::new(
+        &[synced("m", 100, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let now = t("2026-01-01T00:00:00Z");
+    let first = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    // Two more are sent before the first one's answer (remaining 3) arrives.
+    ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    ledger.observe(
+        &[account(3, Some(now + Duration::from_secs(30)))],
+        &first,
+        now,
+    );
+    drop(first);
+    ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    assert!(
+        ledger.try_acquire(&Demand::live(&q), now).is_err(),
+        "3 left after the first request, 2 of them already spent"
+    );
+}
+
+#[test]
+fn an_older_answer_never_replaces_a_newer_one_and_reports_never_loosen_the_window() {
+    let ledger = Ledger::new(
+        &[synced("m", 3, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let now = t("2026-01-01T00:00:00Z");
+    let old = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    let new = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    let reset = Some(now + Duration::from_secs(30));
+    ledger.observe(&[account(0, reset)], &new, now);
+    ledger.observe(&[account(50, reset)], &old, now);
+    assert!(
+        ledger.try_acquire(&Demand::live(&q), now).is_err(),
+        "the stale, rosier answer was ignored"
+    );
+    // The CRM claiming plenty never lifts the local limit of 3.
+    let ledger = Ledger::new(
+        &[synced("m", 3, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    );
+    let g = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    ledger.observe(&[account(1_000, reset)], &g, now);
+    ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    assert!(ledger.try_acquire(&Demand::live(&q), now).is_err());
+}
+
+#[test]
+fn an_unsynced_quota_or_an_unconsumed_one_ignores_reports() {
+    let ledger = Ledger::new(
+        &[
+            quota("plain", 10, Duration::from_secs(60), WindowKind::Sliding),
+            synced("other", 10, Duration::from_secs(60), 0),
+        ],
+        None,
+        Time::ZERO,
+    );
+    let now = t("2026-01-01T00:00:00Z");
+    let g = ledger
+        .try_acquire(&Demand::live(&[QuotaId(0)]), now)
+        .unwrap();
+    let learned = ledger.observe(&[account(0, None)], &g, now);
+    assert!(learned.reported.is_empty());
+    assert!(
+        ledger
+            .try_acquire(&Demand::live(&[QuotaId(0), QuotaId(1)]), now)
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_call_that_cost_more_is_charged_in_full() {
+    let ledger = Ledger::new(
+        &[synced("m", 10, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let now = t("2026-01-01T00:00:00Z");
+    let g = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    let obs = Observation {
+        cost: Some(4),
+        remaining: None,
+        ..account(0, None)
+    };
+    ledger.observe(&[obs], &g, now);
+    assert_eq!(ledger.snapshot(now)[0].used, 4);
+}
+
+#[test]
+fn a_report_without_reset_holds_to_the_end_of_a_fixed_window_or_briefly_on_a_sliding_one() {
+    let day = QuotaConfig {
+        sync: Some("account".into()),
+        ..quota(
+            "d",
+            100,
+            Duration::from_secs(86_400),
+            WindowKind::Fixed {
+                daily: Some(daily("00:00", "UTC")),
+            },
+        )
+    };
+    let ledger = Ledger::new(
+        &[day, synced("s", 100, Duration::from_secs(86_400), 0)],
+        None,
+        Time::ZERO,
+    );
+    let now = t("2026-01-01T10:00:00Z");
+    let g = ledger
+        .try_acquire(&Demand::live(&[QuotaId(0), QuotaId(1)]), now)
+        .unwrap();
+    ledger.observe(&[account(0, None)], &g, now);
+    assert_eq!(
+        ledger
+            .check(&Demand::live(&[QuotaId(0)]), now)
+            .unwrap_err()
+            .retry_at,
+        t("2026-01-02T00:00:00Z")
+    );
+    assert_eq!(
+        ledger
+            .check(&Demand::live(&[QuotaId(1)]), now)
+            .unwrap_err()
+            .retry_at,
+        now + Duration::from_secs(60)
+    );
+}
+
+#[test]
+fn near_the_wall_a_synced_quota_sends_one_request_at_a_time() {
+    let ledger = Ledger::new(
+        &[synced("m", 100, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let now = t("2026-01-01T00:00:00Z");
+    let first = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    // The CRM says 9 left: under the careful threshold (10 of 100).
+    ledger.observe(
+        &[account(9, Some(now + Duration::from_secs(30)))],
+        &first,
+        now,
+    );
+    drop(first);
+    let second = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    let d = ledger.try_acquire(&Demand::live(&q), now).unwrap_err();
+    assert_eq!(
+        d.retry_at,
+        now + Duration::from_secs(1),
+        "waits for the answer in flight"
+    );
+    drop(second);
+    assert!(
+        ledger.try_acquire(&Demand::live(&q), now).is_ok(),
+        "the answer came back: the next one may go"
+    );
+}
+
+#[test]
+fn a_learned_crm_limit_carries_into_the_next_windows() {
+    // Configured for 100 per minute, but the CRM says its limit is 10 and its window resets in 20 s.
+    let ledger = Ledger::new(
+        &[synced("m", 100, Duration::from_secs(60), 1)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let now = t("2026-01-01T00:00:00Z");
+    let g = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    let reset = now + Duration::from_secs(20);
+    let obs = Observation {
+        limit: Some(10),
+        ..account(9, Some(reset))
+    };
+    ledger.observe(&[obs], &g, now);
+    drop(g);
+    let mut granted = 1;
+    while ledger.try_acquire(&Demand::live(&q), now).is_ok() {
+        granted += 1;
+    }
+    assert_eq!(granted, 9, "10 - reserve 1 in this window");
+    // The next CRM window (reset + 60 s) again allows the CRM's 10, less the reserve, but
+    // first one probe: other apps may have spent some of it.
+    let probe = ledger.try_acquire(&Demand::live(&q), reset).unwrap();
+    assert!(
+        ledger.try_acquire(&Demand::live(&q), reset).is_err(),
+        "one at a time until the probe's answer"
+    );
+    drop(probe);
+    let mut next = 1;
+    while ledger.try_acquire(&Demand::live(&q), reset).is_ok() {
+        next += 1;
+    }
+    assert_eq!(next, 9);
+    assert_eq!(
+        ledger.check(&Demand::live(&q), reset).unwrap_err().retry_at,
+        reset + Duration::from_secs(60)
+    );
+}
+
+fn two_clients(weights: [u32; 2], cap: Option<u32>, fairness: Fairness) -> Ledger {
+    two_clients_at(weights, cap, fairness, Time::ZERO)
+}
+
+fn two_clients_at(weights: [u32; 2], cap: Option<u32>, fairness: Fairness, start: Time) -> Ledger {
+    let clients: Vec<ClientConfig> = ["a", "default"]
+        .iter()
+        .zip(weights)
+        .map(|(name, weight)| ClientConfig {
+            name: (*name).into(),
+            weight,
+            rules: Vec::new(),
+            caps: cap.map(|c| vec![("m".to_string(), c)]).unwrap_or_default(),
+        })
+        .collect();
+    Ledger::shared_by(
+        &[quota("m", 40, Duration::from_secs(60), WindowKind::Sliding)],
+        None,
+        start,
+        &clients,
+        fairness,
+    )
+}
+
+const NO_RESERVES: Fairness = Fairness {
+    live_reserve: 0.0,
+    drain_min: 0.0,
+};
+
+fn ask(ledger: &Ledger, client: usize, live: bool, now: Time) -> bool {
+    let q = [QuotaId(0)];
+    let d = Demand {
+        quotas: &q,
+        keys: &[],
+        client: ClientId(client),
+        live,
+    };
+    ledger.try_acquire(&d, now).is_ok()
+}
+
+#[test]
+fn two_clients_with_backlogs_split_a_window_by_weight() {
+    let ledger = two_clients([3, 1], None, NO_RESERVES);
+    let now = t("2026-01-01T00:00:00Z");
+    // Both have parked writes waiting; A asks first and greedily.
+    ledger.board().mark(&[QuotaId(0)], ClientId(0), true);
+    ledger.board().mark(&[QuotaId(0)], ClientId(1), true);
+    assert!(ask(&ledger, 1, true, now));
+    let mut a = 0;
+    while ask(&ledger, 0, true, now) {
+        a += 1;
+    }
+    let mut b = 1;
+    while ask(&ledger, 1, true, now) {
+        b += 1;
+    }
+    assert_eq!((a, b), (30, 10));
+}
+
+#[test]
+fn an_idle_clients_share_is_lent_and_returned_when_it_comes_back() {
+    let ledger = two_clients([1, 1], None, NO_RESERVES);
+    let t0 = t("2026-01-01T00:00:00Z");
+    // B is idle: A may take the whole window.
+    let mut a = 0;
+    while ask(&ledger, 0, true, t0) {
+        a += 1;
+    }
+    assert_eq!(a, 40);
+    // B comes back with a backlog while the window is full; when it frees, B gets its half.
+    ledger.board().mark(&[QuotaId(0)], ClientId(0), true);
+    ledger.board().mark(&[QuotaId(0)], ClientId(1), true);
+    let later = t0 + Duration::from_secs(30);
+    assert!(!ask(&ledger, 1, true, later));
+    let freed = t0 + Duration::from_secs(61);
+    assert!(ask(&ledger, 1, true, freed));
+    let mut got = (0, 1);
+    for _ in 0..60 {
+        if ask(&ledger, 0, true, freed) {
+            got.0 += 1;
+        }
+        if ask(&ledger, 1, true, freed) {
+            got.1 += 1;
+        }
+    }
+    assert_eq!(got, (20, 20));
+}
+
+#[test]
+fn a_hard_cap_holds_even_without_contention() {
+    let ledger = two_clients([1, 1], Some(5), NO_RESERVES);
+    let now = t("2026-01-01T00:00:00Z");
+    let mut a = 0;
+    while ask(&ledger, 0, true, now) {
+        a += 1;
+    }
+    assert_eq!(a, 5);
+}
+
+#[test]
+fn the_drain_leaves_a_reserve_while_live_traffic_is_about() {
+    let fairness = Fairness {
+        live_reserve: 0.1,
+        drain_min: 0.0,
+    };
+    let t0 = t("2026-01-01T00:00:00Z");
+    let ledger = two_clients_at([1, 1], None, fairness, t0);
+    // The proxy just started: live traffic counts as about. The drain stops at 36 of 40.
+    let mut drained = 0;
+    while ask(&ledger, 1, false, t0) {
+        drained += 1;
+    }
+    assert_eq!(drained, 36);
+    assert!(ask(&ledger, 0, true, t0), "a live request still finds room");
+    // A window later without live requests, the drain may use everything.
+    let quiet = t0 + Duration::from_secs(122);
+    let mut drained = 0;
+    while ask(&ledger, 1, false, quiet) {
+        drained += 1;
+    }
+    assert_eq!(drained, 40);
+}
+
+#[test]
+fn live_traffic_leaves_the_drain_its_minimum_while_writes_wait() {
+    let fairness = Fairness {
+        live_reserve: 0.0,
+        drain_min: 0.25,
+    };
+    let ledger = two_clients([1, 1], None, fairness);
+    let now = t("2026-01-01T00:00:00Z");
+    // The same client has writes parked and sends live requests (no sharing between clients).
+    ledger.board().mark(&[QuotaId(0)], ClientId(1), true);
+    let mut live = 0;
+    while ask(&ledger, 1, true, now) {
+        live += 1;
+    }
+    assert_eq!(live, 30, "10 of 40 stay for the drain");
+    assert!(ask(&ledger, 1, false, now), "the drain gets its minimum");
+}
+
+proptest! {
+    /// With a threshold below the limit, the exact sliding log grants exactly while the
+    /// reference count is under the threshold.
+    #[test]
+    fn sliding_log_thresholds_match_reference(limit in 2u32..20, cut in 1u32..20, window_ms in 1_000u64..30_000, times in arrivals(2_000)) {
+        let threshold = cut.min(limit);
+        let span = window_ms * 1_000_000;
+        let mut w = Window::Log(SlidingLog::new(limit, Duration::from_nanos(span)));
+        let mut grants: Vec<u64> = Vec::new();
+        for &now in &times {
+            let count = grants.iter().filter(|&&g| g + span > now).count();
+            match w.blocked_below(threshold, Time::from_nanos(now)) {
+                None => {
+                    prop_assert!(count < threshold as usize);
+                    w.charge(Time::from_nanos(now));
+                    grants.push(now);
+                }
+                Some(at) => {
+                    prop_assert!(count >= threshold as usize);
+                    let later = grants.iter().filter(|&&g| g + span > at.as_nanos()).count();
+                    prop_assert!(later < threshold as usize, "room by the promised time");
+                }
+            }
+        }
+    }
+}

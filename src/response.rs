@@ -1,0 +1,258 @@
+//! The one place that turns proxy decisions and errors into HTTP responses and headers.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::clock::Time;
+use crate::config::QuotaConfig;
+use crate::crm::Crm;
+use crate::forward::ForwardError;
+use crate::queue::EntryId;
+use crate::quota::{Ledger, QuotaUsage};
+
+/// The body type of every data-plane and admin response (CRM bodies stream through).
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Path prefix of the proxy's own endpoints on the data listener (cannot collide with CRM APIs).
+pub const PROXY_PREFIX: &str = "/_proxy/";
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+pub fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).expect("serializable response");
+    respond(status, "application/json", body)
+}
+
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn with_retry_after(mut resp: Response<Body>, seconds: u64) -> Response<Body> {
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    resp
+}
+
+/// Why the proxy itself answers instead of the CRM.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request body exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the request body could not be read: {0}")]
+    BadBody(String),
+    #[error("the queue of parked writes is full")]
+    QueueFull { retry_after: u64 },
+    #[error("the proxy is shutting down and accepts no new parked writes")]
+    ShuttingDown,
+    #[error("the proxy could not store the write durably, so it did not keep it; send it again")]
+    NotStored { retry_after: u64 },
+    #[error(transparent)]
+    Upstream(#[from] ForwardError),
+}
+
+/// Maps a proxy error to its response: 413, 400, 503 + Retry-After, 502 or 504.
+pub fn error(e: &ProxyError) -> Response<Body> {
+    let (status, code, retry) = match e {
+        ProxyError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+        ProxyError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body", None),
+        ProxyError::QueueFull { retry_after } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_full",
+            Some(*retry_after),
+        ),
+        ProxyError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down", Some(5)),
+        ProxyError::NotStored { retry_after } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_stored",
+            Some(*retry_after),
+        ),
+        ProxyError::Upstream(ForwardError::Timeout(_)) => {
+            (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", None)
+        }
+        ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_unreachable", None),
+    };
+    let resp = json_response(
+        status,
+        &json!({ "error": code, "description": e.to_string() }),
+    );
+    match retry {
+        Some(s) => with_retry_after(resp, s),
+        None => resp,
+    }
+}
+
+/// The over-limit answer in the shape the CRM itself uses, always with `Retry-After`:
+/// - Salesforce, for a quota synced to its daily allocation: 403 `REQUEST_LIMIT_EXCEEDED`
+///   (the only over-limit answer Salesforce clients know; other quotas get 429);
+/// - HubSpot: 429 with `errorType: RATE_LIMIT` and the `policyName` of the quota's scope;
+/// - ServiceNow and Dynamics: 429 with their error objects;
+/// - everyone else (Zendesk's 429 body is not a contract): 429 with a small JSON body.
+pub fn over_limit(
+    crm: Crm,
+    retry_at: Time,
+    now: Time,
+    quota: Option<&QuotaConfig>,
+) -> Response<Body> {
+    let secs = retry_at.seconds_after(now, 1);
+    let name = quota.map(|q| q.name.as_str());
+    let scope = quota.and_then(|q| q.sync.as_deref());
+    let generic = || {
+        json!({
+            "error": "RateLimited",
+            "description": "The CRM API quota is spent; retry after the given number of seconds.",
+            "quota": name,
+            "retry_after": secs,
+        })
+    };
+    let (status, body) = match (crm, scope) {
+        (Crm::Salesforce, Some("daily")) => (
+            StatusCode::FORBIDDEN,
+            json!([{ "message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED" }]),
+        ),
+        (Crm::HubSpot, _) => {
+            let policy = match scope {
+                Some("daily") => "DAILY",
+                Some("secondly") => "SECONDLY",
+                _ => "TEN_SECONDLY_ROLLING",
+            };
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({
+                    "status": "error",
+                    "message": format!("You have reached your {} limit.", policy.to_ascii_lowercase()),
+                    "errorType": "RATE_LIMIT",
+                    "policyName": policy,
+                }),
+            )
+        }
+        (Crm::ServiceNow, _) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({
+                "error": {
+                    "message": "Rate limit exceeded",
+                    "detail": format!("Rate limit of {} requests per {} exceeded", quota.map_or(0, |q| q.limit), quota.map_or_else(String::new, |q| crate::config::format_duration(q.window))),
+                },
+                "status": "failure",
+            }),
+        ),
+        (Crm::Dynamics, _) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({ "error": { "code": "0x80072322", "message": format!("Number of requests exceeded the limit of {} over time window of {} seconds.", quota.map_or(0, |q| q.limit), quota.map_or(0, |q| q.window.as_secs())) } }),
+        ),
+        _ => (StatusCode::TOO_MANY_REQUESTS, generic()),
+    };
+    with_retry_after(json_response(status, &body), secs)
+}
+
+/// `202 Accepted`: the proxy now owns delivery of a parked write.
+pub fn accepted(id: EntryId, position: usize, estimated: Time) -> Response<Body> {
+    let location = format!("{PROXY_PREFIX}requests/{id}");
+    let mut resp = json_response(
+        StatusCode::ACCEPTED,
+        &json!({
+            "id": id.to_string(),
+            "status": "queued",
+            "position": position,
+            "estimated_dispatch_at": estimated.to_string(),
+        }),
+    );
+    resp.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&location).expect("ids are hex"),
+    );
+    resp
+}
+
+pub fn not_found() -> Response<Body> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({ "error": "not_found", "description": "no such request" }),
+    )
+}
+
+/// 405 naming the methods the resource does allow (e.g. `"GET, HEAD"`).
+pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut resp = json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &json!({ "error": "method_not_allowed" }),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+/// An error answer of the proxy's own: `{"error": code, "description": ...}`.
+pub fn problem(status: StatusCode, code: &str, description: impl fmt::Display) -> Response<Body> {
+    json_response(
+        status,
+        &json!({ "error": code, "description": description.to_string() }),
+    )
+}
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Adds the proxy's `RateLimit-Policy` and `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers-10
+/// structured lists), one item per quota the route consumes, the binding quota first. The CRM's
+/// own headers are left untouched.
+pub fn add_rate_limit_headers(
+    headers: &mut HeaderMap,
+    ledger: &Ledger,
+    usage: &[QuotaUsage],
+    now: Time,
+) {
+    if usage.is_empty() {
+        return;
+    }
+    let mut policy = String::new();
+    let mut state = String::new();
+    for (i, u) in usage.iter().enumerate() {
+        let cfg = ledger.config(u.quota);
+        if i > 0 {
+            policy.push_str(", ");
+            state.push_str(", ");
+        }
+        policy.push_str(&format!(
+            "\"{}\";q={};w={}",
+            cfg.name,
+            cfg.limit,
+            ledger.window_secs(u.quota)
+        ));
+        state.push_str(&format!(
+            "\"{}\";r={};t={}",
+            cfg.name,
+            u.remaining,
+            u.reset_at.seconds_after(now, 0)
+        ));
+    }
+    if let (Ok(p), Ok(s)) = (
+        HeaderValue::from_str(&policy),
+        HeaderValue::from_str(&state),
+    ) {
+        headers.append(RATELIMIT_POLICY.clone(), p);
+        headers.append(RATELIMIT.clone(), s);
+    }
+}

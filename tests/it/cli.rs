@@ -1,0 +1,197 @@
+//! The binary: `check` exit codes and messages, and every example config in `config/`.
+
+use std::path::Path;
+
+use crm_quota_proxy::config::Config;
+
+use crate::support::{Process, bin};
+
+#[test]
+fn every_example_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            Config::from_yaml(&text, None).unwrap_or_else(|e| panic!("{}:\n{e}", path.display()));
+            let out = bin()
+                .args(["check", "--config"])
+                .arg(&path)
+                .env_remove("CRM_PROXY_UPSTREAM_URL")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no example configs found in {}", dir.display());
+}
+
+#[test]
+fn check_lists_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.yaml");
+    std::fs::write(&path, "upstream: { url: zendesk }\nquotas:\n  - { name: m, limit: 0, window: 1 dya }\n  - { name: d, limit: 10, window: 1d, kind: sliding, time_zone: UTC }\nroutes:\n  - { name: r, path: nope }\nmystery: 1\n").unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("CRM_PROXY_UPSTREAM_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        "invalid config (6 problems)",
+        "mystery: unknown field",
+        "upstream.url: \"zendesk\" must start with http:// or https://",
+        "quotas[0].limit: must be at least 1",
+        "quotas[0].window: \"1 dya\" is not a duration",
+        "quotas[1].time_zone: applies only to kind: fixed with window: 1d",
+        "routes[0].path: \"nope\" must start with '/'",
+    ] {
+        assert!(err.contains(line), "missing {line:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn check_reads_the_upstream_from_the_environment_and_reports_missing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        "quotas:\n  - { name: m, limit: 10, window: 1m }\nupstream: {}\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("CRM_PROXY_UPSTREAM_URL", "https://acme.zendesk.com")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(dir.path().join("absent.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[tokio::test]
+async fn the_demo_delivers_every_parked_write_without_a_crm_429() {
+    let opts = crm_quota_proxy::demo::DemoOptions {
+        limit: 5,
+        window: std::time::Duration::from_secs(1),
+        creates: 12,
+        searches: 3,
+    };
+    let mut out = Vec::new();
+    let report = crm_quota_proxy::demo::run(opts, &mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        report.direct_throttled > 0,
+        "the direct burst shows the problem:\n{text}"
+    );
+    assert_eq!(report.tickets, 12, "{text}");
+    assert_eq!(report.delivered, report.parked, "{text}");
+    assert_eq!(report.crm_throttled, 0, "{text}");
+    assert!(text.contains("Summary: 12 of 12 tickets created"), "{text}");
+}
+
+/// `run` as an operator starts it: real process, real SIGTERM, clean exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_until_sigterm_and_exits_cleanly() {
+    let sim = crm_quota_proxy::sim::Sim::start(crm_quota_proxy::sim::SimConfig::new(
+        100,
+        std::time::Duration::from_secs(60),
+    ))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, "listen: { data: 127.0.0.1:0, admin: 127.0.0.1:0 }\nupstream: { url: http://example.invalid }\nshutdown_grace: 2s\nquotas:\n  - { name: m, limit: 10, window: 1m }\n").unwrap();
+    let proxy = Process::start(&path, &sim.url()).await;
+    assert!(
+        proxy
+            .lines()
+            .iter()
+            .any(|l| l.contains(&format!("upstream={}", sim.url()))),
+        "env override used: {:?}",
+        proxy.lines()
+    );
+
+    let client = crate::support::client();
+    let r = crate::support::send(
+        &client,
+        http::Method::GET,
+        &format!("{}/api/v2/search.json?query=x", proxy.data),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = crate::support::send(
+        &client,
+        http::Method::GET,
+        &format!("{}/healthz", proxy.admin),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    let (exit, log) = proxy.signal("TERM");
+    assert!(exit.success(), "exit {exit:?}; log:\n{}", log.join("\n"));
+    assert!(
+        log.iter().any(|l| l.contains("shutting down")),
+        "{}",
+        log.join("\n")
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("every accepted parked write was delivered")),
+        "{}",
+        log.join("\n")
+    );
+}
+
+#[test]
+fn fingerprint_prints_what_credential_rules_match_and_never_the_credential() {
+    use std::io::Write;
+    let mut child = bin()
+        .arg("fingerprint")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Bearer secret-token\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        http::header::AUTHORIZATION,
+        "Bearer secret-token".parse().unwrap(),
+    );
+    assert_eq!(
+        printed.trim(),
+        crm_quota_proxy::queue::Fingerprint::of(&h).to_hex()
+    );
+    assert!(!printed.contains("secret"));
+}

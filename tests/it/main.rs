@@ -1,0 +1,13 @@
+//! Integration tests: real HTTP between a client, the proxy and a simulated CRM on 127.0.0.1:0.
+
+mod acceptance;
+mod batching;
+mod cli;
+mod crm_truth;
+mod durability;
+mod fairness;
+mod lifecycle;
+mod over_budget;
+mod support;
+mod transparency;
+mod upstream;

@@ -1,0 +1,363 @@
+//! Test harness: a simulated CRM and the proxy on 127.0.0.1:0, an HTTP client, and polling helpers.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crm_quota_proxy::clock::SystemClock;
+use crm_quota_proxy::config::Config;
+use crm_quota_proxy::sim::{Sim, SimConfig};
+use crm_quota_proxy::{Listeners, Stopped, serve};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub const TOKEN: &str = "Bearer test-token-0123456789";
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+            .to_str()
+            .unwrap()
+    }
+}
+
+pub async fn send(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(req.body(Full::new(body.into())).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+    let (parts, body) = resp.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+pub fn ticket_body(subject: &str) -> String {
+    format!(r#"{{"ticket":{{"subject":"{subject}","external_id":"{subject}"}}}}"#)
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails the test after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The simulated CRM and a running proxy in front of it.
+pub struct Harness {
+    pub sim: Sim,
+    pub url: String,
+    pub admin: String,
+    pub client: HttpClient,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<Result<Stopped, String>>,
+}
+
+impl Harness {
+    /// Starts a sim and a proxy whose config is `yaml` with `{upstream}` replaced by the sim's
+    /// URL; the listeners are always `127.0.0.1:0`.
+    pub async fn start(sim: SimConfig, yaml: &str) -> Harness {
+        let sim = Sim::start(sim).await.unwrap();
+        let yaml = yaml.replace("{upstream}", &sim.url());
+        Harness::with_config(sim, &yaml).await
+    }
+
+    pub async fn with_config(sim: Sim, yaml: &str) -> Harness {
+        let yaml = format!("listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n{yaml}");
+        let config = Config::from_yaml(&yaml, None).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let url = format!("http://{}", listeners.data.local_addr().unwrap());
+        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            config,
+            listeners,
+            Arc::new(SystemClock::new()),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Harness {
+            sim,
+            url,
+            admin,
+            client: client(),
+            stop,
+            server,
+        }
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: impl Into<Bytes>) -> Reply {
+        self.call_with(&[], method, path, body).await
+    }
+
+    /// A request identified as `client` (by the `X-Client-Id` header the tests' configs match).
+    pub async fn call_as(
+        &self,
+        client: &str,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        self.call_with(&[("x-client-id", client)], method, path, body)
+            .await
+    }
+
+    /// A request to the proxy with the test credential, JSON content and `extra` headers.
+    async fn call_with(
+        &self,
+        extra: &[(&str, &str)],
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let mut headers = vec![
+            ("authorization", TOKEN),
+            ("content-type", "application/json"),
+        ];
+        headers.extend_from_slice(extra);
+        send(
+            &self.client,
+            method,
+            &format!("{}{path}", self.url),
+            &headers,
+            body,
+        )
+        .await
+    }
+
+    pub async fn create(&self, subject: &str) -> Reply {
+        self.call(Method::POST, "/api/v2/tickets.json", ticket_body(subject))
+            .await
+    }
+
+    pub async fn status_of(&self, id: &str) -> Reply {
+        self.call(Method::GET, &format!("/_proxy/requests/{id}"), "")
+            .await
+    }
+
+    /// Waits until a parked write reaches `status` and returns its JSON view.
+    pub async fn until_status(&self, id: &str, status: &str, limit: Duration) -> Value {
+        eventually(&format!("request {id} to be {status}"), limit, || async {
+            let v = self.status_of(id).await.json();
+            (v["status"] == status).then_some(v)
+        })
+        .await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        send(
+            &self.client,
+            Method::GET,
+            &format!("{}{path}", self.admin),
+            &[],
+            "",
+        )
+        .await
+    }
+
+    /// The value of one metric series, e.g. `crm_proxy_expired_total{route="create"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = String::from_utf8(self.admin_get("/metrics").await.body.to_vec()).unwrap();
+        metric_value(&text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    }
+
+    /// Stops the proxy (as on SIGTERM) and returns what it reported. (Dropping a harness stops
+    /// it too: the stop channel closes.)
+    pub async fn stop(self) -> (Stopped, Sim) {
+        let _ = self.stop.send(());
+        let stopped = self.server.await.unwrap().unwrap();
+        (stopped, self.sim)
+    }
+}
+
+/// Asserts the CRM holds `expected` tickets with distinct subjects: every write delivered, once.
+pub fn assert_each_ticket_once(sim: &Sim, expected: usize) {
+    let mut per_subject: std::collections::HashMap<String, usize> = Default::default();
+    for t in sim.tickets() {
+        *per_subject.entry(t.subject).or_default() += 1;
+    }
+    let twice: Vec<_> = per_subject.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(per_subject.len(), expected, "every write delivered");
+}
+
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The proxy binary as an operator runs it: a real process whose log (stderr) is collected.
+pub struct Process {
+    child: std::process::Child,
+    pub data: String,
+    pub admin: String,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_crm-quota-proxy"))
+}
+
+impl Process {
+    /// `crm-quota-proxy run --config <config>` with the upstream URL from the environment.
+    pub fn command(config: &std::path::Path, upstream: &str) -> std::process::Command {
+        let mut cmd = bin();
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("CRM_PROXY_UPSTREAM_URL", upstream)
+            .env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Spawns `cmd` and waits for its "listening" line; `Err` holds the log if it exited first.
+    pub async fn spawn(mut cmd: std::process::Command) -> Result<Process, Vec<String>> {
+        use std::io::{BufRead, BufReader};
+        let mut child = cmd
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut process = Process {
+            child,
+            data: String::new(),
+            admin: String::new(),
+            log,
+            reader: Some(reader),
+        };
+        let listening = eventually(
+            "the proxy to listen or exit",
+            Duration::from_secs(20),
+            || {
+                let found = process
+                    .lines()
+                    .into_iter()
+                    .find(|l| l.contains("crm-quota-proxy listening"));
+                let exited = process.child.try_wait().unwrap().is_some();
+                async move {
+                    match (found, exited) {
+                        (Some(l), _) => Some(Ok(l)),
+                        (None, true) => Some(Err(())),
+                        (None, false) => None,
+                    }
+                }
+            },
+        )
+        .await;
+        let Ok(listening) = listening else {
+            let _ = process.child.wait();
+            if let Some(r) = process.reader.take() {
+                let _ = r.join();
+            }
+            return Err(process.lines());
+        };
+        let field = |name: &str| -> String {
+            let at = listening.find(&format!("{name}=")).unwrap() + name.len() + 1;
+            listening[at..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        process.data = format!("http://{}", field("data"));
+        process.admin = format!("http://{}", field("admin"));
+        Ok(process)
+    }
+
+    pub async fn start(config: &std::path::Path, upstream: &str) -> Process {
+        Process::spawn(Process::command(config, upstream))
+            .await
+            .unwrap_or_else(|log| panic!("the proxy exited at start:\n{}", log.join("\n")))
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends `signal` (e.g. "KILL", "TERM") and waits for the exit; returns it with the log.
+    pub fn signal(mut self, signal: &str) -> (std::process::ExitStatus, Vec<String>) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let exit = self.child.wait().unwrap();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        (exit, self.lines())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,156 @@
+//! Within budget the proxy is a plain reverse proxy: same status, headers and body as the CRM.
+
+use std::time::Duration;
+
+use crm_quota_proxy::sim::SimConfig;
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+const ROOMY: &str =
+    "upstream: { url: \"{upstream}\" }\nquotas:\n  - { name: minute, limit: 1000, window: 1m }\n";
+
+fn roomy_sim() -> SimConfig {
+    SimConfig::new(10_000, Duration::from_secs(60))
+}
+
+#[tokio::test]
+async fn methods_paths_queries_and_bodies_pass_through_unchanged() {
+    let h = Harness::start(roomy_sim(), ROOMY).await;
+    for method in [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ] {
+        let body = if method == Method::GET {
+            ""
+        } else {
+            "{\"hello\":\"crm\"}"
+        };
+        let r = h
+            .call(method.clone(), "/echo/a/b?x=1&y=%20z&x=2", body)
+            .await;
+        assert_eq!(r.status, 200, "{method}");
+        let v = r.json();
+        assert_eq!(v["method"], method.as_str());
+        assert_eq!(v["path"], "/echo/a/b");
+        assert_eq!(v["query"], "x=1&y=%20z&x=2");
+        assert_eq!(v["body_len"], body.len());
+    }
+}
+
+#[tokio::test]
+async fn status_codes_and_crm_headers_come_back_as_sent() {
+    let h = Harness::start(roomy_sim(), ROOMY).await;
+    for code in [200u16, 201, 204, 301, 400, 404, 409, 418, 422, 500, 503] {
+        let r = h
+            .call(Method::GET, &format!("/echo/s?status={code}"), "")
+            .await;
+        assert_eq!(r.status.as_u16(), code);
+        if code != 204 && code != 301 {
+            assert_eq!(r.header("x-echo"), "1", "the CRM's own header survives");
+        }
+        // The CRM's rate-limit headers are passed through untouched, next to the proxy's own.
+        assert_eq!(r.header("x-rate-limit"), "10000");
+        assert!(
+            r.header("ratelimit-policy")
+                .starts_with("\"minute\";q=1000;w=60")
+        );
+        assert!(r.header("ratelimit").starts_with("\"minute\";r="));
+    }
+}
+
+#[tokio::test]
+async fn request_headers_are_cleaned_and_forwarded_headers_added() {
+    let h = Harness::start(roomy_sim(), ROOMY).await;
+    let url = format!("{}/echo/h", h.url);
+    let r = send(
+        &h.client,
+        Method::GET,
+        &url,
+        &[
+            ("authorization", TOKEN),
+            ("x-custom", "kept"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "dropped"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic c2VjcmV0"),
+            ("x-forwarded-for", "203.0.113.9"),
+        ],
+        "",
+    )
+    .await;
+    let headers = &r.json()["headers"];
+    assert_eq!(headers["authorization"][0], TOKEN);
+    assert_eq!(headers["x-custom"][0], "kept");
+    assert_eq!(headers["x-forwarded-for"][0], "203.0.113.9, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"][0], "http");
+    assert_eq!(
+        headers["x-forwarded-host"][0],
+        h.url.trim_start_matches("http://")
+    );
+    assert_eq!(
+        headers["host"][0],
+        h.sim.addr.to_string(),
+        "Host is the upstream's"
+    );
+    for gone in ["x-hop", "te", "proxy-authorization"] {
+        assert!(headers.get(gone).is_none(), "{gone} must not be forwarded");
+    }
+}
+
+#[tokio::test]
+async fn large_request_and_streamed_chunked_responses_arrive_intact() {
+    let h = Harness::start(roomy_sim(), ROOMY).await;
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let r = h.call(Method::POST, "/echo/upload", big.clone()).await;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &big);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(r.json()["body_len"], big.len());
+    assert_eq!(r.json()["body_sha256"], hex);
+
+    // 5 MiB produced in 16 KiB chunks without a Content-Length.
+    let n = 5 * 1024 * 1024;
+    let r = h
+        .call(Method::GET, &format!("/echo/download?bytes={n}"), "")
+        .await;
+    assert_eq!(r.body.len(), n);
+    assert!(r.headers.get("content-length").is_none());
+    assert!(
+        r.body
+            .chunks(16 * 1024)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|&b| b == b'a' + (i % 26) as u8))
+    );
+}
+
+#[tokio::test]
+async fn chunked_request_bodies_are_accepted() {
+    let h = Harness::start(roomy_sim(), ROOMY).await;
+    let mut s = tokio::net::TcpStream::connect(h.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    s.write_all(b"POST /echo/chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"body_len\":11"), "{text}");
+}
+
+#[tokio::test]
+async fn admin_endpoints_are_not_served_on_the_data_listener() {
+    let h = Harness::start(roomy_sim(), ROOMY).await;
+    for path in ["/metrics", "/status", "/healthz"] {
+        let r = h.call(Method::GET, path, "").await;
+        assert_eq!(
+            r.status, 404,
+            "{path} is forwarded to the CRM, which does not know it"
+        );
+        assert_eq!(r.json()["error"], "InvalidEndpoint");
+    }
+}
