@@ -53,27 +53,6 @@ pub struct Outbound {
     pub body: Bytes,
 }
 
-impl Outbound {
-    /// The same request in allocations of its own, for keeping. hyper reads a request's header
-    /// values and body as slices of its connection's read buffer, so a kept request would hold
-    /// that whole buffer (kilobytes) alive; a parked write keeps only its own bytes.
-    pub fn detached(self) -> Outbound {
-        let mut headers = HeaderMap::with_capacity(self.headers.len());
-        for (name, value) in &self.headers {
-            let mut own = HeaderValue::from_bytes(value.as_bytes())
-                .expect("a header value's bytes make the same header value");
-            own.set_sensitive(value.is_sensitive());
-            headers.append(name.clone(), own);
-        }
-        Outbound {
-            method: self.method,
-            path_and_query: self.path_and_query,
-            headers,
-            body: Bytes::copy_from_slice(&self.body),
-        }
-    }
-}
-
 /// A fully read CRM response, kept for a parked write's status.
 #[derive(Debug, Clone)]
 pub struct BufferedResponse {

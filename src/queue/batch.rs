@@ -143,10 +143,10 @@ impl Queue {
         max: usize,
         now: Time,
     ) -> Vec<(EntryId, Item)> {
-        let Some(req) = &first.request else {
+        let Some(req) = first.request.as_ref().map(Kept::outbound) else {
             return Vec::new();
         };
-        let Some(item) = zd::item(req) else {
+        let Some(item) = zd::item(&req) else {
             return Vec::new();
         };
         let mut tickets: Vec<u64> = item.ticket_id.into_iter().collect();
@@ -176,8 +176,9 @@ impl Queue {
             let joined = eligible
                 .then_some(e.request.as_ref())
                 .flatten()
+                .map(Kept::outbound)
                 .filter(|r| zd::compatible(&req.headers, &r.headers))
-                .and_then(zd::item)
+                .and_then(|r| zd::item(&r))
                 .filter(|it| it.ticket_id.is_none_or(|t| !tickets.contains(&t)));
             match joined {
                 Some(it) => {
@@ -236,7 +237,7 @@ impl Queue {
         let headers = first
             .request
             .as_ref()
-            .map(|r| r.headers.clone())
+            .map(|r| r.outbound().headers)
             .unwrap_or_default();
         let mut commit = Commit::done();
         let mut out = Vec::with_capacity(chosen.len());
@@ -539,7 +540,7 @@ impl Queue {
             let Some(req) = first.request.as_ref() else {
                 continue;
             };
-            let (route, client, headers) = (first.route, first.client, req.headers.clone());
+            let (route, client, headers) = (first.route, first.client, req.outbound().headers);
             let items: Vec<Option<Item>> = members
                 .iter()
                 .map(|m| {
@@ -547,7 +548,7 @@ impl Queue {
                         .entries
                         .get(m)
                         .and_then(|e| e.request.as_ref())
-                        .and_then(zd::item)
+                        .and_then(|r| zd::item(&r.outbound()))
                 })
                 .collect();
             let Some(kind) = items.iter().flatten().map(|i| i.kind).next() else {

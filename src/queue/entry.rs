@@ -4,7 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use http::HeaderMap;
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
@@ -152,7 +153,7 @@ pub(super) enum State {
     /// Handed to the waiting client, which is sending it now (its record stays busy until done).
     Live,
     Dispatching,
-    Done(BufferedResponse),
+    Done(Box<BufferedResponse>),
     Failed(FailReason, String),
     Expired,
 }
@@ -178,6 +179,109 @@ impl State {
     }
 }
 
+/// A parked write's request as the queue holds it: its header lines and body in one buffer of
+/// their own (not slices of a connection's read buffer, which would keep kilobytes alive per
+/// write), rebuilt into an [`Outbound`] when it is sent.
+#[derive(Clone)]
+pub struct Kept {
+    /// `METHOD path-and-query\n`, `name:value\n` per header, then the body.
+    data: Bytes,
+    /// Where the body starts.
+    head: u32,
+}
+
+impl Kept {
+    pub fn new(r: &Outbound) -> Kept {
+        let head: usize = r.method.as_str().len()
+            + r.path_and_query.len()
+            + 2
+            + r.headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 2)
+                .sum::<usize>();
+        let mut data = BytesMut::with_capacity(head + r.body.len());
+        data.put_slice(r.method.as_str().as_bytes());
+        data.put_u8(b' ');
+        data.put_slice(r.path_and_query.as_bytes());
+        data.put_u8(b'\n');
+        for (k, v) in &r.headers {
+            data.put_slice(k.as_str().as_bytes());
+            data.put_u8(b':');
+            data.put_slice(v.as_bytes());
+            data.put_u8(b'\n');
+        }
+        data.put_slice(&r.body);
+        Kept {
+            data: data.freeze(),
+            head: u32::try_from(head).expect("headers are bounded far below 4 GiB"),
+        }
+    }
+
+    /// The request line's method and path and query. (A method holds no space, and nothing
+    /// kept holds a newline: neither a path nor a header value may. Names hold no colon.)
+    fn request_line(&self) -> (&str, &str) {
+        let line = self.data[..self.head as usize]
+            .split(|b| *b == b'\n')
+            .next()
+            .unwrap_or_default();
+        let line = std::str::from_utf8(line).unwrap_or_default();
+        line.split_once(' ').unwrap_or((line, ""))
+    }
+
+    /// Header names, and where each value lies in the buffer, in their original order.
+    fn header_lines(&self) -> impl Iterator<Item = (&[u8], usize, usize)> {
+        let head = &self.data[..self.head as usize];
+        let first = head
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(head.len(), |n| n + 1);
+        let mut at = first;
+        head[first..]
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(move |line| {
+                let start = at;
+                at += line.len() + 1;
+                let colon = line.iter().position(|b| *b == b':').unwrap_or(line.len());
+                (&line[..colon], start + colon + 1, start + line.len())
+            })
+    }
+
+    /// The request to send: its headers rebuilt (values share this buffer, nothing is copied).
+    pub fn outbound(&self) -> Outbound {
+        let mut headers = HeaderMap::with_capacity(8);
+        for (name, from, to) in self.header_lines() {
+            let (Ok(name), Ok(mut value)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(self.data.slice(from..to)),
+            ) else {
+                continue; // cannot happen: both were valid when kept
+            };
+            value.set_sensitive(is_secret(name.as_str()));
+            headers.append(name, value);
+        }
+        let (method, path_and_query) = self.request_line();
+        Outbound {
+            method: Method::from_bytes(method.as_bytes()).unwrap_or(Method::POST),
+            path_and_query: path_and_query.to_string(),
+            headers,
+            body: self.data.slice(self.head as usize..),
+        }
+    }
+}
+
+impl fmt::Debug for Kept {
+    /// Never the header values or the body: they hold credentials and customer data.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (method, path_and_query) = self.request_line();
+        f.debug_struct("Kept")
+            .field("method", &method)
+            .field("path_and_query", &redact_query(path_and_query))
+            .field("bytes", &self.data.len())
+            .finish()
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Entry {
     pub id: EntryId,
@@ -187,7 +291,7 @@ pub(super) struct Entry {
     pub client: ClientId,
     /// Keys of the keyed quotas this write consumes.
     pub keys: Vec<(QuotaId, Arc<str>)>,
-    pub request: Option<Outbound>,
+    pub request: Option<Kept>,
     /// Writes to the same record (PUT/PATCH/DELETE on one path) are sent one at a time, in order.
     pub record: Option<Arc<str>>,
     pub fingerprint: Fingerprint,
@@ -368,7 +472,8 @@ pub fn redact_query(path_and_query: &str) -> String {
 }
 
 impl RequestView {
-    pub fn of(r: &Outbound) -> RequestView {
+    pub fn of(r: &Kept) -> RequestView {
+        let r = &r.outbound();
         RequestView {
             method: r.method.to_string(),
             path_and_query: redact_query(&r.path_and_query),
@@ -393,6 +498,49 @@ impl RequestView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_request_gives_back_the_same_request_and_never_shows_its_secrets() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer s3cret"));
+        headers.append("x-tag", HeaderValue::from_static("a"));
+        headers.append("x-tag", HeaderValue::from_static("b: c"));
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let original = Outbound {
+            method: Method::PUT,
+            path_and_query: "/api/v2/tickets/7.json?api_token=t0k&x=1".into(),
+            headers,
+            body: Bytes::from_static(b"{\"ticket\":{\"status\":\"open\"}}\n"),
+        };
+        let kept = Kept::new(&original);
+        let back = kept.outbound();
+        assert_eq!(back.method, original.method);
+        assert_eq!(back.path_and_query, original.path_and_query);
+        assert_eq!(back.headers, original.headers, "order and repeats too");
+        assert_eq!(back.body, original.body);
+        assert!(back.headers["authorization"].is_sensitive());
+        let shown = format!("{kept:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("t0k"),
+            "{shown}"
+        );
+
+        let empty = Outbound {
+            method: Method::POST,
+            path_and_query: "/".into(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        };
+        let back = Kept::new(&empty).outbound();
+        assert_eq!(
+            (
+                back.path_and_query.as_str(),
+                back.headers.len(),
+                back.body.len()
+            ),
+            ("/", 0, 0)
+        );
+    }
 
     #[test]
     fn ids_are_32_hex_digits_and_parse_back() {

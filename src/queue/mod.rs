@@ -20,7 +20,7 @@ use crate::quota::{Demand, Grant, Ledger, QuotaId, WaitingBoard};
 use crate::route::{LaneId, Route, RouteId, RouteTable};
 use crate::store::{Commit, Record, RecoveredState, Store, Stored, StoredResponse};
 pub use batch::{BatchDispatch, BatchOutcome, PollDispatch, PollOutcome};
-use entry::{Batched, Entry, Owner, State};
+use entry::{Batched, Entry, Kept, Owner, State};
 pub use entry::{
     EntryDetail, EntryId, EntrySummary, FailReason, Fingerprint, RequestView, ResponseView, Status,
     StatusView,
@@ -184,7 +184,8 @@ struct ClientQueue {
 }
 
 struct Inner {
-    entries: HashMap<EntryId, Entry>,
+    // Boxed: a table slot stays small, so its growth slack costs little per parked write.
+    entries: HashMap<EntryId, Box<Entry>>,
     clients: Vec<ClientQueue>,
     /// Clients with queued writes, in round-robin order.
     ring: VecDeque<ClientId>,
@@ -429,7 +430,7 @@ impl Queue {
                 inner.busy.insert(r.clone());
             }
             entry.attempts = 1;
-            inner.entries.insert(id, entry);
+            inner.entries.insert(id, Box::new(entry));
             drop(guard);
             return Enter::Go(self.ticket(id, None), parkable.request, grant);
         }
@@ -440,12 +441,12 @@ impl Queue {
         if hopeless && route.on_limit == OnLimit::Wait {
             return Enter::Refused { retry_at: eta };
         }
-        entry.request = Some(parkable.request.detached());
+        entry.request = Some(Kept::new(&parkable.request));
         inner.held += 1;
         inner.held_bytes += bytes;
         if hopeless {
             entry.state = State::Queued(Owner::Proxy);
-            inner.entries.insert(id, entry);
+            inner.entries.insert(id, Box::new(entry));
             let accepted = self.take_over(inner, id, ledger, now);
             drop(guard);
             self.wake();
@@ -453,7 +454,7 @@ impl Queue {
         }
         let (tx, rx) = oneshot::channel();
         entry.state = State::Queued(Owner::Client(tx));
-        inner.entries.insert(id, entry);
+        inner.entries.insert(id, Box::new(entry));
         self.link(inner, id);
         drop(guard);
         self.wake();
@@ -495,7 +496,7 @@ impl Queue {
         e.batchable = e
             .request
             .as_ref()
-            .and_then(|r| self.batchable(self.routes.get(e.route), r));
+            .and_then(|r| self.batchable(self.routes.get(e.route), &r.outbound()));
         let commit = self.log(|| Record::Accepted(Box::new(self.stored(e))));
         self.link(inner, id);
         let (position, estimated_dispatch_at) =
@@ -530,7 +531,7 @@ impl Queue {
 
     /// A parked write as the log keeps it.
     fn stored(&self, e: &Entry) -> Stored {
-        let (method, path_and_query, headers, body) = match &e.request {
+        let (method, path_and_query, headers, body) = match e.request.as_ref().map(Kept::outbound) {
             Some(r) => (
                 r.method.to_string(),
                 r.path_and_query.clone(),
@@ -635,7 +636,7 @@ impl Queue {
         if !spent_attempt {
             e.attempts = e.attempts.saturating_sub(1);
         }
-        e.request = Some(request.detached());
+        e.request = Some(Kept::new(&request));
         e.state = State::Queued(Owner::Proxy);
         e.not_before = now;
         inner.held += 1;
@@ -832,7 +833,11 @@ impl Queue {
                 // The waiting client sends it itself; the entry stays (Live) to keep its
                 // record busy until the client's ticket drops.
                 e.state = State::Live;
-                let request = e.request.take().expect("queued entries hold their request");
+                let request = e
+                    .request
+                    .take()
+                    .expect("queued entries hold their request")
+                    .outbound();
                 inner.held -= 1;
                 inner.held_bytes -= e.bytes;
                 // If the client vanished just now, its ticket's drop frees the record; the
@@ -852,8 +857,9 @@ impl Queue {
                     client: e.client,
                     request: e
                         .request
-                        .clone()
-                        .expect("queued entries hold their request"),
+                        .as_ref()
+                        .expect("queued entries hold their request")
+                        .outbound(),
                     attempt: e.attempts,
                     grant,
                     commit,
@@ -950,7 +956,7 @@ impl Queue {
                     at: now.as_nanos(),
                     response: stored_response(&resp),
                 });
-                inner.finish(id, State::Done(resp), now);
+                inner.finish(id, State::Done(Box::new(resp)), now);
                 self.metrics.dispatched(route);
             }
             Outcome::Throttled | Outcome::Retry { .. } | Outcome::NotSent { .. } => {
@@ -1011,7 +1017,7 @@ impl Queue {
         let (reason, error, stored) = match &e.state {
             State::Failed(reason, err) => (Some(*reason), Some(err.clone()), None),
             State::Expired => (None, Some("expired before quota allowed it".into()), None),
-            State::Done(r) => (None, None, Some(r.clone())),
+            State::Done(r) => (None, None, Some((**r).clone())),
             _ => (None, None, None),
         };
         Some(StatusView {
@@ -1079,6 +1085,7 @@ impl Queue {
         let mut dead: Vec<&Entry> = inner
             .entries
             .values()
+            .map(|e| &**e)
             .filter(|e| matches!(e.state, State::Failed(..) | State::Expired))
             .collect();
         dead.sort_by_key(|e| std::cmp::Reverse(e.finished_at));
@@ -1127,6 +1134,7 @@ impl Queue {
         let mut out: Vec<&Entry> = inner
             .entries
             .values()
+            .map(|e| &**e)
             .filter(|e| !matches!(e.state, State::Queued(Owner::Client(_)) | State::Live))
             .filter(|e| status.is_none_or(|s| e.state.status() == s))
             .collect();
@@ -1275,7 +1283,10 @@ impl Queue {
                         continue;
                     }
                     report.finished += 1;
-                    (State::Done(buffered(&response)), Some(Time::from_nanos(at)))
+                    (
+                        State::Done(Box::new(buffered(&response))),
+                        Some(Time::from_nanos(at)),
+                    )
                 }
                 RecoveredState::Failed { at, reason, error } => {
                     report.finished += 1;
@@ -1299,14 +1310,14 @@ impl Queue {
             inner.seq = inner.seq.max(s.seq);
             inner.entries.insert(
                 id,
-                Entry {
+                Box::new(Entry {
                     id,
                     seq: s.seq,
                     route: route.id,
                     lane: route.lane,
                     client,
                     keys,
-                    request: holds.then_some(request),
+                    request: holds.then(|| Kept::new(&request)),
                     record: s.record.map(Arc::from),
                     fingerprint: Fingerprint::from_bytes(s.fingerprint),
                     bytes,
@@ -1320,7 +1331,7 @@ impl Queue {
                     batchable,
                     single: false,
                     batched,
-                },
+                }),
             );
             if holds {
                 inner.held += 1;
@@ -1343,7 +1354,7 @@ impl Queue {
             return;
         }
         let mut snapshot = Vec::with_capacity(inner.entries.len() * 2);
-        let mut entries: Vec<&Entry> = inner.entries.values().collect();
+        let mut entries: Vec<&Entry> = inner.entries.values().map(|e| &**e).collect();
         entries.sort_by_key(|e| e.seq);
         for e in entries {
             let uid = e.id.as_u128();
