@@ -142,6 +142,20 @@ struct Cap {
     confirmed: bool,
 }
 
+/// CRMs give their reset in whole seconds, rounded up, counted from before the answer left
+/// them: each answer's reset is at or after the true one, by up to a second. In a window of
+/// 10 s or more, two answers whose resets lie less than a second apart name the same reset,
+/// and the earlier is the closer estimate (still never early). Windows then open on time
+/// instead of up to a second late. `None` when the two are not the same reset.
+fn same_reset(old: Cap, new: Cap, window: Duration) -> Option<Time> {
+    let (lo, hi) = (old.until.min(new.until), old.until.max(new.until));
+    (old.period.is_some()
+        && new.period.is_some()
+        && window >= Duration::from_secs(10)
+        && hi.saturating_since(lo) < Duration::from_secs(1))
+    .then_some(lo)
+}
+
 /// Below this many calls left (by the CRM's count), a synced quota sends one request at a time,
 /// so at most one can meet the wall if another app spends the rest first.
 fn careful_below(limit: u64) -> u64 {
@@ -624,13 +638,16 @@ impl Ledger {
             let until = obs
                 .reset
                 .unwrap_or_else(|| default_hold(cfg, &mut state.window, now));
-            let cap = Cap {
+            let mut cap = Cap {
                 ceiling: mark + remaining.saturating_sub(u64::from(cfg.reserve)),
                 until,
                 mark,
                 period: obs.reset.map(|_| cfg.window),
                 confirmed: true,
             };
+            if let Some(old) = state.cap {
+                cap.until = same_reset(old, cap, cfg.window).unwrap_or(cap.until);
+            }
             state.cap = match state.cap {
                 // An answer to an older request says less than the one already applied.
                 Some(old) if now < old.until && old.mark > mark => Some(old),

@@ -455,6 +455,44 @@ fn a_crm_report_caps_what_is_left_until_its_reset() {
 }
 
 #[test]
+fn resets_in_whole_seconds_are_narrowed_to_the_earliest_a_window_named() {
+    let ledger = Ledger::new(
+        &[synced("m", 100, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    // The CRM's minute really resets at 00:01:00.000. An answer at 00:00:00.200 says "60 s"
+    // (rounded up: 00:01:00.200); one at 00:00:00.900 says "60 s" too (00:01:00.900).
+    let t0 = t("2026-01-01T00:00:00Z");
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let g = ledger.try_acquire(&Demand::live(&q), at(200)).unwrap();
+    ledger.observe(&[account(0, Some(at(60_200)))], &g, at(200));
+    drop(g);
+    let g = ledger.try_acquire(&Demand::live(&q), at(900));
+    assert!(g.is_err(), "the CRM said none are left");
+    let probe = ledger.try_acquire(&Demand::live(&q), at(60_200)).unwrap();
+    drop(probe);
+    // A later answer in the same window naming a later reset keeps the earlier one.
+    let ledger = Ledger::new(
+        &[synced("m", 100, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    );
+    let g = ledger.try_acquire(&Demand::live(&q), at(200)).unwrap();
+    ledger.observe(&[account(50, Some(at(60_200)))], &g, at(200));
+    drop(g);
+    let g = ledger.try_acquire(&Demand::live(&q), at(900)).unwrap();
+    ledger.observe(&[account(0, Some(at(60_900)))], &g, at(900));
+    drop(g);
+    assert!(ledger.try_acquire(&Demand::live(&q), at(60_199)).is_err());
+    assert!(
+        ledger.try_acquire(&Demand::live(&q), at(60_200)).is_ok(),
+        "the window opens at the earlier estimate, not 700 ms later"
+    );
+}
+
+#[test]
 fn requests_in_flight_when_the_crm_answered_are_counted_on_top() {
     let ledger = Ledger::new(
         &[synced("m", 100, Duration::from_secs(60), 0)],
