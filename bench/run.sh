@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# The benchmark harness (README, "Benchmarks"): in one run on this machine,
+#   1. GET load straight at a fast upstream, through crm-quota-proxy (budgets that never bind),
+#      and through nginx proxy_pass with an equivalent limit_req, alternating rounds: at
+#      saturation (wrk) and at a fixed 1,000 req/s (loadgen, open loop);
+#   2. a backlog run: creates at 3x the budget against the simulated CRM (utilization, CRM 429s,
+#      how soon a window's first parked write goes), with a sliding and with a fixed local window;
+#   3. memory: resident size with 100,000 parked 1 KiB writes.
+# Prints a Markdown report. Everything binds 127.0.0.1 only.
+#
+#   bench/run.sh            the full run (about 10 minutes; release build)
+#   bench/run.sh --smoke    a few seconds of each part, debug build (CI runs this so it cannot rot)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+if ((SMOKE)); then
+    PROFILE=debug ROUNDS=1 SAT_SECS=1 RATE=200 RATE_SECS=2 ENTRIES=2000
+    BACKLOG_ARGS=(10 2 1)
+    BUILD=(cargo build --bin crm-quota-proxy --example loadgen)
+else
+    PROFILE=release ROUNDS=3 SAT_SECS=8 RATE=1000 RATE_SECS=10 ENTRIES=100000
+    BACKLOG_ARGS=(100 10 4)
+    BUILD=(cargo build --release --bin crm-quota-proxy --example loadgen)
+fi
+
+# Tools: wrk and nginx from the system packages.
+install() {
+    command -v apt-get >/dev/null || { echo "bench: install $* (no apt-get here)" >&2; exit 1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
+}
+command -v wrk >/dev/null || install wrk
+command -v nginx >/dev/null || install nginx-light
+NGINX=$(command -v nginx)
+
+"${BUILD[@]}" >&2
+BIN=target/$PROFILE/crm-quota-proxy
+LOADGEN=target/$PROFILE/examples/loadgen
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() {
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "bench: nothing listens on port $1" >&2
+    exit 1
+}
+UP=$(free_port) NGX=$(free_port) PX=$(free_port) PXA=$(free_port)
+
+# The fast upstream: nginx answering every request with a small JSON body.
+nginx_conf() { # name workers server-block
+    mkdir -p "$WORK/$1"
+    cat >"$WORK/$1/nginx.conf" <<EOF
+daemon off;
+worker_processes $2;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/$1; proxy_temp_path $WORK/$1; fastcgi_temp_path $WORK/$1;
+    uwsgi_temp_path $WORK/$1; scgi_temp_path $WORK/$1;
+    keepalive_requests 1000000;
+    $3
+}
+EOF
+}
+nginx_conf upstream 1 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 200 '{\"users\":[{\"id\":1,\"name\":\"Ada\"}]}'; } }"
+# nginx as the proxy: the same never-binding budget as the proxy's (6,000,000 per minute).
+nginx_conf nginx auto "limit_req_zone \$server_name zone=crm:1m rate=100000r/s;
+    upstream crm { server 127.0.0.1:$UP; keepalive 64; }
+    server { listen 127.0.0.1:$NGX; location / {
+        limit_req zone=crm burst=100000 nodelay; limit_req_status 429;
+        proxy_pass http://crm; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+"$NGINX" -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" &
+PIDS+=($!)
+"$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" &
+PIDS+=($!)
+cat >"$WORK/proxy.yaml" <<EOF
+listen: { data: 127.0.0.1:$PX, admin: 127.0.0.1:$PXA }
+upstream: { url: http://127.0.0.1:$UP }
+quotas:
+  - { name: minute, limit: 6000000, window: 1m }
+routes:
+  - { name: contact-search, methods: [GET], path: /api/v2/**, on_limit: reject }
+EOF
+RUST_LOG=warn "$BIN" run --config "$WORK/proxy.yaml" 2>"$WORK/proxy.log" &
+PIDS+=($!)
+wait_port "$UP"; wait_port "$NGX"; wait_port "$PX"
+
+PATH_Q="/api/v2/users/search.json?query=ada"
+declare -A URL=([direct]="http://127.0.0.1:$UP$PATH_Q" [proxy]="http://127.0.0.1:$PX$PATH_Q" [nginx]="http://127.0.0.1:$NGX$PATH_Q")
+cat >"$WORK/report.lua" <<'EOF'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("requests=%d errors=%d rps=%.0f p50_us=%d p99_us=%d p999_us=%d\n",
+    summary.requests, e.connect + e.read + e.write + e.status + e.timeout,
+    summary.requests / (summary.duration / 1e6),
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+EOF
+
+RESULTS="$WORK/results"
+for round in $(seq 1 "$ROUNDS"); do
+    for target in direct proxy nginx; do
+        echo "bench: round $round, $target" >&2
+        line=$(wrk -t1 -c32 -d"${SAT_SECS}s" -s "$WORK/report.lua" "${URL[$target]}" | tail -1)
+        echo "saturation $target $line" >>"$RESULTS"
+        line=$("$LOADGEN" rate "${URL[$target]}" "$RATE" "$RATE_SECS")
+        echo "rate $target $line" >>"$RESULTS"
+    done
+done
+
+echo "bench: backlog runs" >&2
+for kind in sliding fixed; do
+    echo "backlog $kind $("$LOADGEN" backlog "$BIN" "$kind" "${BACKLOG_ARGS[@]}")" >>"$RESULTS"
+done
+echo "bench: memory run" >&2
+echo "memory - $("$LOADGEN" memory "$BIN" "$ENTRIES")" >>"$RESULTS"
+
+CORES=$(nproc)
+MEM=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
+python3 - "$RESULTS" "$ROUNDS" "$RATE" "$CORES" "$MEM" "$SMOKE" <<'EOF'
+import datetime, statistics, sys
+path, rounds, rate, cores, mem, smoke = sys.argv[1:]
+rows = {}
+for line in open(path):
+    kind, target, *pairs = line.split()
+    d = dict(p.split("=", 1) for p in pairs)
+    rows.setdefault((kind, target), []).append(d)
+
+def med(kind, target, key):
+    return statistics.median(float(r[key]) for r in rows[(kind, target)])
+
+failed = []
+print(f"### Benchmark run {datetime.date.today()} ({cores} cores, {mem}; "
+      f"`bench/run.sh{' --smoke' if smoke == '1' else ''}`, medians of {rounds} alternating rounds)\n")
+for kind, title in (("saturation", "saturation (wrk, 1 thread, 32 connections)"),
+                    ("rate", f"fixed rate, {rate} req/s (open loop; latency from each request's due time)")):
+    print(f"{title}:\n")
+    print("| target | req/s | p50 | p99 | p99.9 | errors |")
+    print("|---|---|---|---|---|---|")
+    for t in ("direct", "proxy", "nginx"):
+        errors = sum(int(r["errors"]) for r in rows[(kind, t)])
+        if errors:
+            failed.append(f"{kind} {t}: {errors} errors")
+        print(f"| {t} | {med(kind, t, 'rps'):,.0f} | {med(kind, t, 'p50_us') / 1e3:.2f} ms "
+              f"| {med(kind, t, 'p99_us') / 1e3:.2f} ms | {med(kind, t, 'p999_us') / 1e3:.2f} ms | {errors} |")
+    print()
+s = lambda t, k: med("saturation", t, k)
+r = lambda t, k: med("rate", t, k)
+print(f"- saturation throughput: proxy/direct {s('proxy', 'rps') / s('direct', 'rps'):.2f}, "
+      f"proxy/nginx {s('proxy', 'rps') / s('nginx', 'rps'):.2f}")
+print(f"- p99 at {rate} req/s: proxy/direct {r('proxy', 'p99_us') / r('direct', 'p99_us'):.2f}, "
+      f"proxy/nginx {r('proxy', 'p99_us') / r('nginx', 'p99_us'):.2f}; added by the proxy "
+      f"{(r('proxy', 'p99_us') - r('direct', 'p99_us')) / 1e3:.2f} ms, by nginx "
+      f"{(r('nginx', 'p99_us') - r('direct', 'p99_us')) / 1e3:.2f} ms\n")
+print("| backlog run | offered | tickets | CRM 429s | whole windows | utilization | first drained call after a window opens (p50 / max) |")
+print("|---|---|---|---|---|---|---|")
+for k in ("sliding", "fixed"):
+    d = rows[("backlog", k)][0]
+    if d["drained"] != "true" or d["tickets"] != d["offered"] or d["crm_429"] != "0":
+        failed.append(f"backlog {k}: {d}")
+    print(f"| local window `{k}` | {d['offered']} | {d['tickets']} | {d['crm_429']} | {d['windows']} "
+          f"| {float(d['utilization']) * 100:.1f}% | {d['first_call_p50_ms']} / {d['first_call_max_ms']} ms |")
+m = rows[("memory", "-")][0]
+print(f"\nmemory: {int(m['parked']):,} parked writes of 1 KiB: RSS {m['rss_before_mib']} → {m['rss_after_mib']} MiB, "
+      f"{m['bytes_per_entry']} B per write: {m['overhead_beyond_body']} B beyond the body, of which "
+      f"{m['request_head_bytes']} B are the request's own line and headers, kept to send it; "
+      f"{m['overhead_beyond_request']} B of bookkeeping")
+if failed:
+    print("\nbench: FAILED: " + "; ".join(failed), file=sys.stderr)
+    sys.exit(1)
+EOF
