@@ -262,7 +262,8 @@ impl Kept {
         }
         let (method, path_and_query) = self.request_line();
         Outbound {
-            method: Method::from_bytes(method.as_bytes()).unwrap_or(Method::POST),
+            method: Method::from_bytes(method.as_bytes())
+                .expect("a kept method is a method's own text"),
             path_and_query: path_and_query.to_string(),
             headers,
             body: self.data.slice(self.head as usize..),
