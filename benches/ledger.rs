@@ -6,7 +6,8 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use crm_quota_proxy::clock::Time;
 use crm_quota_proxy::config::Config;
-use crm_quota_proxy::quota::{Demand, Ledger, QuotaId};
+use crm_quota_proxy::ids::QuotaId;
+use crm_quota_proxy::quota::{Demand, Ledger};
 
 fn ledger(yaml_quotas: &str) -> Ledger {
     let yaml = format!("upstream: {{ url: http://crm.test }}\nquotas:\n{yaml_quotas}");

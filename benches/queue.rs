@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use crm_quota_proxy::client::ClientId;
 use crm_quota_proxy::clock::{Clock, ManualClock};
 use crm_quota_proxy::config::Config;
-use crm_quota_proxy::forward::{BufferedResponse, Outbound};
+use crm_quota_proxy::ids::{ClientId, Fingerprint};
+use crm_quota_proxy::message::{BufferedResponse, Outbound};
 use crm_quota_proxy::metrics::Metrics;
-use crm_quota_proxy::queue::{Enter, Fingerprint, Outcome, Parkable, Queue, Step, Timeout};
+use crm_quota_proxy::queue::{Enter, Outcome, Parkable, Queue, Step, WaitEnd};
 use crm_quota_proxy::quota::Ledger;
 use crm_quota_proxy::route::RouteTable;
 use crm_quota_proxy::store::Store;
@@ -62,7 +62,7 @@ fn write(i: usize) -> Parkable {
             body: Bytes::from(format!("{{\"ticket\":{{\"subject\":\"call {i}\"}}}}").repeat(20)),
         },
         fingerprint: Fingerprint::of(&HeaderMap::new()),
-        record: None,
+        resource: None,
         client: ClientId::default(),
         keys: Vec::new(),
     }
@@ -73,7 +73,7 @@ async fn park_all(s: &Setup) {
     for i in 0..N {
         match s.queue.enter(&s.ledger, route, write(i), s.clock.now()) {
             Enter::Parked(mut t) => match t.wait(Duration::ZERO, &s.ledger, &s.clock).await {
-                Timeout::Accepted(_) => {}
+                WaitEnd::Accepted(_) => {}
                 _ => panic!("not accepted"),
             },
             // No slot expected within max_wait: the 202 at once.

@@ -155,7 +155,7 @@ fn stored(i: usize, now: u64) -> Stored {
             ("content-type".into(), b"application/json".to_vec()),
         ],
         body: body(i),
-        record: None,
+        resource: None,
         keys: Vec::new(),
         fingerprint: [1; 16],
         created_at: now,

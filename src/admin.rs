@@ -6,12 +6,13 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
-use crate::forward::Health;
-use crate::metrics::{ClientView, KeysView};
-use crate::proxy::{Phase, Proxy};
-use crate::queue::{EntryId, OpError, QueueStatus, Status as EntryStatus};
+use crate::ids::EntryId;
+use crate::proxy::{ClientView, KeysView, Phase, Proxy};
+use crate::queue::{OpError, QueueStatus};
 use crate::quota::QuotaStatus;
 use crate::response::{self, Body};
+use crate::status::Status as EntryStatus;
+use crate::upstream::Health;
 
 #[derive(Serialize)]
 struct Status {
@@ -45,15 +46,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
             Phase::Stopping => response::text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         },
         "/metrics" => {
-            let now = proxy.clock.now();
-            let queue = proxy.queue.snapshot(now);
-            proxy.metrics.observe(&proxy.ledger.snapshot(now), &queue);
-            if let Some(stats) = proxy.queue.store_stats() {
-                proxy.metrics.observe_store(stats);
-            }
-            proxy
-                .metrics
-                .observe_clients(&proxy.client_views(&queue, now), &proxy.keys_views());
+            proxy.refresh_metrics(proxy.clock.now());
             let mut resp = response::text(StatusCode::OK, proxy.metrics.encode());
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,

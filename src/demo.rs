@@ -14,9 +14,10 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::clock::SystemClock;
-use crate::config::{Config, format_duration};
+use crate::config::Config;
+use crate::server::{Listeners, serve};
 use crate::sim::{Sim, SimConfig};
-use crate::{Listeners, serve};
+use crate::units::format_duration;
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {

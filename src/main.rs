@@ -8,9 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use crm_quota_proxy::clock::SystemClock;
-use crm_quota_proxy::config::{Config, parse_duration};
+use crm_quota_proxy::config::Config;
 use crm_quota_proxy::demo::{self, DemoOptions};
-use crm_quota_proxy::queue::{EntryId, OpError, Status};
+use crm_quota_proxy::ids::{EntryId, Fingerprint};
+use crm_quota_proxy::queue::OpError;
+use crm_quota_proxy::status::Status;
+use crm_quota_proxy::units::parse_duration;
 use crm_quota_proxy::{Listeners, open, serve};
 
 /// Exit status for an invalid config (sysexits EX_USAGE... EX_DATAERR is 65; 64 is what ops expect here).
@@ -124,11 +127,10 @@ async fn queue_command(config: Config, action: QueueAction) -> anyhow::Result<Ex
                 "ID", "STATUS", "ROUTE", "CLIENT", "ATTEMPTS", "CREATED"
             );
             for e in &list {
-                let status = serde_json::to_value(e.status)?;
                 println!(
                     "{:<32}  {:<11}  {:<20}  {:<12}  {:>8}  {:<30}  {}",
                     e.id,
-                    status.as_str().unwrap_or_default(),
+                    e.status.name(),
                     e.route,
                     e.client,
                     e.attempts,
@@ -267,10 +269,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 .context("the credential is not a valid header value")?;
             let mut headers = http::HeaderMap::new();
             headers.insert(http::header::AUTHORIZATION, value);
-            println!(
-                "{}",
-                crm_quota_proxy::queue::Fingerprint::of(&headers).to_hex()
-            );
+            println!("{}", Fingerprint::of(&headers).to_hex());
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {

@@ -13,9 +13,10 @@ use serde_json::json;
 use crate::clock::Time;
 use crate::config::QuotaConfig;
 use crate::crm::Crm;
-use crate::forward::ForwardError;
-use crate::queue::EntryId;
+use crate::ids::EntryId;
 use crate::quota::{Ledger, QuotaUsage};
+use crate::units::format_duration;
+use crate::upstream::ForwardError;
 
 /// The body type of every data-plane and admin response (CRM bodies stream through).
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -73,27 +74,61 @@ pub enum ProxyError {
     Upstream(#[from] ForwardError),
 }
 
+impl ProxyError {
+    /// Everything the proxy says of this error, in one place: the response status, the `error`
+    /// code in its body, its `Retry-After` (if any), and the outcome label it is counted under in
+    /// `crm_proxy_requests_total`.
+    fn parts(&self) -> (StatusCode, &'static str, Option<u64>, &'static str) {
+        match self {
+            ProxyError::TooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                None,
+                "too_large",
+            ),
+            ProxyError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body", None, "bad_body"),
+            ProxyError::QueueFull { retry_after } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_full",
+                Some(*retry_after),
+                "queue_full",
+            ),
+            ProxyError::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                Some(5),
+                "queue_full",
+            ),
+            ProxyError::NotStored { retry_after } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_stored",
+                Some(*retry_after),
+                "not_stored",
+            ),
+            ProxyError::Upstream(ForwardError::Timeout(_)) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                None,
+                "upstream_error",
+            ),
+            ProxyError::Upstream(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                None,
+                "upstream_error",
+            ),
+        }
+    }
+
+    /// The outcome label this error is counted under (`crm_proxy_requests_total`).
+    pub fn outcome(&self) -> &'static str {
+        self.parts().3
+    }
+}
+
 /// Maps a proxy error to its response: 413, 400, 503 + Retry-After, 502 or 504.
 pub fn error(e: &ProxyError) -> Response<Body> {
-    let (status, code, retry) = match e {
-        ProxyError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
-        ProxyError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body", None),
-        ProxyError::QueueFull { retry_after } => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "queue_full",
-            Some(*retry_after),
-        ),
-        ProxyError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down", Some(5)),
-        ProxyError::NotStored { retry_after } => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_stored",
-            Some(*retry_after),
-        ),
-        ProxyError::Upstream(ForwardError::Timeout(_)) => {
-            (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", None)
-        }
-        ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_unreachable", None),
-    };
+    let (status, code, retry, _) = e.parts();
     let resp = json_response(
         status,
         &json!({ "error": code, "description": e.to_string() }),
@@ -153,7 +188,7 @@ pub fn over_limit(
             json!({
                 "error": {
                     "message": "Rate limit exceeded",
-                    "detail": format!("Rate limit of {} requests per {} exceeded", quota.map_or(0, |q| q.limit), quota.map_or_else(String::new, |q| crate::config::format_duration(q.window))),
+                    "detail": format!("Rate limit of {} requests per {} exceeded", quota.map_or(0, |q| q.limit), quota.map_or_else(String::new, |q| format_duration(q.window))),
                 },
                 "status": "failure",
             }),

@@ -5,10 +5,10 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 
 use super::*;
-use crate::client::ClientId;
 use crate::clock::{Clock, ManualClock};
 use crate::config::Config;
-use crate::route::RouteTable;
+use crate::quota::Ledger;
+use crate::route::{Route, RouteTable};
 use crate::store::{Commit, Store};
 
 struct Fixture {
@@ -54,7 +54,7 @@ fn fixture_from(yaml: &str, store: Store, clock: ManualClock) -> Fixture {
 }
 
 fn request(method: Method, path: &str, body: &str) -> Parkable {
-    let record = (method == Method::PUT).then(|| Arc::from(path));
+    let resource = (method == Method::PUT).then(|| Arc::from(path));
     Parkable {
         request: Outbound {
             method,
@@ -63,7 +63,7 @@ fn request(method: Method, path: &str, body: &str) -> Parkable {
             body: Bytes::from(body.to_string()),
         },
         fingerprint: Fingerprint::of(&HeaderMap::new()),
-        record,
+        resource,
         client: ClientId::default(),
         keys: Vec::new(),
     }
@@ -91,7 +91,7 @@ impl Fixture {
             Enter::Accepted(a) => a,
             Enter::Parked(mut ticket) => {
                 match ticket.wait(Duration::ZERO, &self.ledger, &self.clock).await {
-                    Timeout::Accepted(a) => a,
+                    WaitEnd::Accepted(a) => a,
                     _ => panic!("expected the proxy to take it"),
                 }
             }
@@ -413,7 +413,7 @@ async fn a_waiting_client_gets_its_request_back_when_quota_frees() {
         .wait(Duration::from_secs(1), &f.ledger, &f.clock)
         .await
     {
-        Timeout::Granted(req, _) => assert_eq!(&req.body[..], b"a"),
+        WaitEnd::Granted(req, _) => assert_eq!(&req.body[..], b"a"),
         _ => panic!("expected a grant"),
     }
     drop(ticket);
@@ -428,7 +428,7 @@ async fn a_wait_route_gives_up_and_leaves_nothing_behind() {
         panic!("expected to park");
     };
     match ticket.wait(Duration::ZERO, &f.ledger, &f.clock).await {
-        Timeout::GaveUp { retry_at } => {
+        WaitEnd::GaveUp { retry_at } => {
             assert_eq!(retry_at, f.clock.now() + Duration::from_secs(10))
         }
         _ => panic!("expected to give up"),
@@ -519,7 +519,7 @@ async fn clients_take_turns_by_weight() {
             );
             match queue.enter(&ledger, route, p, clock.now()) {
                 Enter::Parked(mut t) => match t.wait(Duration::ZERO, &ledger, &clock).await {
-                    Timeout::Accepted(_) => {}
+                    WaitEnd::Accepted(_) => {}
                     _ => panic!("not accepted"),
                 },
                 _ => panic!("expected to park"),
@@ -673,10 +673,10 @@ fn ticket(subject: &str) -> String {
     format!(r#"{{"ticket":{{"subject":"{subject}"}}}}"#)
 }
 
-fn running(job: &str) -> crate::batch::Job {
-    crate::batch::Job {
+fn running(job: &str) -> crate::crm::zendesk_batch::Job {
+    crate::crm::zendesk_batch::Job {
         id: job.into(),
-        state: crate::batch::JobState::Running,
+        state: crate::crm::zendesk_batch::JobState::Running,
         results: Vec::new(),
         message: None,
     }
@@ -684,10 +684,10 @@ fn running(job: &str) -> crate::batch::Job {
 
 fn finished(
     job: &str,
-    state: crate::batch::JobState,
+    state: crate::crm::zendesk_batch::JobState,
     results: serde_json::Value,
-) -> crate::batch::Job {
-    crate::batch::Job {
+) -> crate::crm::zendesk_batch::Job {
+    crate::crm::zendesk_batch::Job {
         id: job.into(),
         state,
         results: results.as_array().cloned().unwrap_or_default(),
@@ -794,7 +794,7 @@ async fn parked_creates_linger_for_company_share_one_call_and_settle_from_their_
         &poll.jobs,
         PollOutcome::Jobs(vec![finished(
             "J1",
-            crate::batch::JobState::Completed,
+            crate::crm::zendesk_batch::JobState::Completed,
             results,
         )]),
         f.clock.now(),
@@ -857,7 +857,11 @@ async fn one_tickets_updates_never_share_a_call_and_keep_their_order() {
     ]);
     f.queue.complete_batch(
         batch.batch,
-        BatchOutcome::Job(finished("J1", crate::batch::JobState::Completed, results)),
+        BatchOutcome::Job(finished(
+            "J1",
+            crate::crm::zendesk_batch::JobState::Completed,
+            results,
+        )),
         f.clock.now(),
     );
     assert_eq!(
@@ -884,7 +888,7 @@ async fn a_refused_batch_sends_each_write_alone_and_a_failed_job_is_retried_once
         batch.batch,
         BatchOutcome::Job(finished(
             "J1",
-            crate::batch::JobState::Failed,
+            crate::crm::zendesk_batch::JobState::Failed,
             serde_json::json!([]),
         )),
         f.clock.now(),
@@ -961,7 +965,7 @@ async fn jobs_are_polled_again_after_a_crash_and_a_batch_in_flight_is_ambiguous(
         &poll.jobs,
         PollOutcome::Jobs(vec![finished(
             "J1",
-            crate::batch::JobState::Completed,
+            crate::crm::zendesk_batch::JobState::Completed,
             results,
         )]),
         clock.now(),
@@ -970,4 +974,133 @@ async fn jobs_are_polled_again_after_a_crash_and_a_batch_in_flight_is_ambiguous(
         assert_eq!(f.status(*id), Status::Done);
     }
     assert!(f.queue.is_drained());
+}
+
+/// One step of a random life of the queue.
+#[derive(Debug, Clone)]
+enum Op {
+    /// A client creates (`None`) or updates a ticket.
+    Write(Option<u8>),
+    /// The oldest waiting client's `max_wait` runs out.
+    WaitOut,
+    /// The oldest waiting client leaves.
+    Leave,
+    /// A client sending its own write gets its answer (`false`) or a throttle and re-parks it.
+    Answer(bool),
+    /// The dispatcher sends the next write; the attempt ends in the chosen outcome.
+    Send(u8),
+    /// Time passes (TTLs, result purging, windows).
+    Wait(u16),
+    /// An operator retries (`true`) or discards the oldest dead letter.
+    Operate(bool),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => proptest::option::of(0u8..4).prop_map(Op::Write),
+        1 => Just(Op::WaitOut),
+        1 => Just(Op::Leave),
+        1 => any::<bool>().prop_map(Op::Answer),
+        3 => (0u8..6).prop_map(Op::Send),
+        1 => (1u16..200).prop_map(Op::Wait),
+        1 => any::<bool>().prop_map(Op::Operate),
+    ]
+}
+
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whatever happens to parked writes, the aggregates the bounds and scrapes read (entries
+    /// and bytes held, writes being sent, dead letters) equal a recount of the entries.
+    #[test]
+    fn the_aggregates_always_equal_a_recount(ops in proptest::collection::vec(op(), 1..80)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            let f = fixture("queue: { ttl: 60s, result_ttl: 30s, max_attempts: 2, max_entries: 12 }");
+            let mut waiting: std::collections::VecDeque<Ticket> = Default::default();
+            let mut sending: std::collections::VecDeque<(Ticket, Outbound)> = Default::default();
+            for op in ops {
+                let now = f.clock.now();
+                match op {
+                    Op::Write(ticket) => {
+                        let (method, path) = match ticket {
+                            None => (Method::POST, "/tickets".to_string()),
+                            Some(n) => (Method::PUT, format!("/tickets/{n}")),
+                        };
+                        match f.enter(method, &path, "body") {
+                            Enter::Go(t, out, _) => sending.push_back((t, out)),
+                            Enter::Parked(t) => waiting.push_back(t),
+                            Enter::Accepted(a) => f.queue.settle(a.id, true),
+                            Enter::Refused { .. } | Enter::Full | Enter::Closed => {}
+                        }
+                    }
+                    Op::WaitOut => {
+                        if let Some(mut t) = waiting.pop_front() {
+                            match t.wait(Duration::ZERO, &f.ledger, &f.clock).await {
+                                WaitEnd::Accepted(a) => f.queue.settle(a.id, true),
+                                WaitEnd::Granted(out, _) => sending.push_back((t, out)),
+                                WaitEnd::GaveUp { .. } | WaitEnd::Closed => {}
+                            }
+                        }
+                    }
+                    Op::Leave => drop(waiting.pop_front()),
+                    Op::Answer(throttled) => {
+                        if let Some((mut t, out)) = sending.pop_front()
+                            && throttled
+                            && let Some(a) = t.repark(out, false, &f.ledger, now)
+                        {
+                            f.queue.settle(a.id, true);
+                        }
+                    }
+                    Op::Send(how) => {
+                        if let Step::Send(d) = f.next() {
+                            let later = now + Duration::from_secs(1);
+                            let outcome = match how {
+                                0 => Outcome::Done(BufferedResponse {
+                                    status: http::StatusCode::CREATED,
+                                    headers: HeaderMap::new(),
+                                    body: Bytes::from_static(b"{}"),
+                                }),
+                                1 => Outcome::Retry { not_before: later, error: "503".into() },
+                                2 => Outcome::Throttled,
+                                3 => Outcome::NotSent { not_before: later, error: "log".into() },
+                                4 => Outcome::Unbatched,
+                                _ => Outcome::Failed(FailReason::Ambiguous, "reset".into()),
+                            };
+                            f.queue.complete(d.id, outcome, now);
+                        }
+                    }
+                    Op::Wait(secs) => {
+                        f.clock.advance(Duration::from_secs(u64::from(secs)));
+                        if let Step::Send(d) = f.next() {
+                            f.queue.complete(d.id, Outcome::Throttled, f.clock.now());
+                        }
+                    }
+                    Op::Operate(retry) => {
+                        let dead = f.queue.list(Some(Status::Failed)).into_iter()
+                            .chain(f.queue.list(Some(Status::Expired)))
+                            .next();
+                        if let Some(d) = dead {
+                            let id: EntryId = d.id.parse().unwrap();
+                            if retry {
+                                f.queue.retry(id, now).unwrap();
+                            } else {
+                                f.queue.discard(id).unwrap();
+                            }
+                        }
+                    }
+                }
+                let book = f.queue.lock();
+                prop_assert_eq!(book.counts(), &book.recount());
+                let snap_dead = book.counts().failed + book.counts().expired;
+                drop(book);
+                let snap = f.queue.snapshot(f.clock.now());
+                prop_assert_eq!(snap.failed + snap.expired, snap_dead);
+                prop_assert!(snap.dead_letters.len() == snap_dead.min(100));
+            }
+            Ok(())
+        })?;
+    }
 }

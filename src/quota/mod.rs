@@ -13,10 +13,11 @@ use tokio::sync::Notify;
 
 use serde::Serialize;
 
-use crate::client::{ClientConfig, ClientId};
 use crate::clock::Time;
-use crate::config::{Fairness, Pace, QuotaConfig, WindowKind, format_duration};
+use crate::config::{ClientConfig, Fairness, Pace, QuotaConfig, WindowKind};
 use crate::crm::Observation;
+use crate::ids::{ClientId, QuotaId};
+use crate::units::format_duration;
 use keyed::Keyed;
 use pace::Pacer;
 use share::ClientUse;
@@ -61,10 +62,6 @@ struct Sharing {
     caps: Vec<Vec<Option<u32>>>,
     fairness: Fairness,
 }
-
-/// Index of a quota in the config's `quotas` list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct QuotaId(pub usize);
 
 /// Why a request cannot be sent now, and when it could.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -415,12 +412,7 @@ pub struct Learned {
 impl Ledger {
     /// A ledger with one client (`default`) and no live/drain reserves.
     pub fn new(configs: &[QuotaConfig], pace: Option<Pace>, now: Time) -> Ledger {
-        let default = ClientConfig {
-            name: crate::client::DEFAULT_CLIENT.into(),
-            weight: 1,
-            rules: Vec::new(),
-            caps: Vec::new(),
-        };
+        let default = ClientConfig::default_client();
         let none = Fairness {
             live_reserve: 0.0,
             drain_min: 0.0,

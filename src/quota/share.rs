@@ -5,10 +5,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::client::ClientId;
 use crate::clock::{Time, duration_nanos};
-
-use super::QuotaId;
+use crate::ids::{ClientId, QuotaId};
 
 /// Sub-windows per window for a client's use: an approximation good enough for fairness (the
 /// quota's own window, not this, is what keeps the CRM's limit).

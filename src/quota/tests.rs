@@ -4,11 +4,12 @@ use proptest::prelude::*;
 
 use super::window::{BUCKETS, FixedWindow, SlidingBuckets, SlidingLog, Window, daily_bounds};
 use super::*;
-use crate::client::{ClientConfig, ClientId};
 use crate::clock::Time;
+use crate::config::ClientConfig;
 use crate::config::Fairness;
 use crate::config::{DailyReset, QuotaScope, WindowKind};
 use crate::crm::Observation;
+use crate::ids::ClientId;
 
 const SEC: u64 = 1_000_000_000;
 

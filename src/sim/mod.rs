@@ -260,7 +260,7 @@ impl Sim {
         }));
         let (stop, stopped) = oneshot::channel::<()>();
         let served = state.clone();
-        let task = tokio::spawn(crate::accept_loop(
+        let task = tokio::spawn(crate::server::accept_loop(
             listener,
             move |_peer| {
                 let state = served.clone();

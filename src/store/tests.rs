@@ -1,6 +1,8 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
+use crate::status::FailReason;
+use bytes::Bytes;
 
 fn stored(id: u128, seq: u64) -> Stored {
     Stored {
@@ -15,7 +17,7 @@ fn stored(id: u128, seq: u64) -> Stored {
             ("idempotency-key".into(), b"k1".to_vec()),
         ],
         body: Bytes::from_static(b"{\"ticket\":{}}"),
-        record: Some("/api/v2/tickets/1.json".into()),
+        resource: Some("/api/v2/tickets/1.json".into()),
         keys: vec![("per-ticket".into(), "1".into())],
         fingerprint: [7; 16],
         created_at: 1,
@@ -46,7 +48,7 @@ fn every_kind() -> Vec<Record> {
         Record::Failed {
             id: 2,
             at: 11,
-            reason: 1,
+            reason: FailReason::Ambiguous,
             error: "boom".into(),
         },
         Record::Expired { id: 3, at: 12 },

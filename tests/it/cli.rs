@@ -191,7 +191,7 @@ fn fingerprint_prints_what_credential_rules_match_and_never_the_credential() {
     );
     assert_eq!(
         printed.trim(),
-        crm_quota_proxy::queue::Fingerprint::of(&h).to_hex()
+        crm_quota_proxy::ids::Fingerprint::of(&h).to_hex()
     );
     assert!(!printed.contains("secret"));
 }

@@ -1,6 +1,9 @@
 //! What each CRM says about its quota and how it says "stop": rate-limit headers normalized into
 //! observations, throttle signals (429, Salesforce 403 `REQUEST_LIMIT_EXCEEDED`, HubSpot
-//! `policyName`), per CRM. Facts: `shared/reference/crm-limits.md`.
+//! `policyName`), per CRM, and Zendesk's batch endpoints. The facts behind them, with their
+//! public sources: `docs/crms.md`.
+
+pub mod zendesk_batch;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -287,7 +290,7 @@ impl Crm {
         observations: &[Observation],
         now: Time,
     ) -> Option<Throttle> {
-        let retry_after = crate::forward::retry_after(headers, now);
+        let retry_after = crate::message::retry_after(headers, now);
         let (scope, reason, default): (Option<Cow<'static, str>>, &'static str, Option<Duration>) =
             match (self, status) {
                 (Crm::Salesforce, StatusCode::FORBIDDEN) => {

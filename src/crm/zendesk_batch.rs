@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Map, Value, json};
 
-use crate::forward::{BufferedResponse, Outbound};
+use crate::message::{BufferedResponse, Outbound};
 
 /// Most items Zendesk takes in one `create_many` or `update_many` call.
 pub const MAX_BATCH: usize = 100;

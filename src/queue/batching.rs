@@ -1,12 +1,25 @@
 //! Batching in the queue: which parked writes share a call, the CRM jobs holding them, and the
 //! polls that read those jobs' results back onto each write.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, Method};
+use http::Method;
 
-use super::*;
-use crate::batch::{self as zd, BatchKind, Item, ItemResult, JobState};
+use super::book::{Book, Entry};
+use super::entry::{Batched, Kept, Owner, State};
+use super::jobs::{Job, Pending};
+use super::{Outcome, Queue, SCAN_LIMIT, earliest};
+use crate::clock::Time;
+use crate::crm::zendesk_batch::{self as zendesk, BatchKind, Item, ItemResult, JobState};
+use crate::ids::{ClientId, EntryId, RouteId};
+use crate::message::Outbound;
+use crate::quota::{Demand, Grant, Ledger};
+use crate::route::Route;
+use crate::status::FailReason;
+use crate::store::{Commit, Record};
+use crate::verdict::{Attempt, Policy, Verdict, verdict};
 
 /// First wait before a new job is polled; doubled per poll that finds it still running.
 const FIRST_POLL: Duration = Duration::from_secs(1);
@@ -38,7 +51,7 @@ pub struct PollDispatch {
 /// How a batch call ended.
 pub enum BatchOutcome {
     /// The CRM took it as this job (maybe already finished).
-    Job(zd::Job),
+    Job(zendesk::Job),
     /// The CRM refused the call as a whole (a 4xx other than a throttle): nothing was applied,
     /// and each write goes back to be sent on its own, so one bad write cannot sink the others.
     Refused(String),
@@ -49,28 +62,9 @@ pub enum BatchOutcome {
 /// How a poll ended.
 pub enum PollOutcome {
     /// The statuses the CRM returned; a polled job missing here is unknown to it.
-    Jobs(Vec<zd::Job>),
+    Jobs(Vec<zendesk::Job>),
     /// The poll failed or was throttled: ask again, not before this time.
     Later(Time),
-}
-
-/// A batch call on its way.
-pub(super) struct Pending {
-    kind: BatchKind,
-    route: RouteId,
-    client: ClientId,
-    members: Vec<EntryId>,
-    /// Updates: each member's ticket id (results are matched by it).
-    tickets: Vec<Option<u64>>,
-    headers: HeaderMap,
-}
-
-/// A CRM job holding a batch whose results are still to be read.
-pub(super) struct Job {
-    batch: Pending,
-    next_poll: Time,
-    interval: Duration,
-    polling: bool,
 }
 
 /// What the dispatcher does with a batchable write that could go now.
@@ -87,11 +81,11 @@ impl Queue {
     /// What a write of `route` would be in a batch call, when the route batches.
     pub(super) fn batchable(&self, route: &Route, request: &Outbound) -> Option<BatchKind> {
         route.batch?;
-        zd::item(request).map(|i| i.kind)
+        zendesk::item(request).map(|i| i.kind)
     }
 
-    fn jobs_full(&self, inner: &Inner) -> bool {
-        inner.jobs.len() + inner.sending.len() >= self.cfg.max_jobs
+    fn jobs_full(&self, book: &Book) -> bool {
+        book.jobs.len() + book.sending.len() >= self.cfg.max_jobs
     }
 
     /// Whether `first`, a proxy-owned write that may go now, goes alone, with others, or waits
@@ -99,7 +93,7 @@ impl Queue {
     /// full already).
     pub(super) fn batch_plan(
         &self,
-        inner: &Inner,
+        book: &Book,
         client: ClientId,
         lane: usize,
         first: &Entry,
@@ -112,9 +106,9 @@ impl Queue {
         if first.single {
             return Plan::Alone;
         }
-        let jobs_full = self.jobs_full(inner);
+        let jobs_full = self.jobs_full(book);
         let limit = if jobs_full { 2 } else { cfg.max_size };
-        let members = self.batch_members(inner, client, lane, first, kind, limit, now);
+        let members = self.batch_members(book, client, lane, first, kind, limit, now);
         if jobs_full && members.len() >= 2 {
             return Plan::Wait(None);
         }
@@ -135,7 +129,7 @@ impl Queue {
     #[allow(clippy::too_many_arguments)]
     fn batch_members(
         &self,
-        inner: &Inner,
+        book: &Book,
         client: ClientId,
         lane: usize,
         first: &Entry,
@@ -143,17 +137,17 @@ impl Queue {
         max: usize,
         now: Time,
     ) -> Vec<(EntryId, Item)> {
-        let Some(req) = first.request.as_ref().map(Kept::outbound) else {
+        let Some(req) = first.request().map(Kept::outbound) else {
             return Vec::new();
         };
-        let Some(item) = zd::item(&req) else {
+        let Some(item) = zendesk::item(&req) else {
             return Vec::new();
         };
         let mut tickets: Vec<u64> = item.ticket_id.into_iter().collect();
-        let mut taken: Vec<&Arc<str>> = first.record.iter().collect();
+        let mut taken: Vec<&Arc<str>> = first.resource.iter().collect();
         let mut members = vec![(first.id, item)];
         let mut held: Vec<&Arc<str>> = Vec::new();
-        let lane_q = &inner.clients[client.0].lanes[lane];
+        let lane_q = &book.clients[client.0].lanes[lane];
         let start = lane_q
             .binary_search(&(first.seq, first.id))
             .map_or(0, |i| i + 1);
@@ -161,33 +155,33 @@ impl Queue {
             if members.len() >= max {
                 break;
             }
-            let e = &inner.entries[&id];
+            let e = book.entry(&id);
             let blocked =
-                e.record.as_ref().is_some_and(|r| {
-                    inner.busy.contains(r) || held.contains(&r) || taken.contains(&r)
+                e.resource.as_ref().is_some_and(|r| {
+                    book.busy.contains(r) || held.contains(&r) || taken.contains(&r)
                 }) || e.keys.iter().any(|(_, k)| held.contains(&k));
             let eligible = !blocked
-                && matches!(e.state, State::Queued(Owner::Proxy))
+                && matches!(e.state(), State::Queued(Owner::Proxy))
                 && e.durable
                 && !e.single
                 && e.route == first.route
                 && e.batchable == Some(kind)
                 && e.not_before <= now;
             let joined = eligible
-                .then_some(e.request.as_ref())
+                .then_some(e.request())
                 .flatten()
                 .map(Kept::outbound)
-                .filter(|r| zd::compatible(&req.headers, &r.headers))
-                .and_then(|r| zd::item(&r))
+                .filter(|r| zendesk::compatible(&req.headers, &r.headers))
+                .and_then(|r| zendesk::item(&r))
                 .filter(|it| it.ticket_id.is_none_or(|t| !tickets.contains(&t)));
             match joined {
                 Some(it) => {
                     tickets.extend(it.ticket_id);
-                    taken.extend(e.record.iter());
+                    taken.extend(e.resource.iter());
                     members.push((id, it));
                 }
                 None => {
-                    held.extend(e.record.iter());
+                    held.extend(e.resource.iter());
                     held.extend(e.keys.iter().map(|(_, k)| k));
                 }
             }
@@ -195,105 +189,12 @@ impl Queue {
         members
     }
 
-    /// Takes a planned batch out of its lane as one call. Members beyond the first are charged
-    /// their keyed quotas (per ticket, per user: each item counts); one whose key is spent stays.
-    /// `Err` gives the first back to go alone when fewer than two remain.
-    pub(super) fn hand_out_batch(
-        &self,
-        inner: &mut Inner,
-        pick: Pick,
-        ledger: &Ledger,
-        now: Time,
-    ) -> Result<BatchDispatch, Pick> {
-        let Pick { id, grant, batch } = pick;
-        let members = batch.unwrap_or_default();
-        let first = &inner.entries[&id];
-        let (route, client) = (self.routes.get(first.route), first.client);
-        let keyed: Vec<QuotaId> = route.keyed.iter().map(|(q, _)| *q).collect();
-        let mut chosen = Vec::with_capacity(members.len());
-        for (i, (mid, item)) in members.into_iter().enumerate() {
-            if i > 0 && !keyed.is_empty() {
-                let e = &inner.entries[&mid];
-                let demand = Demand {
-                    quotas: &keyed,
-                    keys: &e.keys,
-                    client,
-                    live: false,
-                };
-                if ledger.try_acquire(&demand, now).is_err() {
-                    continue;
-                }
-            }
-            chosen.push((mid, item));
-        }
-        if chosen.len() < 2 {
-            return Err(Pick {
-                id,
-                grant,
-                batch: None,
-            });
-        }
-        let kind = chosen[0].1.kind;
-        let headers = first
-            .request
-            .as_ref()
-            .map(|r| r.outbound().headers)
-            .unwrap_or_default();
-        let mut commit = Commit::done();
-        let mut out = Vec::with_capacity(chosen.len());
-        let mut tickets = Vec::with_capacity(chosen.len());
-        let mut items = Vec::with_capacity(chosen.len());
-        for (mid, item) in chosen {
-            self.unlink(inner, mid);
-            let e = inner.entries.get_mut(&mid).expect("a batch member exists");
-            e.attempts += 1;
-            e.state = State::Dispatching;
-            e.batched = Some(Batched::Sending);
-            if let Some(r) = &e.record {
-                inner.busy.insert(r.clone());
-            }
-            let attempt = e.attempts;
-            // Records reach the log in order: the last one durable means all are.
-            commit = self.log(|| Record::BatchSent {
-                id: mid.as_u128(),
-                attempt,
-            });
-            out.push((mid, attempt));
-            tickets.push(item.ticket_id);
-            items.push(item.ticket);
-        }
-        inner.batch_seq += 1;
-        let batch = inner.batch_seq;
-        inner.in_flight += 1;
-        inner.sending.insert(
-            batch,
-            Pending {
-                kind,
-                route: route.id,
-                client,
-                members: out.iter().map(|(m, _)| *m).collect(),
-                tickets,
-                headers: headers.clone(),
-            },
-        );
-        self.metrics.batch_sent(&route.name, out.len());
-        Ok(BatchDispatch {
-            batch,
-            route: route.id,
-            client,
-            members: out,
-            request: zd::request(kind, items, &headers),
-            grant,
-            commit,
-        })
-    }
-
     /// Records how a batch call ended.
     pub fn complete_batch(&self, batch: u64, outcome: BatchOutcome, now: Time) {
         let mut guard = self.lock();
-        let inner = &mut *guard;
-        inner.in_flight -= 1;
-        let Some(pending) = inner.sending.remove(&batch) else {
+        let book = &mut *guard;
+        book.in_flight -= 1;
+        let Some(pending) = book.sending.remove(&batch) else {
             return;
         };
         let route = self.routes.get(pending.route).name.clone();
@@ -302,7 +203,7 @@ impl Queue {
                 let id: Arc<str> = Arc::from(job.id.as_str());
                 for (index, m) in pending.members.iter().enumerate() {
                     let index = index as u32;
-                    if let Some(e) = inner.entries.get_mut(m) {
+                    if let Some(e) = book.get_mut(m) {
                         e.batched = Some(Batched::Job(id.clone(), index));
                     }
                     self.log(|| Record::Job {
@@ -312,7 +213,7 @@ impl Queue {
                     });
                 }
                 tracing::info!(job = %id, route, writes = pending.members.len(), "batch accepted as a CRM job");
-                inner.jobs.insert(
+                book.jobs.insert(
                     id.clone(),
                     Job {
                         batch: pending,
@@ -322,22 +223,19 @@ impl Queue {
                     },
                 );
                 if job.state != JobState::Running {
-                    self.resolve_job(inner, &id, Some(&job), now);
+                    self.resolve_job(book, &id, Some(&job), now);
                 }
             }
             BatchOutcome::Refused(error) => {
                 tracing::warn!(route, writes = pending.members.len(), %error, "the CRM refused a batch; its writes go one by one");
                 self.metrics.batch_failure(&route, "batch");
                 for m in &pending.members {
-                    if let Some(e) = inner.entries.get_mut(m) {
-                        e.single = true;
-                    }
-                    self.settle_attempt(inner, *m, Outcome::Throttled, now);
+                    self.settle_attempt(book, *m, Outcome::Unbatched, now);
                 }
             }
             BatchOutcome::Each(outcomes) => {
                 for (m, outcome) in pending.members.iter().zip(outcomes) {
-                    self.settle_attempt(inner, *m, outcome, now);
+                    self.settle_attempt(book, *m, outcome, now);
                 }
             }
         }
@@ -346,38 +244,38 @@ impl Queue {
     }
 
     /// A poll when a job is due: one call for every pending job sharing the first due job's
-    /// credential (up to [`zd::MAX_POLL`]), so jobs not yet due ride along for free.
+    /// credential (up to [`zendesk::MAX_POLL`]), so jobs not yet due ride along for free.
     pub(super) fn poll_due(
         &self,
-        inner: &mut Inner,
+        book: &mut Book,
         ledger: &Ledger,
         now: Time,
         wake_at: &mut Option<Time>,
     ) -> Option<PollDispatch> {
-        let idle = inner.jobs.iter().filter(|(_, j)| !j.polling);
+        let idle = book.jobs.iter().filter(|(_, j)| !j.polling);
         let (first, job) = idle.min_by_key(|(_, j)| j.next_poll)?;
         if job.next_poll > now {
             *wake_at = earliest(*wake_at, job.next_poll);
             return None;
         }
-        if inner.in_flight >= self.cfg.max_in_flight {
+        if book.in_flight >= self.cfg.max_in_flight {
             return None; // a completion wakes us
         }
         let headers = job.batch.headers.clone();
         let client = job.batch.client;
-        let mut ids: Vec<(Time, Arc<str>)> = inner
+        let mut ids: Vec<(Time, Arc<str>)> = book
             .jobs
             .iter()
-            .filter(|(_, j)| !j.polling && zd::compatible(&headers, &j.batch.headers))
+            .filter(|(_, j)| !j.polling && zendesk::compatible(&headers, &j.batch.headers))
             .map(|(id, j)| (j.next_poll, id.clone()))
             .collect();
         ids.sort();
-        ids.truncate(zd::MAX_POLL);
+        ids.truncate(zendesk::MAX_POLL);
         let first = first.clone();
         let ids: Vec<Arc<str>> = ids.into_iter().map(|(_, id)| id).collect();
         debug_assert!(ids.contains(&first));
         let names: Vec<&str> = ids.iter().map(|i| &**i).collect();
-        let request = zd::poll_request(&names, &headers);
+        let request = zendesk::poll_request(&names, &headers);
         let path = request.path_and_query.split('?').next().unwrap_or_default();
         let route = self.routes.classify(&Method::GET, path);
         let demand = Demand {
@@ -389,11 +287,11 @@ impl Queue {
         match ledger.try_acquire(&demand, now) {
             Ok(grant) => {
                 for id in &ids {
-                    if let Some(j) = inner.jobs.get_mut(id) {
+                    if let Some(j) = book.jobs.get_mut(id) {
                         j.polling = true;
                     }
                 }
-                inner.in_flight += 1;
+                book.in_flight += 1;
                 self.metrics.job_poll();
                 Some(PollDispatch {
                     jobs: ids,
@@ -413,12 +311,12 @@ impl Queue {
     /// again later (backing off); a job the CRM no longer knows leaves its writes ambiguous.
     pub fn complete_poll(&self, jobs: &[Arc<str>], outcome: PollOutcome, now: Time) {
         let mut guard = self.lock();
-        let inner = &mut *guard;
-        inner.in_flight -= 1;
+        let book = &mut *guard;
+        book.in_flight -= 1;
         match outcome {
             PollOutcome::Later(at) => {
                 for id in jobs {
-                    if let Some(j) = inner.jobs.get_mut(id) {
+                    if let Some(j) = book.jobs.get_mut(id) {
                         j.polling = false;
                         j.next_poll = at.max(now + j.interval);
                     }
@@ -428,14 +326,14 @@ impl Queue {
                 for id in jobs {
                     match found.iter().find(|j| *j.id == **id) {
                         Some(job) if job.state == JobState::Running => {
-                            if let Some(j) = inner.jobs.get_mut(id) {
+                            if let Some(j) = book.jobs.get_mut(id) {
                                 j.polling = false;
                                 j.interval = (j.interval * 2).min(MAX_POLL_INTERVAL);
                                 j.next_poll = now + j.interval;
                             }
                         }
-                        Some(job) => self.resolve_job(inner, id, Some(job), now),
-                        None => self.resolve_job(inner, id, None, now),
+                        Some(job) => self.resolve_job(book, id, Some(job), now),
+                        None => self.resolve_job(book, id, None, now),
                     }
                 }
             }
@@ -449,8 +347,8 @@ impl Queue {
     /// a result in a failed job is sent again (the job applied nothing for it); in a
     /// job that completed, or one the CRM no longer knows (`None`), it may have been applied:
     /// ambiguous.
-    fn resolve_job(&self, inner: &mut Inner, id: &Arc<str>, job: Option<&zd::Job>, now: Time) {
-        let Some(Job { batch, .. }) = inner.jobs.remove(id) else {
+    fn resolve_job(&self, book: &mut Book, id: &Arc<str>, job: Option<&zendesk::Job>, now: Time) {
+        let Some(Job { batch, .. }) = book.jobs.remove(id) else {
             return;
         };
         let route = self.routes.get(batch.route).name.clone();
@@ -461,16 +359,11 @@ impl Queue {
                 let error = format!(
                     "the CRM no longer knows job {id}; check whether this write was applied"
                 );
-                self.settle_attempt(
-                    inner,
-                    *m,
-                    Outcome::Failed(FailReason::Ambiguous, error),
-                    now,
-                );
+                self.settle_attempt(book, *m, Outcome::Failed(FailReason::Ambiguous, error), now);
             }
             return;
         };
-        let results = zd::item_results(batch.kind, job, &batch.tickets);
+        let results = zendesk::item_results(batch.kind, job, &batch.tickets);
         if job.state == JobState::Failed {
             self.metrics.batch_failure(&route, "job");
             tracing::warn!(job = %id, route, message = job.message.as_deref().unwrap_or(""), "a CRM batch job failed");
@@ -478,32 +371,38 @@ impl Queue {
         for (index, (m, result)) in batch.members.iter().zip(results).enumerate() {
             let outcome = match result {
                 ItemResult::Applied(ticket) => {
-                    Outcome::Done(zd::member_response(batch.kind, ticket, id, index))
+                    Outcome::Done(zendesk::member_response(batch.kind, ticket, id, index))
                 }
                 ItemResult::Rejected(error) => {
                     self.metrics.batch_failure(&route, "item");
                     Outcome::Failed(FailReason::Rejected, error)
                 }
                 ItemResult::Missing if job.state == JobState::Failed => {
-                    let attempts = inner.entries.get(m).map_or(0, |e| e.attempts);
+                    let attempts = book.get(m).map_or(0, |e| e.attempts);
                     // Batched again once (a job can fail for passing reasons); a write whose
                     // second job fails too goes alone, so one bad write cannot sink others.
-                    if let Some(e) = inner.entries.get_mut(m) {
+                    if let Some(e) = book.get_mut(m) {
                         e.single = attempts >= 2;
                     }
                     let error = format!(
                         "CRM job {id} failed: {}",
                         job.message.as_deref().unwrap_or("no message")
                     );
-                    if attempts >= self.cfg.max_attempts {
-                        Outcome::Failed(
-                            FailReason::AttemptsExhausted,
-                            format!("{error} (after {attempts} attempts)"),
-                        )
-                    } else {
-                        Outcome::Retry {
-                            not_before: now,
-                            error,
+                    // The job applied nothing: batched again at once, while attempts remain.
+                    let policy = Policy {
+                        resend_safe: false,
+                        retry_status: &[],
+                        attempts: Some((attempts, self.cfg.max_attempts)),
+                        backoff: Duration::ZERO,
+                        now,
+                    };
+                    match verdict(Attempt::JobFailed, &policy) {
+                        Verdict::Retry { not_before, .. } => Outcome::Retry { not_before, error },
+                        Verdict::Failed(reason) => {
+                            Outcome::Failed(reason, format!("{error} (after {attempts} attempts)"))
+                        }
+                        Verdict::Final | Verdict::Throttled => {
+                            unreachable!("a failed job is retried or given up")
                         }
                     }
                 }
@@ -515,14 +414,14 @@ impl Queue {
                     ),
                 ),
             };
-            self.settle_attempt(inner, *m, outcome, now);
+            self.settle_attempt(book, *m, outcome, now);
         }
     }
 
     /// After recovery: the jobs the log says hold writes, polled again at once.
     pub(super) fn restore_jobs(
         &self,
-        inner: &mut Inner,
+        book: &mut Book,
         jobs: HashMap<Arc<str>, Vec<(u32, EntryId)>>,
         now: Time,
     ) {
@@ -534,27 +433,25 @@ impl Queue {
             for (i, m) in &indexed {
                 members[*i as usize] = *m;
             }
-            let Some(first) = indexed.first().and_then(|(_, m)| inner.entries.get(m)) else {
+            let Some(first) = indexed.first().and_then(|(_, m)| book.get(m)) else {
                 continue;
             };
-            let Some(req) = first.request.as_ref() else {
+            let Some(req) = first.request() else {
                 continue;
             };
             let (route, client, headers) = (first.route, first.client, req.outbound().headers);
             let items: Vec<Option<Item>> = members
                 .iter()
                 .map(|m| {
-                    inner
-                        .entries
-                        .get(m)
-                        .and_then(|e| e.request.as_ref())
-                        .and_then(|r| zd::item(&r.outbound()))
+                    book.get(m)
+                        .and_then(|e| e.request())
+                        .and_then(|r| zendesk::item(&r.outbound()))
                 })
                 .collect();
             let Some(kind) = items.iter().flatten().map(|i| i.kind).next() else {
                 continue;
             };
-            inner.jobs.insert(
+            book.jobs.insert(
                 id,
                 Job {
                     batch: Pending {

@@ -1,0 +1,1164 @@
+//! Validation: raw values into a [`Config`], every problem collected with its field path.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{Method, Uri};
+
+use super::raw::{self, NumberOrText, OneOrMany, Raw, RawConfig, Unknown};
+use super::*;
+use crate::crm::zendesk_batch::MAX_BATCH;
+use crate::units::{parse_duration, parse_size};
+
+/// Validates a parsed file into a config, or every problem found.
+pub(super) fn config(
+    raw: RawConfig,
+    upstream_override: Option<&str>,
+) -> Result<Config, ConfigErrors> {
+    let mut v = Validator::default();
+    let config = v.config(raw, upstream_override);
+    if v.errors.is_empty() {
+        Ok(config.expect("no errors means a complete config"))
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+const TOP_FIELDS: &[&str] = &[
+    "preset",
+    "plan",
+    "clients",
+    "fairness",
+    "listen",
+    "upstream",
+    "max_body_bytes",
+    "default_max_wait",
+    "quotas",
+    "routes",
+    "queue",
+    "shutdown_grace",
+];
+const LISTEN_FIELDS: &[&str] = &["data", "admin", "max_concurrent_requests"];
+const UPSTREAM_FIELDS: &[&str] = &[
+    "url",
+    "ca_file",
+    "connect_timeout",
+    "request_timeout",
+    "pool_idle_timeout",
+    "pool_max_idle",
+    "retry_after_default",
+    "pace",
+    "crm",
+    "retry_status",
+];
+const PACE_FIELDS: &[&str] = &["per_second", "burst"];
+const QUOTA_FIELDS: &[&str] = &[
+    "name",
+    "limit",
+    "window",
+    "kind",
+    "scope",
+    "reset_at",
+    "time_zone",
+    "margin",
+    "sync",
+    "reserve",
+    "key",
+    "max_keys",
+];
+const CLIENT_FIELDS: &[&str] = &["name", "weight", "match", "caps"];
+const MATCH_FIELDS: &[&str] = &["header", "user_agent", "credential", "source"];
+const HEADER_MATCH_FIELDS: &[&str] = &["name", "value"];
+const FAIRNESS_FIELDS: &[&str] = &["live_reserve", "drain_min"];
+const ROUTE_FIELDS: &[&str] = &[
+    "name",
+    "methods",
+    "path",
+    "class",
+    "on_limit",
+    "max_wait",
+    "quotas",
+    "idempotency_key",
+    "retry_ambiguous",
+    "batch",
+];
+const BATCH_FIELDS: &[&str] = &["max_size", "max_linger"];
+const QUEUE_FIELDS: &[&str] = &[
+    "max_entries",
+    "max_bytes",
+    "ttl",
+    "result_ttl",
+    "max_attempts",
+    "backoff_initial",
+    "backoff_max",
+    "max_in_flight",
+    "max_jobs",
+    "store",
+    "data_dir",
+    "compact_bytes",
+];
+
+/// Collects errors while turning raw values into validated ones.
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+impl Validator {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// The field's value if present and well-typed; a type error is recorded at `path`.
+    fn take<T>(&mut self, path: &str, field: Option<Raw<T>>) -> Option<T> {
+        match field {
+            None => None,
+            Some(Raw(Ok(v))) => Some(v),
+            Some(Raw(Err(e))) => {
+                self.err(path, e);
+                None
+            }
+        }
+    }
+
+    fn required<T>(&mut self, path: &str, field: Option<Raw<T>>) -> Option<T> {
+        if field.is_none() {
+            self.err(path, "is required");
+        }
+        self.take(path, field)
+    }
+
+    fn unknown(&mut self, path: &str, unknown: &Unknown, known: &[&str]) {
+        for key in unknown.keys() {
+            let at = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            self.err(
+                at,
+                format!("unknown field (expected one of: {})", known.join(", ")),
+            );
+        }
+    }
+
+    fn duration(&mut self, path: &str, field: Option<Raw<String>>, default: Duration) -> Duration {
+        match self.take(path, field) {
+            None => default,
+            Some(text) => parse_duration(&text).unwrap_or_else(|e| {
+                self.err(path, e);
+                default
+            }),
+        }
+    }
+
+    fn positive_duration(
+        &mut self,
+        path: &str,
+        field: Option<Raw<String>>,
+        default: Duration,
+    ) -> Duration {
+        let d = self.duration(path, field, default);
+        if d.is_zero() {
+            self.err(path, "must be longer than 0s");
+        }
+        d
+    }
+
+    fn size(&mut self, path: &str, field: Option<Raw<NumberOrText>>, default: u64) -> u64 {
+        let n = match self.take(path, field) {
+            None => default,
+            Some(NumberOrText::Bytes(n)) => n,
+            Some(NumberOrText::Text(t)) => parse_size(&t).unwrap_or_else(|e| {
+                self.err(path, e);
+                default
+            }),
+        };
+        if n == 0 {
+            self.err(path, "must be at least 1 byte");
+        }
+        n
+    }
+
+    fn at_least<T: PartialOrd + fmt::Display + Copy>(
+        &mut self,
+        path: &str,
+        field: Option<Raw<T>>,
+        default: T,
+        min: T,
+    ) -> T {
+        let n = self.take(path, field).unwrap_or(default);
+        if n < min {
+            self.err(path, format!("must be at least {min}"));
+        }
+        n
+    }
+
+    fn name(&mut self, path: &str, field: Option<Raw<String>>) -> Option<String> {
+        let name = self.required(path, field)?;
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            self.err(
+                path,
+                format!("{name:?} must be 1-64 letters, digits, '-' or '_'"),
+            );
+        }
+        Some(name)
+    }
+
+    /// Records a duplicate `name` among list items.
+    fn unique(&mut self, path: &str, name: Option<String>, seen: &mut Vec<String>) {
+        if let Some(name) = name {
+            if seen.contains(&name) {
+                self.err(format!("{path}.name"), format!("{name:?} is used twice"));
+            }
+            seen.push(name);
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig, upstream_override: Option<&str>) -> Option<Config> {
+        self.unknown("", &raw.unknown, TOP_FIELDS);
+        let preset = self.take("preset", raw.preset);
+        let plan = self.take("plan", raw.plan);
+        let listen = self.listen(raw.listen);
+        let upstream = self.upstream(raw.upstream, upstream_override);
+        let max_body_bytes = self.size("max_body_bytes", raw.max_body_bytes, 10 << 20);
+        let default_max_wait = self.duration(
+            "default_max_wait",
+            raw.default_max_wait,
+            Duration::from_secs(5),
+        );
+        let queue = self.queue(raw.queue);
+        let crm = upstream.as_ref().map_or(Crm::Generic, |u| u.crm);
+        let quotas = self.quotas(raw.quotas, crm);
+        let quota_list: Vec<QuotaConfig> = quotas.iter().map(|(_, q)| q.clone()).collect();
+        let routes = self.routes(raw.routes, &quota_list, default_max_wait, crm);
+        let shutdown_grace = self.duration(
+            "shutdown_grace",
+            raw.shutdown_grace,
+            Duration::from_secs(30),
+        );
+        let clients = self.clients(raw.clients, &quota_list);
+        let fairness = self.fairness(raw.fairness);
+        // A key part from a path must be a parameter of every route that consumes the quota.
+        for (i, q) in &quotas {
+            for part in &q.key {
+                let KeyPart::Path(param) = part else { continue };
+                if q.scope == QuotaScope::Account {
+                    self.err(
+                        format!("quotas[{i}].key"),
+                        format!("\"path:{param}\" needs scope: route (routes without {{{param}}} consume an account quota too)"),
+                    );
+                    continue;
+                }
+                for (j, r) in &routes {
+                    if r.quotas.contains(&q.name)
+                        && !r.paths.iter().all(|p| p.params().any(|n| n == param))
+                    {
+                        self.err(
+                            format!("routes[{j}].path"),
+                            format!(
+                                "every pattern must have {{{param}}}: quota {:?} is keyed by it",
+                                q.name
+                            ),
+                        );
+                    }
+                }
+            }
+            if q.sync.is_some() && !q.key.is_empty() {
+                self.err(
+                    format!("quotas[{i}].key"),
+                    "a keyed quota cannot also sync to CRM headers (they count the whole account)",
+                );
+            }
+        }
+
+        // Cross-field rules.
+        if let Some(q) = &queue {
+            if (q.max_bytes as u64) < max_body_bytes {
+                self.err(
+                    "queue.max_bytes",
+                    format!(
+                        "must be at least max_body_bytes ({max_body_bytes}), or a body of that size could never be parked"
+                    ),
+                );
+            }
+            if default_max_wait >= q.ttl {
+                self.err("default_max_wait", "must be shorter than queue.ttl");
+            }
+            for (i, r) in &routes {
+                if r.max_wait >= q.ttl {
+                    self.err(
+                        format!("routes[{i}].max_wait"),
+                        "must be shorter than queue.ttl",
+                    );
+                }
+            }
+        }
+        for (i, q) in &quotas {
+            if q.scope == QuotaScope::Route
+                && !routes.iter().any(|(_, r)| r.quotas.contains(&q.name))
+            {
+                self.err(
+                    format!("quotas[{i}].scope"),
+                    format!(
+                        "quota {:?} has scope route but no route lists it in its quotas",
+                        q.name
+                    ),
+                );
+            }
+        }
+        if let Some(l) = &listen
+            && l.data == l.admin
+            && l.data.port() != 0
+        {
+            self.err("listen.admin", "must differ from listen.data");
+        }
+
+        Some(Config {
+            preset: preset.zip(plan),
+            listen: listen?,
+            upstream: upstream?,
+            max_body_bytes: usize::try_from(max_body_bytes).ok()?,
+            default_max_wait,
+            quotas: quota_list,
+            routes: routes.into_iter().map(|(_, r)| r).collect(),
+            queue: queue?,
+            shutdown_grace,
+            clients,
+            fairness,
+        })
+    }
+
+    /// Configured clients with `default` last (added when not configured).
+    fn clients(
+        &mut self,
+        field: Option<Raw<Vec<Raw<raw::RawClient>>>>,
+        quotas: &[QuotaConfig],
+    ) -> Vec<ClientConfig> {
+        let mut out: Vec<ClientConfig> = Vec::new();
+        let mut default = None;
+        let mut seen = Vec::new();
+        for (i, item) in self
+            .take("clients", field)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            let path = format!("clients[{i}]");
+            let Some(raw) = self.take(&path, Some(item)) else {
+                continue;
+            };
+            self.unknown(&path, &raw.unknown, CLIENT_FIELDS);
+            let name = written_name(&raw.name);
+            self.unique(&path, name.clone(), &mut seen);
+            let name = self.name(&format!("{path}.name"), raw.name);
+            let weight = self.at_least(&format!("{path}.weight"), raw.weight, 1, 1);
+            let mut caps = Vec::new();
+            for (quota, cap) in self
+                .take(&format!("{path}.caps"), raw.caps)
+                .unwrap_or_default()
+            {
+                match quotas.iter().find(|q| q.name == quota) {
+                    None => self.err(
+                        format!("{path}.caps.{quota}"),
+                        format!("no quota is named {quota:?}"),
+                    ),
+                    Some(_) if cap == 0 => {
+                        self.err(format!("{path}.caps.{quota}"), "must be at least 1")
+                    }
+                    Some(_) => caps.push((quota, cap)),
+                }
+            }
+            let rules = self
+                .take(&format!("{path}.match"), raw.matches)
+                .map(|m| self.rules(&format!("{path}.match"), m))
+                .unwrap_or_default();
+            let Some(name) = name else { continue };
+            let client = ClientConfig {
+                name,
+                weight,
+                rules,
+                caps,
+            };
+            if client.name == DEFAULT_CLIENT {
+                if !client.rules.is_empty() {
+                    self.err(
+                        format!("{path}.match"),
+                        "the default client takes what no other matches; it has no match",
+                    );
+                }
+                default = Some(client);
+            } else {
+                if client.rules.is_empty() {
+                    self.err(
+                        format!("{path}.match"),
+                        "is required (only the default client has none)",
+                    );
+                }
+                out.push(client);
+            }
+        }
+        out.push(default.unwrap_or_else(ClientConfig::default_client));
+        out
+    }
+
+    fn rules(&mut self, path: &str, m: raw::RawMatch) -> Vec<Rule> {
+        self.unknown(path, &m.unknown, MATCH_FIELDS);
+        let mut rules = Vec::new();
+        if let Some(h) = self.take(&format!("{path}.header"), m.header) {
+            self.unknown(&format!("{path}.header"), &h.unknown, HEADER_MATCH_FIELDS);
+            let name = self.required(&format!("{path}.header.name"), h.name);
+            let value = self.required(&format!("{path}.header.value"), h.value);
+            if let (Some(name), Some(value)) = (name, value) {
+                match http::HeaderName::from_bytes(name.as_bytes()) {
+                    Ok(name) => rules.push(Rule::Header { name, value }),
+                    Err(_) => self.err(
+                        format!("{path}.header.name"),
+                        format!("{name:?} is not a header name"),
+                    ),
+                }
+            }
+        }
+        if let Some(ua) = self.take(&format!("{path}.user_agent"), m.user_agent) {
+            rules.push(Rule::UserAgent(ua));
+        }
+        if let Some(fp) = self.take(&format!("{path}.credential"), m.credential) {
+            if fp.len() == 32 && fp.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                rules.push(Rule::Credential(fp));
+            } else {
+                self.err(
+                    format!("{path}.credential"),
+                    "must be a fingerprint of 32 lowercase hex digits (print one with: crm-quota-proxy fingerprint)",
+                );
+            }
+        }
+        if let Some(net) = self.take(&format!("{path}.source"), m.source) {
+            match Cidr::parse(&net) {
+                Ok(c) => rules.push(Rule::Source(c)),
+                Err(e) => self.err(format!("{path}.source"), e),
+            }
+        }
+        rules
+    }
+
+    fn fairness(&mut self, field: Option<Raw<raw::RawFairness>>) -> Fairness {
+        let raw = self.take("fairness", field).unwrap_or_default();
+        self.unknown("fairness", &raw.unknown, FAIRNESS_FIELDS);
+        let share = |v: &mut Validator, path: &str, f: Option<Raw<String>>| -> f64 {
+            match v.take(path, f) {
+                None => 0.1,
+                Some(t) => parse_share(&t, 50.0).unwrap_or_else(|| {
+                    v.err(path, format!("{t:?} is not a share under 50% (e.g. 10%)"));
+                    0.1
+                }),
+            }
+        };
+        Fairness {
+            live_reserve: share(self, "fairness.live_reserve", raw.live_reserve),
+            drain_min: share(self, "fairness.drain_min", raw.drain_min),
+        }
+    }
+
+    fn listen(&mut self, field: Option<Raw<raw::RawListen>>) -> Option<Listen> {
+        let raw = self.take("listen", field).unwrap_or_default();
+        self.unknown("listen", &raw.unknown, LISTEN_FIELDS);
+        let addr = |v: &mut Validator, path: &str, f: Option<Raw<String>>, default: &str| {
+            let text = v.take(path, f).unwrap_or_else(|| default.to_string());
+            text.parse::<SocketAddr>()
+                .map_err(|_| {
+                    v.err(
+                        path,
+                        format!("{text:?} is not an address (write IP:port, e.g. 0.0.0.0:8080)"),
+                    )
+                })
+                .ok()
+        };
+        let data = addr(self, "listen.data", raw.data, "0.0.0.0:8080");
+        let admin = addr(self, "listen.admin", raw.admin, "127.0.0.1:9090");
+        let max_concurrent_requests = self.at_least(
+            "listen.max_concurrent_requests",
+            raw.max_concurrent_requests,
+            1024,
+            1,
+        );
+        Some(Listen {
+            data: data?,
+            admin: admin?,
+            max_concurrent_requests,
+        })
+    }
+
+    fn upstream(
+        &mut self,
+        field: Option<Raw<raw::RawUpstream>>,
+        url_override: Option<&str>,
+    ) -> Option<UpstreamConfig> {
+        let raw = self.required("upstream", field)?;
+        self.unknown("upstream", &raw.unknown, UPSTREAM_FIELDS);
+        let url_text = match url_override {
+            Some(u) => {
+                // Still report a malformed value in the file: the override may not be set next time.
+                self.take("upstream.url", raw.url);
+                Some(u.to_string())
+            }
+            None => self.required("upstream.url", raw.url),
+        };
+        let path = if url_override.is_some() {
+            format!("upstream.url (from {UPSTREAM_URL_ENV})")
+        } else {
+            "upstream.url".to_string()
+        };
+        let url = url_text.and_then(|t| self.upstream_url(&path, &t));
+        let ca_file = self
+            .take("upstream.ca_file", raw.ca_file)
+            .map(PathBuf::from);
+        if let Some(ca) = &ca_file
+            && let Err(e) = crate::tls::load_ca_file(ca)
+        {
+            self.err("upstream.ca_file", e);
+        }
+        let connect_timeout = self.positive_duration(
+            "upstream.connect_timeout",
+            raw.connect_timeout,
+            Duration::from_secs(5),
+        );
+        let request_timeout = self.positive_duration(
+            "upstream.request_timeout",
+            raw.request_timeout,
+            Duration::from_secs(30),
+        );
+        let pool_idle_timeout = self.positive_duration(
+            "upstream.pool_idle_timeout",
+            raw.pool_idle_timeout,
+            Duration::from_secs(90),
+        );
+        let pool_max_idle = self
+            .take("upstream.pool_max_idle", raw.pool_max_idle)
+            .unwrap_or(32);
+        let retry_after_default = self.positive_duration(
+            "upstream.retry_after_default",
+            raw.retry_after_default,
+            Duration::from_secs(60),
+        );
+        let crm = match self.take("upstream.crm", raw.crm) {
+            None => Crm::Generic,
+            Some(name) => name.parse().unwrap_or_else(|e: String| {
+                self.err("upstream.crm", e);
+                Crm::Generic
+            }),
+        };
+        let retry_status = self
+            .take("upstream.retry_status", raw.retry_status)
+            .unwrap_or_else(|| vec![502, 503, 504]);
+        for (i, code) in retry_status.iter().enumerate() {
+            if !(500..=599).contains(code) {
+                self.err(
+                    format!("upstream.retry_status[{i}]"),
+                    format!("{code} is not a 5xx status (a 4xx is the CRM's final answer; 429 is always a throttle)"),
+                );
+            }
+        }
+        let pace = self.take("upstream.pace", raw.pace).and_then(|p| {
+            self.unknown("upstream.pace", &p.unknown, PACE_FIELDS);
+            let per_second = self.required("upstream.pace.per_second", p.per_second);
+            if let Some(r) = per_second
+                && !(r.is_finite() && r > 0.0 && r <= 1e6)
+            {
+                self.err(
+                    "upstream.pace.per_second",
+                    "must be a number above 0 (at most 1000000)",
+                );
+            }
+            let burst = self.at_least("upstream.pace.burst", p.burst, 1, 1);
+            Some(Pace {
+                per_second: per_second?,
+                burst,
+            })
+        });
+        Some(UpstreamConfig {
+            url: url?,
+            ca_file,
+            connect_timeout,
+            request_timeout,
+            pool_idle_timeout,
+            pool_max_idle,
+            retry_after_default,
+            pace,
+            crm,
+            retry_status,
+        })
+    }
+
+    fn upstream_url(&mut self, path: &str, text: &str) -> Option<Uri> {
+        let uri: Uri = match text.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                self.err(path, format!("{text:?} is not a URL"));
+                return None;
+            }
+        };
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => {
+                self.err(
+                    path,
+                    format!("{text:?} must start with http:// or https://"),
+                );
+                return None;
+            }
+        }
+        let Some(authority) = uri.authority() else {
+            self.err(path, format!("{text:?} has no host"));
+            return None;
+        };
+        if authority.as_str().contains('@') {
+            self.err(
+                path,
+                "must not carry credentials; clients send their own Authorization header",
+            );
+            return None;
+        }
+        if uri.query().is_some() {
+            self.err(path, format!("{text:?} must not have a query"));
+            return None;
+        }
+        Some(uri)
+    }
+
+    fn queue(&mut self, field: Option<Raw<raw::RawQueue>>) -> Option<QueueConfig> {
+        let raw = self.take("queue", field).unwrap_or_default();
+        self.unknown("queue", &raw.unknown, QUEUE_FIELDS);
+        let max_entries = self.at_least("queue.max_entries", raw.max_entries, 10_000, 1);
+        let max_bytes = self.size("queue.max_bytes", raw.max_bytes, 256 << 20);
+        let ttl = self.positive_duration("queue.ttl", raw.ttl, Duration::from_secs(86_400));
+        let result_ttl = self.positive_duration(
+            "queue.result_ttl",
+            raw.result_ttl,
+            Duration::from_secs(3_600),
+        );
+        let max_attempts = self.at_least("queue.max_attempts", raw.max_attempts, 5, 1);
+        let backoff_initial = self.positive_duration(
+            "queue.backoff_initial",
+            raw.backoff_initial,
+            Duration::from_secs(1),
+        );
+        let backoff_max = self.positive_duration(
+            "queue.backoff_max",
+            raw.backoff_max,
+            Duration::from_secs(60),
+        );
+        if backoff_max < backoff_initial {
+            self.err(
+                "queue.backoff_max",
+                "must be at least queue.backoff_initial",
+            );
+        }
+        let max_in_flight = self.at_least("queue.max_in_flight", raw.max_in_flight, 8, 1);
+        let max_jobs = self.at_least("queue.max_jobs", raw.max_jobs, 10, 1);
+        if max_jobs > 30 {
+            self.err(
+                "queue.max_jobs",
+                "must be at most 30 (Zendesk's limit on queued and running jobs)",
+            );
+        }
+        let data_dir = self.take("queue.data_dir", raw.data_dir);
+        let data_dir = match self.take("queue.store", raw.store).as_deref() {
+            None | Some("memory") => {
+                if data_dir.is_some() {
+                    self.err("queue.data_dir", "is only used with `store: disk`");
+                }
+                None
+            }
+            Some("disk") => match data_dir {
+                Some(dir) if dir.is_empty() => {
+                    self.err("queue.data_dir", "must not be empty");
+                    None
+                }
+                Some(dir) => Some(PathBuf::from(dir)),
+                None => {
+                    self.err("queue.data_dir", "is required with `store: disk`");
+                    None
+                }
+            },
+            Some(other) => {
+                self.err(
+                    "queue.store",
+                    format!("{other:?} is not a store (memory or disk)"),
+                );
+                None
+            }
+        };
+        let compact_bytes = self.size("queue.compact_bytes", raw.compact_bytes, 64 << 20);
+        Some(QueueConfig {
+            max_entries,
+            max_bytes: usize::try_from(max_bytes).ok()?,
+            ttl,
+            result_ttl,
+            max_attempts,
+            backoff_initial,
+            backoff_max,
+            max_in_flight,
+            max_jobs,
+            data_dir,
+            compact_bytes,
+        })
+    }
+
+    /// Valid quotas with their index in the file.
+    fn quotas(
+        &mut self,
+        field: Option<Raw<Vec<Raw<raw::RawQuota>>>>,
+        crm: Crm,
+    ) -> Vec<(usize, QuotaConfig)> {
+        let Some(list) = self.required("quotas", field) else {
+            return Vec::new();
+        };
+        if list.is_empty() {
+            self.err("quotas", "must list at least one quota");
+        }
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        for (i, item) in list.into_iter().enumerate() {
+            let path = format!("quotas[{i}]");
+            let Some(raw) = self.take(&path, Some(item)) else {
+                continue;
+            };
+            let name = written_name(&raw.name);
+            if let Some(q) = self.quota(&path, raw, crm) {
+                out.push((i, q));
+            }
+            self.unique(&path, name, &mut seen);
+        }
+        out
+    }
+
+    fn quota(&mut self, path: &str, raw: raw::RawQuota, crm: Crm) -> Option<QuotaConfig> {
+        self.unknown(path, &raw.unknown, QUOTA_FIELDS);
+        let name = self.name(&format!("{path}.name"), raw.name);
+        let limit = self.required(&format!("{path}.limit"), raw.limit);
+        if limit == Some(0) {
+            self.err(format!("{path}.limit"), "must be at least 1");
+        }
+        let window_path = format!("{path}.window");
+        let window = match self.required(&window_path, raw.window) {
+            None => None,
+            Some(text) => match parse_duration(&text) {
+                Ok(d) if d < Duration::from_secs(1) => {
+                    self.err(&window_path, "must be at least 1s");
+                    None
+                }
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.err(&window_path, e);
+                    None
+                }
+            },
+        };
+        let scope = match self.take(&format!("{path}.scope"), raw.scope).as_deref() {
+            None | Some("account") => QuotaScope::Account,
+            Some("route") => QuotaScope::Route,
+            Some(other) => {
+                self.err(
+                    format!("{path}.scope"),
+                    format!("{other:?} is not a scope (account or route)"),
+                );
+                QuotaScope::Account
+            }
+        };
+        let margin = self.duration(
+            &format!("{path}.margin"),
+            raw.margin,
+            Duration::from_millis(100),
+        );
+        if let Some(w) = window
+            && margin * 2 >= w
+        {
+            self.err(
+                format!("{path}.margin"),
+                "must be less than half the window",
+            );
+        }
+        let reset_at = self.take(&format!("{path}.reset_at"), raw.reset_at);
+        let time_zone = self.take(&format!("{path}.time_zone"), raw.time_zone);
+        let kind = match self.take(&format!("{path}.kind"), raw.kind).as_deref() {
+            None | Some("sliding") => {
+                for (field, set) in [
+                    ("reset_at", reset_at.is_some()),
+                    ("time_zone", time_zone.is_some()),
+                ] {
+                    if set {
+                        self.err(
+                            format!("{path}.{field}"),
+                            "applies only to kind: fixed with window: 1d",
+                        );
+                    }
+                }
+                WindowKind::Sliding
+            }
+            Some("fixed") => {
+                let daily = window == Some(Duration::from_secs(86_400));
+                if !daily {
+                    for (field, set) in [
+                        ("reset_at", reset_at.is_some()),
+                        ("time_zone", time_zone.is_some()),
+                    ] {
+                        if set {
+                            self.err(
+                                format!("{path}.{field}"),
+                                "applies only to kind: fixed with window: 1d",
+                            );
+                        }
+                    }
+                }
+                let reset = daily
+                    .then(|| self.daily_reset(path, reset_at, time_zone))
+                    .flatten();
+                WindowKind::Fixed { daily: reset }
+            }
+            Some(other) => {
+                self.err(
+                    format!("{path}.kind"),
+                    format!("{other:?} is not a window kind (sliding or fixed)"),
+                );
+                WindowKind::Sliding
+            }
+        };
+        let sync = self.take(&format!("{path}.sync"), raw.sync);
+        if let Some(s) = &sync
+            && let Err(e) = crm.check_scope(s)
+        {
+            self.err(format!("{path}.sync"), e);
+        }
+        let reserve = match self.take(&format!("{path}.reserve"), raw.reserve) {
+            None => 0,
+            Some(NumberOrText::Bytes(n)) => u32::try_from(n).unwrap_or(u32::MAX),
+            Some(NumberOrText::Text(t)) => match parse_share(&t, 100.0) {
+                Some(p) => (f64::from(limit.unwrap_or(0)) * p).ceil() as u32,
+                None => {
+                    self.err(
+                        format!("{path}.reserve"),
+                        format!("{t:?} is not a reserve (write a count, or a share under 100%, e.g. 10%)"),
+                    );
+                    0
+                }
+            },
+        };
+        let mut key = Vec::new();
+        for (j, part) in self
+            .take(&format!("{path}.key"), raw.key)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            let parsed = match part.split_once(':') {
+                None if part == "client" => Some(KeyPart::Client),
+                None if part == "credential" => Some(KeyPart::Credential),
+                Some(("path", p)) if !p.is_empty() => Some(KeyPart::Path(p.to_string())),
+                Some(("header", h)) => http::HeaderName::from_bytes(h.as_bytes())
+                    .ok()
+                    .map(KeyPart::Header),
+                _ => None,
+            };
+            match parsed {
+                Some(k) => key.push(k),
+                None => self.err(
+                    format!("{path}.key[{j}]"),
+                    format!("{part:?} is not a key part (client, credential, path:<param>, header:<name>)"),
+                ),
+            }
+        }
+        let max_keys = self.at_least(&format!("{path}.max_keys"), raw.max_keys, 10_000, 1);
+        if let Some(l) = limit
+            && reserve >= l
+            && l > 0
+        {
+            self.err(
+                format!("{path}.reserve"),
+                "must leave the proxy something: below the limit",
+            );
+        }
+        Some(QuotaConfig {
+            name: name?,
+            limit: limit?,
+            window: window?,
+            kind,
+            scope,
+            margin,
+            sync,
+            reserve,
+            key,
+            max_keys,
+        })
+    }
+
+    fn daily_reset(
+        &mut self,
+        path: &str,
+        reset_at: Option<String>,
+        time_zone: Option<String>,
+    ) -> Option<DailyReset> {
+        let at_text = reset_at.unwrap_or_else(|| "00:00".into());
+        let at = parse_clock_time(&at_text);
+        if at.is_none() {
+            self.err(
+                format!("{path}.reset_at"),
+                format!("{at_text:?} is not a time of day (write HH:MM, e.g. 00:00)"),
+            );
+        }
+        let zone_name = time_zone.unwrap_or_else(|| "UTC".into());
+        let zone = jiff::tz::TimeZone::get(&zone_name)
+            .map_err(|_| {
+                self.err(
+                    format!("{path}.time_zone"),
+                    format!("{zone_name:?} is not an IANA time zone (e.g. America/New_York)"),
+                )
+            })
+            .ok();
+        Some(DailyReset {
+            at: at?,
+            zone: zone?,
+            zone_name,
+        })
+    }
+
+    fn routes(
+        &mut self,
+        field: Option<Raw<Vec<Raw<raw::RawRoute>>>>,
+        quotas: &[QuotaConfig],
+        default_max_wait: Duration,
+        crm: Crm,
+    ) -> Vec<(usize, RouteConfig)> {
+        let list = self.take("routes", field).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        for (i, item) in list.into_iter().enumerate() {
+            let path = format!("routes[{i}]");
+            let Some(raw) = self.take(&path, Some(item)) else {
+                continue;
+            };
+            let name = written_name(&raw.name);
+            if let Some(r) = self.route(&path, raw, quotas, default_max_wait, crm) {
+                out.push((i, r));
+            }
+            self.unique(&path, name, &mut seen);
+        }
+        out
+    }
+
+    fn route(
+        &mut self,
+        path: &str,
+        raw: raw::RawRoute,
+        quotas: &[QuotaConfig],
+        default_max_wait: Duration,
+        crm: Crm,
+    ) -> Option<RouteConfig> {
+        self.unknown(path, &raw.unknown, ROUTE_FIELDS);
+        let name = self.name(&format!("{path}.name"), raw.name);
+        if name.as_deref() == Some(DEFAULT_ROUTE) {
+            self.err(
+                format!("{path}.name"),
+                "\"default\" is reserved for unmatched requests",
+            );
+        }
+        let mut methods = Vec::new();
+        for (j, m) in self
+            .take(&format!("{path}.methods"), raw.methods)
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            let upper = m.to_ascii_uppercase();
+            match Method::from_bytes(upper.as_bytes()) {
+                Ok(method) if upper == m => methods.push(method),
+                _ => self.err(
+                    format!("{path}.methods[{j}]"),
+                    format!("{m:?} is not an HTTP method (write it in capitals, e.g. POST)"),
+                ),
+            }
+        }
+        let mut paths = Vec::new();
+        let path_list = self
+            .required(&format!("{path}.path"), raw.path)
+            .map(OneOrMany::into_vec);
+        if let Some(list) = path_list {
+            if list.is_empty() {
+                self.err(format!("{path}.path"), "must list at least one pattern");
+            }
+            for (j, p) in list.iter().enumerate() {
+                match PathPattern::parse(p) {
+                    Ok(pat) => paths.push(pat),
+                    Err(e) => {
+                        let at = if list.len() == 1 {
+                            format!("{path}.path")
+                        } else {
+                            format!("{path}.path[{j}]")
+                        };
+                        self.err(at, e);
+                    }
+                }
+            }
+        }
+        let class = match self.take(&format!("{path}.class"), raw.class).as_deref() {
+            Some("read") => Class::Read,
+            Some("write") => Class::Write,
+            None if !methods.is_empty()
+                && methods.iter().all(|m| Class::for_method(m) == Class::Read) =>
+            {
+                Class::Read
+            }
+            None => Class::Write,
+            Some(other) => {
+                self.err(
+                    format!("{path}.class"),
+                    format!("{other:?} is not a class (read or write)"),
+                );
+                Class::Write
+            }
+        };
+        let on_limit = match self
+            .take(&format!("{path}.on_limit"), raw.on_limit)
+            .as_deref()
+        {
+            None => class.default_on_limit(),
+            Some("queue") => OnLimit::Queue,
+            Some("wait") => OnLimit::Wait,
+            Some("reject") => OnLimit::Reject,
+            Some(other) => {
+                self.err(
+                    format!("{path}.on_limit"),
+                    format!("{other:?} is not an action (queue, wait or reject)"),
+                );
+                class.default_on_limit()
+            }
+        };
+        if class == Class::Read && on_limit == OnLimit::Queue {
+            self.err(
+                format!("{path}.on_limit"),
+                "a read cannot be queued (a 202 carries no data); use wait or reject",
+            );
+        }
+        let max_wait_set = raw.max_wait.is_some();
+        let max_wait = self.duration(&format!("{path}.max_wait"), raw.max_wait, default_max_wait);
+        let max_wait = if on_limit == OnLimit::Reject {
+            if max_wait_set {
+                self.err(
+                    format!("{path}.max_wait"),
+                    "applies only to on_limit: queue or wait",
+                );
+            }
+            Duration::ZERO
+        } else {
+            max_wait
+        };
+        let extra = self
+            .take(&format!("{path}.quotas"), raw.quotas)
+            .unwrap_or_default();
+        for (j, q) in extra.iter().enumerate() {
+            let at = format!("{path}.quotas[{j}]");
+            match quotas.iter().find(|c| &c.name == q) {
+                None => self.err(at, format!("no quota is named {q:?}")),
+                Some(c) if c.scope == QuotaScope::Account => self.err(
+                    at,
+                    format!("{q:?} has scope account: every route consumes it already"),
+                ),
+                Some(_) => {}
+            }
+        }
+        let idempotency_key = self
+            .take(&format!("{path}.idempotency_key"), raw.idempotency_key)
+            .unwrap_or(false);
+        let retry_ambiguous = self
+            .take(&format!("{path}.retry_ambiguous"), raw.retry_ambiguous)
+            .unwrap_or(false);
+        let batch = self.batch(&format!("{path}.batch"), raw.batch, on_limit, crm);
+        Some(RouteConfig {
+            name: name?,
+            methods,
+            paths,
+            class,
+            on_limit,
+            max_wait,
+            quotas: extra,
+            idempotency_key,
+            retry_ambiguous,
+            batch,
+        })
+    }
+
+    fn batch(
+        &mut self,
+        path: &str,
+        field: Option<Raw<raw::RawBatch>>,
+        on_limit: OnLimit,
+        crm: Crm,
+    ) -> Option<BatchConfig> {
+        let raw = self.take(path, field)?;
+        self.unknown(path, &raw.unknown, BATCH_FIELDS);
+        if crm != Crm::Zendesk {
+            self.err(
+                path,
+                "batching uses Zendesk's create_many and update_many: it needs upstream.crm: zendesk",
+            );
+        }
+        if on_limit != OnLimit::Queue {
+            self.err(
+                path,
+                "only writes the proxy owns are batched: it needs on_limit: queue",
+            );
+        }
+        let max_size = self.at_least(&format!("{path}.max_size"), raw.max_size, MAX_BATCH, 2);
+        if max_size > MAX_BATCH {
+            self.err(
+                format!("{path}.max_size"),
+                format!("must be at most {MAX_BATCH} (Zendesk's limit)"),
+            );
+        }
+        let max_linger = self.duration(
+            &format!("{path}.max_linger"),
+            raw.max_linger,
+            Duration::from_secs(1),
+        );
+        Some(BatchConfig {
+            max_size,
+            max_linger,
+        })
+    }
+}
+
+/// A share written as a percentage (`10%`) under `max` percent, as a fraction.
+fn parse_share(text: &str, max: f64) -> Option<f64> {
+    let p: f64 = text.strip_suffix('%')?.trim().parse().ok()?;
+    (0.0..max).contains(&p).then_some(p / 100.0)
+}
+
+/// The name as written, if it is a string (for duplicate checks that must not wait for validity).
+fn written_name(field: &Option<Raw<String>>) -> Option<String> {
+    field.as_ref().and_then(|r| r.0.as_ref().ok().cloned())
+}
+
+/// Parses `HH:MM` or `HH:MM:SS` (24-hour).
+fn parse_clock_time(text: &str) -> Option<jiff::civil::Time> {
+    let mut parts = text.split(':');
+    let h: i8 = parts.next()?.parse().ok()?;
+    let m: i8 = parts.next()?.parse().ok()?;
+    let s: i8 = match parts.next() {
+        Some(s) => s.parse().ok()?,
+        None => 0,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    jiff::civil::Time::new(h, m, s, 0).ok()
+}

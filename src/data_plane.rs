@@ -1,0 +1,381 @@
+//! The data plane: classify → ledger → forward | park | reject, and the `/_proxy/` status
+//! endpoints on the data listener.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::client::Caller;
+use crate::clock::Time;
+use crate::config::{Class, KeyPart, OnLimit};
+use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId};
+use crate::message::{IDEMPOTENCY_KEY, Outbound, prepare_request_headers, strip_hop_by_hop};
+use crate::proxy::Proxy;
+use crate::queue::{Accepted, Enter, Parkable, Ticket, WaitEnd};
+use crate::quota::{Demand, Grant};
+use crate::response::{self, Body, PROXY_PREFIX, ProxyError};
+use crate::route::Route;
+use crate::upstream::ForwardError;
+use crate::verdict::{Attempt, Verdict};
+
+/// Handles one client request on the data listener.
+pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if req.uri().path().starts_with(PROXY_PREFIX) {
+        return own_endpoint(&proxy, &req);
+    }
+    let route = proxy.routes.classify(req.method(), req.uri().path());
+    match forward(&proxy, route, req, peer).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            proxy.metrics.request(&route.name, e.outcome());
+            if let ProxyError::Upstream(fe) = &e {
+                tracing::warn!(route = %route.name, error = %fe, "CRM request failed");
+            }
+            response::error(&e)
+        }
+    }
+}
+
+async fn forward(
+    p: &Proxy,
+    route: &Route,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ProxyError> {
+    let max = p.config.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(ProxyError::TooLarge { limit: max });
+    }
+    let (parts, body) = req.into_parts();
+    let body: Bytes = match Limited::new(body, max).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ProxyError::TooLarge { limit: max });
+        }
+        Err(e) => return Err(ProxyError::BadBody(e.to_string())),
+    };
+    let mut headers = parts.headers;
+    // The credential's fingerprint guards a parked write's status, and may identify the
+    // client or key a quota; nothing else needs it.
+    let fingerprint = (route.parks()
+        || p.clients.needs_fingerprint()
+        || route
+            .keyed
+            .iter()
+            .any(|(_, parts)| parts.contains(&KeyPart::Credential)))
+    .then(|| Fingerprint::of(&headers));
+    let client = p.clients.identify(&Caller {
+        headers: &headers,
+        source: peer.ip(),
+        fingerprint,
+    });
+    p.metrics.client_request(&p.clients.get(client).name);
+    let keys = keys(p, route, parts.uri.path(), &headers, client, fingerprint);
+    prepare_request_headers(&mut headers, peer.ip());
+    if route.idempotency_key && !headers.contains_key(IDEMPOTENCY_KEY) {
+        // Generated once, kept with the request through every resend.
+        let key = EntryId::random().to_string();
+        headers.insert(IDEMPOTENCY_KEY, HeaderValue::from_str(&key).expect("hex"));
+    }
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string());
+    let resource = resource_key(&parts.method, parts.uri.path(), route);
+    let out = Outbound {
+        method: parts.method,
+        path_and_query,
+        headers,
+        body,
+    };
+    let now = p.clock.now();
+
+    if !route.parks() {
+        let demand = Demand {
+            quotas: &route.quotas,
+            keys: &keys,
+            client,
+            live: true,
+        };
+        return match p.ledger.try_acquire(&demand, now) {
+            Ok(grant) => forward_live(p, route, client, out, grant, "forwarded", None).await,
+            Err(denied) => Ok(reject(p, route, denied.retry_at, denied.binding, now)),
+        };
+    }
+    let parkable = Parkable {
+        request: out,
+        fingerprint: fingerprint.expect("computed for parking routes"),
+        resource,
+        client,
+        keys,
+    };
+    match p.queue.enter(&p.ledger, route, parkable, now) {
+        Enter::Go(ticket, out, grant) => {
+            forward_live(p, route, client, out, grant, "forwarded", Some(ticket)).await
+        }
+        Enter::Full => {
+            let retry_at = p
+                .ledger
+                .check(&Demand::live(&route.quotas), now)
+                .err()
+                .map_or(now, |d| d.retry_at);
+            tracing::warn!(route = %route.name, "parked-write queue full; answering 503");
+            Err(ProxyError::QueueFull {
+                retry_after: retry_at.seconds_after(now, 1),
+            })
+        }
+        Enter::Closed => Err(ProxyError::ShuttingDown),
+        Enter::Accepted(a) => {
+            accepted(
+                p,
+                route,
+                a,
+                "write parked; answered 202 at once (no slot within max_wait)",
+            )
+            .await
+        }
+        Enter::Refused { retry_at } => Ok(reject(p, route, retry_at, None, now)),
+        Enter::Parked(mut ticket) => {
+            match ticket
+                .wait(route.max_wait, &p.ledger, p.clock.as_ref())
+                .await
+            {
+                WaitEnd::Granted(out, grant) => {
+                    forward_live(p, route, client, out, grant, "waited", Some(ticket)).await
+                }
+                WaitEnd::Accepted(a) => accepted(p, route, a, "write parked; answered 202").await,
+                WaitEnd::GaveUp { retry_at } => {
+                    let now = p.clock.now();
+                    Ok(reject(p, route, retry_at, None, now))
+                }
+                WaitEnd::Closed => Err(ProxyError::ShuttingDown),
+            }
+        }
+    }
+}
+
+/// The key of each keyed quota the route consumes, from the request's parts.
+fn keys(
+    p: &Proxy,
+    route: &Route,
+    path: &str,
+    headers: &HeaderMap,
+    client: ClientId,
+    fingerprint: Option<Fingerprint>,
+) -> Vec<(QuotaId, Arc<str>)> {
+    if route.keyed.is_empty() {
+        return Vec::new();
+    }
+    let captures = route
+        .paths
+        .iter()
+        .find_map(|p| p.captures(path))
+        .unwrap_or_default();
+    route
+        .keyed
+        .iter()
+        .map(|(q, parts)| {
+            let key: Vec<String> = parts
+                .iter()
+                .map(|part| match part {
+                    KeyPart::Client => p.clients.get(client).name.clone(),
+                    KeyPart::Credential => fingerprint.map(|f| f.to_hex()).unwrap_or_default(),
+                    KeyPart::Path(param) => captures
+                        .iter()
+                        .find(|(n, _)| n == param)
+                        .map(|(_, v)| v.to_string())
+                        .unwrap_or_default(),
+                    KeyPart::Header(name) => headers
+                        .get(name)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            (*q, Arc::from(key.join("|")))
+        })
+        .collect()
+}
+
+/// The 202 for a write the proxy took over, once the store holds it; when it cannot, the
+/// write is dropped and the client told 503, so a 202 always means "kept".
+async fn accepted(
+    p: &Proxy,
+    route: &Route,
+    a: Accepted,
+    why: &str,
+) -> Result<Response<Body>, ProxyError> {
+    if let Err(e) = a.commit.durable().await {
+        p.queue.settle(a.id, false);
+        tracing::error!(request_id = %a.id, route = %route.name, error = %e, "cannot store a parked write; answering 503");
+        return Err(ProxyError::NotStored {
+            retry_after: p.config.upstream.retry_after_default.as_secs().max(1),
+        });
+    }
+    p.queue.settle(a.id, true);
+    p.metrics.request(&route.name, "queued");
+    tracing::info!(request_id = %a.id, route = %route.name, position = a.position, "{why}");
+    Ok(response::accepted(
+        a.id,
+        a.position,
+        a.estimated_dispatch_at,
+    ))
+}
+
+/// The over-limit answer for a request that cannot be sent in time.
+fn reject(
+    p: &Proxy,
+    route: &Route,
+    retry_at: Time,
+    binding: Option<QuotaId>,
+    now: Time,
+) -> Response<Body> {
+    p.metrics.request(&route.name, "rejected");
+    let usage = p.ledger.usage(&route.quotas, now);
+    // When the decision came from the queue, the binding quota is the one with least left.
+    let binding = binding.or_else(|| usage.first().map(|u| u.quota));
+    let quota = binding.map(|q| p.ledger.config(q));
+    let mut resp = response::over_limit(p.config.upstream.crm, retry_at, now, quota);
+    response::add_rate_limit_headers(resp.headers_mut(), &p.ledger, &usage, now);
+    resp
+}
+
+/// Sends a live request (quota already charged) and streams the CRM's answer back. For a
+/// parking route the ticket keeps the write's place: when the verdict on the attempt is to try
+/// again (a CRM throttle, or no answer and a resend is safe), the write goes to the proxy (202)
+/// instead of failing the client. Any answer that is not a throttle reaches the client as is.
+async fn forward_live(
+    p: &Proxy,
+    route: &Route,
+    client: ClientId,
+    out: Outbound,
+    grant: Grant,
+    outcome: &'static str,
+    mut ticket: Option<Ticket>,
+) -> Result<Response<Body>, ProxyError> {
+    let parkable = (route.on_limit == OnLimit::Queue && ticket.is_some()).then(|| out.clone());
+    let safe = route.resend_safe(&out);
+    let started = tokio::time::Instant::now();
+    p.metrics.client_call(&p.clients.get(client).name);
+    let result = p.upstream.send(out).await;
+    let now = p.clock.now();
+    // A live request is its write's first attempt.
+    let attempt = Some(1);
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            p.metrics.upstream_error(&route.name, e.kind());
+            let what = match e {
+                ForwardError::Connect(_) => Attempt::NotSent,
+                _ => Attempt::Lost,
+            };
+            if let Verdict::Retry { .. } = p.verdict(what, safe, attempt, now)
+                && let (Some(t), Some(req)) = (ticket.as_mut(), parkable)
+                && let Some(a) = t.repark(req, true, &p.ledger, now)
+            {
+                let why = "the CRM did not answer; write parked for a safe resend";
+                return accepted(p, route, a, why).await;
+            }
+            return Err(ProxyError::Upstream(e));
+        }
+    };
+    p.metrics
+        .upstream_response(&route.name, resp.status(), started.elapsed().as_secs_f64());
+    let (mut parts, body) = resp.into_parts();
+    let crm = p.config.upstream.crm;
+    let (body, read): (Body, Option<Bytes>) = if crm.needs_body(parts.status) {
+        // Small error bodies (a Salesforce 403, a HubSpot 429) say whether it is a throttle.
+        match Limited::new(body, p.config.max_body_bytes).collect().await {
+            Ok(c) => {
+                let bytes = c.to_bytes();
+                (response::full(bytes.clone()), Some(bytes))
+            }
+            Err(e) => {
+                return Err(ProxyError::Upstream(ForwardError::Io(format!(
+                    "reading the CRM's error body: {e}"
+                ))));
+            }
+        }
+    } else {
+        (body.boxed(), None)
+    };
+    let throttled = p
+        .learn(
+            route,
+            &grant,
+            parts.status,
+            &parts.headers,
+            read.as_deref().unwrap_or_default(),
+            now,
+        )
+        .is_some();
+    let answered = Attempt::Answered {
+        status: parts.status,
+        headers: &parts.headers,
+        throttled,
+    };
+    if p.verdict(answered, safe, attempt, now) == Verdict::Throttled
+        && let (Some(t), Some(req)) = (ticket.as_mut(), parkable)
+        && let Some(a) = t.repark(req, false, &p.ledger, now)
+    {
+        return accepted(p, route, a, "the CRM throttled a live write; parked it").await;
+    }
+    drop(ticket);
+    p.metrics.request(&route.name, outcome);
+    strip_hop_by_hop(&mut parts.headers);
+    let usage = p.ledger.usage(&route.quotas, now);
+    response::add_rate_limit_headers(&mut parts.headers, &p.ledger, &usage, now);
+    Ok(Response::from_parts(parts, body))
+}
+
+/// `GET /_proxy/requests/{id}` (JSON status) and `GET /_proxy/requests/{id}/response` (the
+/// CRM's stored answer, replayed). Unknown ids and other credentials both get 404.
+fn own_endpoint(p: &Proxy, req: &Request<Incoming>) -> Response<Body> {
+    let rest = &req.uri().path()[PROXY_PREFIX.len()..];
+    let Some(rest) = rest.strip_prefix("requests/") else {
+        return response::not_found();
+    };
+    let (id_text, replay) = match rest.strip_suffix("/response") {
+        Some(id) => (id, true),
+        None => (rest, false),
+    };
+    let Ok(id) = id_text.parse::<EntryId>() else {
+        return response::not_found();
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return response::method_not_allowed("GET, HEAD");
+    }
+    let now = p.clock.now();
+    let Some(view) = p
+        .queue
+        .status(id, Fingerprint::of(req.headers()), &p.ledger, now)
+    else {
+        return response::not_found();
+    };
+    if replay {
+        return match view.stored {
+            Some(stored) => {
+                let mut resp = Response::new(response::full(stored.body));
+                *resp.status_mut() = stored.status;
+                *resp.headers_mut() = stored.headers;
+                resp
+            }
+            None => response::not_found(),
+        };
+    }
+    response::json_response(StatusCode::OK, &view)
+}
+
+/// Writes that change one existing resource (PUT, PATCH, DELETE) are ordered by their path.
+fn resource_key(method: &Method, path: &str, route: &Route) -> Option<Arc<str>> {
+    (route.class == Class::Write && matches!(*method, Method::PUT | Method::PATCH | Method::DELETE))
+        .then(|| Arc::from(path))
+}

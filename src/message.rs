@@ -1,0 +1,204 @@
+//! HTTP messages as the proxy keeps and forwards them: a buffered request and response, header
+//! hygiene between hops, `Retry-After`, and which names carry credentials.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::clock::Time;
+
+/// The header a CRM reads an idempotency key from (Zendesk's Ticketing API among others).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// A request ready to go upstream: already buffered, headers already cleaned.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub method: Method,
+    /// Path and query as the client sent them (the upstream path prefix is added on send).
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A fully read CRM response, kept for a parked write's status.
+#[derive(Debug, Clone)]
+pub struct BufferedResponse {
+    pub status: http::StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// The instant a `Retry-After` value (delay in seconds, or an HTTP-date) points to.
+/// Malformed values are `None`: never trusted, never a panic.
+pub fn retry_after(headers: &HeaderMap, now: Time) -> Option<Time> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(now + Duration::from_secs(secs.min(7 * 86_400)));
+    }
+    let at = jiff::fmt::rfc2822::parse(v).ok()?.timestamp();
+    Some(Time::from_timestamp(at).max(now))
+}
+
+/// Headers that describe one hop, never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Removes hop-by-hop headers, including any named in `Connection`, and `Proxy-*` headers.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+}
+
+/// Cleans a client's request headers for the upstream: hop-by-hop removed, `Host` left for the
+/// client to set from the upstream URI, a buffered body's framing recomputed, and the
+/// `X-Forwarded-*` trio added (`-Proto` and `-Host` kept when a front proxy already set them).
+pub fn prepare_request_headers(headers: &mut HeaderMap, client_ip: IpAddr) {
+    strip_hop_by_hop(headers);
+    let host = headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::EXPECT);
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let forwarded_for = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {client_ip}"),
+        None => client_ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(xff, v);
+    }
+    headers
+        .entry(HeaderName::from_static("x-forwarded-proto"))
+        .or_insert(HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        headers
+            .entry(HeaderName::from_static("x-forwarded-host"))
+            .or_insert(host);
+    }
+}
+
+/// Whether a header or query parameter (lowercase name) carries a credential, whose value never
+/// leaves the proxy in a view: `authorization`, cookies, and any name with `token`, `secret`,
+/// `password`, `api-key`/`api_key`/`apikey` in it (HubSpot's legacy `hapikey` included).
+pub fn is_secret(name: &str) -> bool {
+    matches!(name, "authorization" | "proxy-authorization" | "cookie")
+        || [
+            "token", "secret", "password", "api-key", "api_key", "apikey",
+        ]
+        .iter()
+        .any(|s| name.contains(s))
+}
+
+/// A path and query with the values of credential parameters replaced by `<redacted>`.
+pub fn redact_query(path_and_query: &str) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.to_string();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if is_secret(&k.to_ascii_lowercase()) => format!("{k}=<redacted>"),
+            _ => p.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", params.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic eA=="),
+        );
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept", "authorization"]);
+    }
+
+    #[test]
+    fn forwarded_headers_are_added_and_host_moved() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("proxy.local:8080"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        prepare_request_headers(&mut h, "10.0.0.2".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "proxy.local:8080");
+        assert!(h.get(header::HOST).is_none());
+        assert!(h.get(header::CONTENT_LENGTH).is_none());
+
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        prepare_request_headers(&mut h, "10.0.0.2".parse().unwrap());
+        assert_eq!(
+            h["x-forwarded-proto"], "https",
+            "a front proxy's value is kept"
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.2");
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = Time::from_timestamp("2026-11-24T10:00:00Z".parse().unwrap());
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h, now), None);
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("93"));
+        assert_eq!(retry_after(&h, now), Some(now + Duration::from_secs(93)));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Tue, 24 Nov 2026 10:01:30 GMT"),
+        );
+        assert_eq!(retry_after(&h, now), Some(now + Duration::from_secs(90)));
+        for bad in ["-1", "soon", "1.5", ""] {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static(bad));
+            assert_eq!(retry_after(&h, now), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Typed Prometheus metric handles in one registry (no globals). Labels come from config only;
+//! callers hand in label values and numbers, never their own types.
+
+mod registry;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+    TextEncoder,
+};
+
+/// Outcomes of a client request, as counted in `crm_proxy_requests_total`.
+pub const OUTCOMES: &[&str] = &[
+    "forwarded",
+    "waited",
+    "queued",
+    "rejected",
+    "withdrawn",
+    "queue_full",
+    "not_stored",
+    "too_large",
+    "bad_body",
+    "upstream_error",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    upstream_responses: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    upstream_duration: HistogramVec,
+    throttled: IntCounterVec,
+    frozen_seconds: prometheus::CounterVec,
+    crm_remaining: IntGaugeVec,
+    crm_limit: IntGaugeVec,
+    header_errors: IntCounterVec,
+    ambiguous: IntCounterVec,
+    idempotent_replays: IntCounterVec,
+    dispatched: IntCounterVec,
+    expired: IntCounterVec,
+    failed: IntCounterVec,
+    retried: IntCounterVec,
+    batch_size: HistogramVec,
+    batch_calls_saved: IntCounterVec,
+    batch_failures: IntCounterVec,
+    job_polls: prometheus::IntCounter,
+    quota_limit: IntGaugeVec,
+    quota_used: IntGaugeVec,
+    quota_remaining: IntGaugeVec,
+    quota_frozen: IntGaugeVec,
+    queue_depth: IntGaugeVec,
+    queue_oldest_age: GaugeVec,
+    queue_entries: IntGauge,
+    queue_bytes: IntGauge,
+    queue_in_flight: IntGauge,
+    dead_letters: IntGauge,
+    store_log_bytes: IntGauge,
+    store_commits: prometheus::IntCounter,
+    store_errors: prometheus::IntCounter,
+    store_sync_seconds: prometheus::Counter,
+    /// Serializes catching the store counters up (two scrapes at once must not both add).
+    store_seen: std::sync::Mutex<()>,
+    up: Gauge,
+    client_requests: IntCounterVec,
+    client_calls: IntCounterVec,
+    client_used: IntGaugeVec,
+    client_share: GaugeVec,
+    client_depth: IntGaugeVec,
+    client_oldest: GaugeVec,
+    quota_keys: IntGaugeVec,
+    quota_key_overflow: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn client_request(&self, client: &str) {
+        self.client_requests.with_label_values(&[client]).inc();
+    }
+
+    pub fn client_call(&self, client: &str) {
+        self.client_calls.with_label_values(&[client]).inc();
+    }
+
+    /// A client's use of an unkeyed quota's current window, and that use as a share of the limit.
+    pub fn set_client_quota(&self, client: &str, quota: &str, used: u64, share: f64) {
+        let l = [client, quota];
+        self.client_used.with_label_values(&l).set(saturating(used));
+        self.client_share.with_label_values(&l).set(share);
+    }
+
+    /// A client's parked writes waiting, and the age of its oldest.
+    pub fn set_client_queue(&self, client: &str, parked: usize, oldest_age_seconds: f64) {
+        self.client_depth
+            .with_label_values(&[client])
+            .set(saturating(parked as u64));
+        self.client_oldest
+            .with_label_values(&[client])
+            .set(oldest_age_seconds);
+    }
+
+    /// A keyed quota's tracked keys, and the grants that ever went to its overflow window.
+    pub fn set_quota_keys(&self, quota: &str, tracked: usize, overflowed: u64) {
+        self.quota_keys
+            .with_label_values(&[quota])
+            .set(saturating(tracked as u64));
+        catch_up(
+            &self.quota_key_overflow.with_label_values(&[quota]),
+            overflowed,
+        );
+    }
+
+    pub fn request(&self, route: &str, outcome: &str) {
+        self.requests.with_label_values(&[route, outcome]).inc();
+    }
+
+    pub fn upstream_response(&self, route: &str, status: http::StatusCode, seconds: f64) {
+        let class = match status.as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.upstream_responses
+            .with_label_values(&[route, class])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[route])
+            .observe(seconds);
+    }
+
+    pub fn throttled(&self, route: &str, reason: &str) {
+        self.throttled.with_label_values(&[route, reason]).inc();
+    }
+
+    pub fn frozen(&self, quota: &str, gained: std::time::Duration) {
+        self.frozen_seconds
+            .with_label_values(&[quota])
+            .inc_by(gained.as_secs_f64());
+    }
+
+    pub fn crm_reported(&self, quota: &str, remaining: Option<u64>, limit: Option<u64>) {
+        if let Some(r) = remaining {
+            self.crm_remaining
+                .with_label_values(&[quota])
+                .set(i64::try_from(r).unwrap_or(i64::MAX));
+        }
+        if let Some(l) = limit {
+            self.crm_limit
+                .with_label_values(&[quota])
+                .set(i64::try_from(l).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn header_error(&self, header: &str) {
+        self.header_errors.with_label_values(&[header]).inc();
+    }
+
+    pub fn ambiguous(&self, route: &str) {
+        self.ambiguous.with_label_values(&[route]).inc();
+    }
+
+    pub fn idempotent_replay(&self, route: &str) {
+        self.idempotent_replays.with_label_values(&[route]).inc();
+    }
+
+    pub fn upstream_error(&self, route: &str, kind: &str) {
+        self.upstream_errors.with_label_values(&[route, kind]).inc();
+    }
+
+    pub fn dispatched(&self, route: &str) {
+        self.dispatched.with_label_values(&[route]).inc();
+    }
+
+    pub fn expired(&self, route: &str) {
+        self.expired.with_label_values(&[route]).inc();
+    }
+
+    /// A parked write given up; `reason` is a [`crate::status::FailReason`]'s name.
+    pub fn failed(&self, route: &str, reason: &str) {
+        self.failed.with_label_values(&[route, reason]).inc();
+    }
+
+    /// A batch call of `size` writes left for the CRM.
+    pub fn batch_sent(&self, route: &str, size: usize) {
+        self.batch_size
+            .with_label_values(&[route])
+            .observe(size as f64);
+        self.batch_calls_saved
+            .with_label_values(&[route])
+            .inc_by(size.saturating_sub(1) as u64);
+    }
+
+    /// `kind`: `batch` (refused whole), `job` (failed or unknown job), `item` (one refused item).
+    pub fn batch_failure(&self, route: &str, kind: &str) {
+        self.batch_failures.with_label_values(&[route, kind]).inc();
+    }
+
+    pub fn job_poll(&self) {
+        self.job_polls.inc();
+    }
+
+    pub fn retried(&self, route: &str) {
+        self.retried.with_label_values(&[route]).inc();
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// One quota's window as the ledger sees it now.
+    pub fn set_quota(&self, quota: &str, limit: u32, used: u32, remaining: u32, frozen: bool) {
+        let l = [quota];
+        self.quota_limit.with_label_values(&l).set(i64::from(limit));
+        self.quota_used.with_label_values(&l).set(i64::from(used));
+        self.quota_remaining
+            .with_label_values(&l)
+            .set(i64::from(remaining));
+        self.quota_frozen
+            .with_label_values(&l)
+            .set(i64::from(frozen));
+    }
+
+    /// A lane's parked writes waiting (over every client), and the age of its oldest.
+    pub fn set_lane(&self, lane: &str, depth: usize, oldest_age_seconds: f64) {
+        self.queue_depth
+            .with_label_values(&[lane])
+            .set(saturating(depth as u64));
+        self.queue_oldest_age
+            .with_label_values(&[lane])
+            .set(oldest_age_seconds);
+    }
+
+    /// The queue's totals: entries and bytes the bounds count, writes being sent, dead letters.
+    pub fn set_queue(&self, entries: usize, bytes: usize, in_flight: usize, dead_letters: usize) {
+        self.queue_entries.set(saturating(entries as u64));
+        self.queue_bytes.set(saturating(bytes as u64));
+        self.queue_in_flight.set(saturating(in_flight as u64));
+        self.dead_letters.set(saturating(dead_letters as u64));
+    }
+
+    /// The disk store's counters as of now (kept by its writer thread, which only adds to them).
+    pub fn set_store(&self, log_bytes: u64, commits: u64, errors: u64, sync_seconds: f64) {
+        let _one = self.store_seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.store_log_bytes.set(saturating(log_bytes));
+        catch_up(&self.store_commits, commits);
+        catch_up(&self.store_errors, errors);
+        self.store_sync_seconds
+            .inc_by((sync_seconds - self.store_sync_seconds.get()).max(0.0));
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// A count as a gauge value.
+fn saturating(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Brings a counter up to a total kept elsewhere (never down).
+fn catch_up(counter: &prometheus::IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}

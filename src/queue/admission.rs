@@ -1,0 +1,366 @@
+//! Admission: a live write asks to go; it is sent at once, parked with its client waiting on a
+//! ticket, or handed to the proxy (a 202). The ticket is the client's claim on its write.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::book::{Book, Entry, Life};
+use super::entry::{Kept, Owner, State};
+use super::{Accepted, Enter, Parkable, Queue};
+use crate::clock::{Clock, Time};
+use crate::config::OnLimit;
+use crate::ids::EntryId;
+use crate::message::Outbound;
+use crate::quota::{Demand, Grant, Ledger};
+use crate::route::Route;
+use crate::store::Record;
+
+/// What became of a parked live request when its client's `max_wait` ran out (or a slot came).
+pub enum WaitEnd {
+    /// A slot was granted within `max_wait`: send it.
+    Granted(Outbound, Grant),
+    /// The proxy now owns delivery; answer 202.
+    Accepted(Accepted),
+    /// `on_limit: wait`: withdrawn; answer with the over-limit response.
+    GaveUp { retry_at: Time },
+    /// Shutting down: the write was not accepted (the proxy cannot promise delivery now).
+    Closed,
+}
+
+/// Approximate memory of a request's headers and target (what the byte bound counts besides the body).
+pub(super) fn header_bytes(r: &Outbound) -> usize {
+    r.path_and_query.len()
+        + r.headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum::<usize>()
+}
+
+impl Queue {
+    /// A live write asks to go: sent now if its lane is empty and quota is free, else parked.
+    pub fn enter(
+        self: &Arc<Self>,
+        ledger: &Ledger,
+        route: &Route,
+        parkable: Parkable,
+        now: Time,
+    ) -> Enter {
+        let mut book = self.lock();
+        let book = &mut *book;
+        let lane_empty = book.clients[parkable.client.0].lanes[route.lane.0].is_empty();
+        let resource_free = parkable
+            .resource
+            .as_ref()
+            .is_none_or(|r| !book.busy.contains(r));
+        let demand = Demand {
+            quotas: &route.quotas,
+            keys: &parkable.keys,
+            client: parkable.client,
+            live: true,
+        };
+        let granted = if lane_empty && resource_free {
+            ledger.try_acquire(&demand, now).ok()
+        } else {
+            None
+        };
+        if granted.is_none() && book.closed {
+            return Enter::Closed;
+        }
+        let bytes = parkable.request.body.len() + header_bytes(&parkable.request);
+        let counts = book.counts();
+        if granted.is_none()
+            && (counts.held + 1 > self.cfg.max_entries
+                || counts.held_bytes + bytes > self.cfg.max_bytes)
+        {
+            return Enter::Full;
+        }
+        book.seq += 1;
+        let id = EntryId::random();
+        let new = Entry {
+            id,
+            seq: book.seq,
+            route: route.id,
+            lane: route.lane,
+            client: parkable.client,
+            keys: parkable.keys,
+            resource: parkable.resource,
+            fingerprint: parkable.fingerprint,
+            bytes,
+            created_at: now,
+            expires_at: now + self.cfg.ttl,
+            not_before: now,
+            attempts: 0,
+            durable: false,
+            batchable: None,
+            single: false,
+            batched: None,
+            life: Life::unset(),
+        };
+        if let Some(grant) = granted {
+            // Sent by its client now; tracked so its resource stays busy and it can be re-parked.
+            if let Some(r) = &new.resource {
+                book.busy.insert(r.clone());
+            }
+            let new = Entry { attempts: 1, ..new };
+            book.insert(new, State::Live, None, None);
+            return Enter::Go(self.ticket(id, None), parkable.request, grant);
+        }
+        // Holding the client is pointless when no slot is expected within its max_wait.
+        let ahead = book.clients[parkable.client.0].lanes[route.lane.0].len() as u64;
+        let eta = ledger.estimate(&route.quotas, ahead, now);
+        let hopeless = eta > now + route.max_wait;
+        if hopeless && route.on_limit == OnLimit::Wait {
+            return Enter::Refused { retry_at: eta };
+        }
+        let kept = Some(Kept::new(&parkable.request));
+        if hopeless {
+            book.insert(new, State::Queued(Owner::Proxy), kept, None);
+            let accepted = self.take_over(book, id, ledger, now);
+            self.wake();
+            return Enter::Accepted(accepted);
+        }
+        let (tx, rx) = oneshot::channel();
+        book.insert(new, State::Queued(Owner::Client(tx)), kept, None);
+        self.link(book, id);
+        self.wake();
+        Enter::Parked(self.ticket(id, Some(rx)))
+    }
+
+    fn ticket(
+        self: &Arc<Self>,
+        id: EntryId,
+        rx: Option<oneshot::Receiver<(Outbound, Grant)>>,
+    ) -> Ticket {
+        Ticket {
+            queue: self.clone(),
+            id,
+            rx,
+            settled: false,
+        }
+    }
+
+    /// Where an entry stands in its lane, and when it should go.
+    pub(super) fn eta(&self, book: &Book, e: &Entry, ledger: &Ledger, now: Time) -> (usize, Time) {
+        let position = book.position(e);
+        let quotas = &self.routes.lane(e.lane).quotas;
+        let eta = ledger
+            .estimate(quotas, position as u64, now)
+            .max(e.not_before);
+        (position, eta)
+    }
+
+    /// The proxy takes over an entry (already `Queued(Proxy)` in the book): it joins its lane
+    /// and is logged; it may be sent, and its client told 202, once the log holds it.
+    fn take_over(&self, book: &mut Book, id: EntryId, ledger: &Ledger, now: Time) -> Accepted {
+        let durable = !self.store.is_durable();
+        let e = book.entry(&id);
+        let batchable = e
+            .request()
+            .and_then(|r| self.batchable(self.routes.get(e.route), &r.outbound()));
+        let e = book.get_mut(&id).expect("taken-over entry exists");
+        e.durable = durable;
+        e.batchable = batchable;
+        let e = book.entry(&id);
+        let commit = self.log(|| Record::Accepted(Box::new(self.stored(e))));
+        self.link(book, id);
+        let (position, estimated_dispatch_at) = self.eta(book, book.entry(&id), ledger, now);
+        Accepted {
+            id,
+            position,
+            estimated_dispatch_at,
+            commit,
+        }
+    }
+
+    /// After a take-over's commit: the entry may be sent; or, when the log could not hold it,
+    /// it is dropped (its client gets 503 instead of a 202, so nothing is lost).
+    pub fn settle(&self, id: EntryId, durable: bool) {
+        let mut book = self.lock();
+        let book = &mut *book;
+        if durable {
+            if let Some(e) = book.get_mut(&id) {
+                e.durable = true;
+            }
+        } else if book
+            .get(&id)
+            .is_some_and(|e| matches!(e.state(), State::Queued(_)))
+        {
+            self.remove_queued(book, id);
+        }
+        self.wake();
+    }
+
+    /// The client's `max_wait` ran out: hand the entry to the proxy (queue) or withdraw it (wait).
+    fn on_timeout(&self, ticket: &mut Ticket, ledger: &Ledger, now: Time) -> WaitEnd {
+        let mut book = self.lock();
+        let book = &mut *book;
+        let entry = match book.get(&ticket.id) {
+            Some(e) if matches!(e.state(), State::Queued(_)) => e,
+            _ => {
+                // Granted at the same moment: the request is in the channel.
+                return match ticket.rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                    Some((req, grant)) => WaitEnd::Granted(req, grant),
+                    None => {
+                        ticket.settled = true;
+                        WaitEnd::Closed
+                    }
+                };
+            }
+        };
+        let on_limit = self.routes.get(entry.route).on_limit;
+        let (_, eta) = self.eta(book, entry, ledger, now);
+        if on_limit == OnLimit::Queue && !book.closed {
+            // Out of its lane and back in as proxy-owned (which also marks the board).
+            self.unlink(book, ticket.id);
+            book.transition(&ticket.id, State::Queued(Owner::Proxy), now);
+            ticket.settled = true;
+            return WaitEnd::Accepted(self.take_over(book, ticket.id, ledger, now));
+        }
+        self.remove_queued(book, ticket.id);
+        ticket.settled = true;
+        self.wake();
+        if on_limit == OnLimit::Queue {
+            WaitEnd::Closed
+        } else {
+            WaitEnd::GaveUp { retry_at: eta }
+        }
+    }
+
+    /// A live write that the CRM throttled (or that got no answer) becomes a proxy-owned parked
+    /// write at its arrival position, or `None` if the queue cannot take it (full, closing).
+    fn repark(
+        &self,
+        ticket: &mut Ticket,
+        request: Outbound,
+        spent_attempt: bool,
+        ledger: &Ledger,
+        now: Time,
+    ) -> Option<Accepted> {
+        let mut book = self.lock();
+        let book = &mut *book;
+        let e = book.get(&ticket.id)?;
+        let counts = book.counts();
+        if !matches!(e.state(), State::Live)
+            || book.closed
+            || counts.held + 1 > self.cfg.max_entries
+            || counts.held_bytes + e.bytes > self.cfg.max_bytes
+        {
+            return None;
+        }
+        let e = book.get_mut(&ticket.id).expect("present");
+        if !spent_attempt {
+            e.attempts = e.attempts.saturating_sub(1);
+        }
+        e.not_before = now;
+        if let Some(r) = e.resource.clone() {
+            book.busy.remove(&r);
+        }
+        book.attach(&ticket.id, Kept::new(&request));
+        book.transition(&ticket.id, State::Queued(Owner::Proxy), now);
+        ticket.settled = true;
+        let accepted = self.take_over(book, ticket.id, ledger, now);
+        self.wake();
+        Some(accepted)
+    }
+
+    /// The client went away before a 202: withdraw its entry; after a send, free its resource.
+    fn on_drop(&self, ticket: &mut Ticket) {
+        let mut book = self.lock();
+        let book = &mut *book;
+        let Some(e) = book.get(&ticket.id) else {
+            return;
+        };
+        let route = e.route;
+        match e.state() {
+            State::Queued(_) => {
+                self.remove_queued(book, ticket.id);
+                self.metrics
+                    .request(&self.routes.get(route).name, "withdrawn");
+            }
+            State::Live => {
+                if let Some(r) = book.remove(&ticket.id).and_then(|e| e.resource.clone()) {
+                    book.busy.remove(&r);
+                }
+                // A grant that arrived after the client left: the quota was spent for nothing.
+                if ticket.rx.as_mut().is_some_and(|rx| rx.try_recv().is_ok()) {
+                    self.metrics
+                        .request(&self.routes.get(route).name, "withdrawn");
+                }
+            }
+            _ => return,
+        }
+        self.wake();
+    }
+}
+
+/// A live client's claim on its write. While the write waits, dropping the ticket (the client
+/// left) withdraws it: a disconnected client's write is never sent later. While the client sends
+/// it, the ticket keeps its resource busy; `repark` hands it to the proxy instead.
+pub struct Ticket {
+    queue: Arc<Queue>,
+    id: EntryId,
+    rx: Option<oneshot::Receiver<(Outbound, Grant)>>,
+    /// Ownership passed to the proxy, or the entry is already removed: nothing to undo.
+    settled: bool,
+}
+
+impl Ticket {
+    /// Waits up to `max_wait` for a grant; then the entry is handed to the proxy or withdrawn.
+    pub async fn wait(
+        &mut self,
+        max_wait: Duration,
+        ledger: &Ledger,
+        clock: &dyn Clock,
+    ) -> WaitEnd {
+        let Some(rx) = self.rx.as_mut() else {
+            self.settled = true;
+            return WaitEnd::Closed;
+        };
+        // With no wait at all, skip the timer: a zero-length tokio sleep still lasts until the
+        // timer wheel's next tick (1 ms).
+        let waited = if max_wait.is_zero() {
+            Err(())
+        } else {
+            tokio::time::timeout(max_wait, rx).await.map_err(|_| ())
+        };
+        match waited {
+            Ok(Ok((req, grant))) => WaitEnd::Granted(req, grant),
+            Ok(Err(_)) => {
+                self.settled = true;
+                WaitEnd::Closed
+            }
+            Err(()) => {
+                let now = clock.now();
+                self.queue.clone().on_timeout(self, ledger, now)
+            }
+        }
+    }
+
+    /// Hands a write its client was sending to the proxy (after a CRM throttle, or when no answer
+    /// came and a retry is safe). `None`: the queue cannot take it; answer the client instead.
+    pub fn repark(
+        &mut self,
+        request: Outbound,
+        spent_attempt: bool,
+        ledger: &Ledger,
+        now: Time,
+    ) -> Option<Accepted> {
+        self.queue
+            .clone()
+            .repark(self, request, spent_attempt, ledger, now)
+    }
+
+    pub fn id(&self) -> EntryId {
+        self.id
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.queue.clone().on_drop(self);
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Running the proxy: binding its listeners, opening its store and restoring the queue, serving
+//! data and admin traffic, and stopping gracefully (drain for `shutdown_grace`, report what was
+//! left undelivered).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tower::limit::GlobalConcurrencyLimitLayer;
+
+use crate::admin;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::data_plane;
+use crate::dispatch;
+use crate::proxy::{Phase, Proxy};
+use crate::response::Body;
+use crate::store::{Recovered, Store};
+
+/// The two sockets the proxy serves: client traffic and admin.
+pub struct Listeners {
+    pub data: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            data: TcpListener::bind(config.listen.data).await?,
+            admin: TcpListener::bind(config.listen.admin).await?,
+        })
+    }
+}
+
+/// What was left when the proxy stopped.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Parked writes the proxy had accepted (202) but not delivered.
+    pub undelivered: usize,
+}
+
+/// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish and
+/// parked writes drain for up to `shutdown_grace`, and reports what was left undelivered.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    clock: SharedClock,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Stopped, String> {
+    let grace = config.shutdown_grace;
+    let max_concurrent = config.listen.max_concurrent_requests;
+    let data_dir = config.queue.data_dir.clone();
+    let (proxy, recovered) = prepare(config, clock)?;
+    let proxy = Arc::new(proxy);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let admin_proxy = proxy.clone();
+    let admin_addr = listeners.admin.local_addr();
+    let mut admin_stop = stop_rx.clone();
+    let admin = tokio::spawn(accept_loop(
+        listeners.admin,
+        move |_peer| {
+            let p = admin_proxy.clone();
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let p = p.clone();
+                async move { Ok::<_, Infallible>(admin::handle(p, req).await) }
+            })
+        },
+        async move {
+            let _ = admin_stop.wait_for(|stop| *stop).await;
+        },
+        Duration::from_secs(1),
+    ));
+
+    // The admin listener answers (`/readyz`: 503) while the queue is rebuilt; data waits.
+    if let Some((recovered, dir)) = recovered {
+        let p = proxy.clone();
+        tokio::task::spawn_blocking(move || restore(&p, recovered, &dir))
+            .await
+            .map_err(|e| format!("restoring the queue failed: {e}"))?;
+    }
+    if let (Ok(data), Ok(admin)) = (listeners.data.local_addr(), admin_addr) {
+        tracing::info!(
+            %data,
+            %admin,
+            upstream = %proxy.config.upstream.url,
+            quotas = proxy.config.quotas.len(),
+            routes = proxy.config.routes.len(),
+            store = if data_dir.is_some() { "disk" } else { "memory" },
+            "crm-quota-proxy listening"
+        );
+    }
+    proxy.set_phase(Phase::Ready);
+    proxy.metrics.set_up(true);
+    let mut dispatcher = tokio::spawn(dispatch::run(proxy.clone(), stop_rx.clone()));
+
+    let data_proxy = proxy.clone();
+    // Bounds the requests processed at once (each may hold a buffered body); more wait their turn.
+    let limit = Arc::new(Semaphore::new(max_concurrent));
+    let drain_proxy = proxy.clone();
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel();
+    accept_loop(
+        listeners.data,
+        move |peer: SocketAddr| {
+            let p = data_proxy.clone();
+            let svc = tower::ServiceBuilder::new()
+                .layer(GlobalConcurrencyLimitLayer::with_semaphore(limit.clone()))
+                .service_fn(move |req: Request<Incoming>| {
+                    let p = p.clone();
+                    async move { Ok::<_, Infallible>(data_plane::handle(p, req, peer).await) }
+                });
+            TowerToHyperService::new(svc)
+        },
+        async move {
+            shutdown.await;
+            drain_proxy.set_phase(Phase::Stopping);
+            drain_proxy.queue.close();
+            drain_proxy.metrics.set_up(false);
+            let _ = began_tx.send(tokio::time::Instant::now());
+            tracing::info!(grace = ?grace, "shutting down: no new connections; finishing in-flight requests and draining parked writes");
+        },
+        grace,
+    )
+    .await;
+
+    // In-flight requests are done (or out of time); give the drain what is left of the grace.
+    let deadline = began_rx
+        .await
+        .unwrap_or_else(|_| tokio::time::Instant::now())
+        + grace;
+    if tokio::time::timeout_at(deadline, &mut dispatcher)
+        .await
+        .is_err()
+    {
+        let _ = stop_tx.send(true);
+        let _ = dispatcher.await;
+    }
+    let _ = stop_tx.send(true);
+    let undelivered = proxy.queue.undelivered();
+    if let Err(e) = proxy.queue.sync().await {
+        tracing::error!(error = %e, "the last records could not be written to the parked-write log");
+    }
+    if undelivered.is_empty() {
+        tracing::info!("stopped; every accepted parked write was delivered");
+    } else if let Some(dir) = &data_dir {
+        tracing::warn!(
+            count = undelivered.len(),
+            data_dir = %dir.display(),
+            "stopped with accepted parked writes undelivered; they are kept in the store and sent after restart"
+        );
+    } else {
+        tracing::error!(
+            count = undelivered.len(),
+            "STOPPING WITH {} ACCEPTED PARKED WRITES UNDELIVERED: they were answered 202 and are lost with this process (the queue is in memory)",
+            undelivered.len()
+        );
+        for id in &undelivered {
+            tracing::warn!(request_id = %id, "undelivered parked write");
+        }
+    }
+    let _ = admin.await;
+    Ok(Stopped {
+        undelivered: undelivered.len(),
+    })
+}
+
+/// The proxy as it starts, not yet serving: its config's store opened (the data directory
+/// locked) and its queue rebuilt from the log.
+pub fn open(config: Config, clock: SharedClock) -> Result<Proxy, String> {
+    let (proxy, recovered) = prepare(config, clock)?;
+    if let Some((recovered, dir)) = recovered {
+        restore(&proxy, recovered, &dir);
+    }
+    Ok(proxy)
+}
+
+/// What the log held, still to be restored, and where it lives.
+type Pending = Option<(Recovered, std::path::PathBuf)>;
+
+/// The proxy with its config's store opened (the data directory locked), and what the log held.
+fn prepare(config: Config, clock: SharedClock) -> Result<(Proxy, Pending), String> {
+    let Some(dir) = config.queue.data_dir.clone() else {
+        return Ok((Proxy::new(config, clock, Store::memory())?, None));
+    };
+    let (store, recovered) = Store::open(&dir).map_err(|e| e.to_string())?;
+    warn_if_open(&dir);
+    Ok((Proxy::new(config, clock, store)?, Some((recovered, dir))))
+}
+
+/// Rebuilds the queue from the log and says what it found.
+fn restore(proxy: &Proxy, recovered: Recovered, dir: &std::path::Path) {
+    if recovered.discarded_bytes > 0 {
+        tracing::error!(
+            bytes = recovered.discarded_bytes,
+            data_dir = %dir.display(),
+            "the parked-write log ended in a torn or corrupt record (a crash mid-write); cut it off. \
+             A write in it was never answered 202, so its client saw an error and nothing accepted is lost"
+        );
+    }
+    let started = std::time::Instant::now();
+    let report = proxy.queue.restore(recovered.entries, proxy.clock.now());
+    tracing::info!(
+        records = recovered.records,
+        queued = report.queued,
+        resent = report.resent,
+        ambiguous = report.ambiguous,
+        finished = report.finished,
+        took_ms = started.elapsed().as_millis() as u64,
+        data_dir = %dir.display(),
+        "restored parked writes from the log"
+    );
+    if report.ambiguous > 0 {
+        tracing::warn!(
+            count = report.ambiguous,
+            "writes that were being sent when the proxy stopped, with no safe way to resend, are \
+             marked failed (ambiguous): check the CRM, then retry or discard each"
+        );
+    }
+}
+
+/// Warns when the data directory can be read by others: it holds request bodies and credentials.
+fn warn_if_open(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            data_dir = %dir.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the data directory is readable by other users; it holds request bodies and credentials (chmod 700)"
+        );
+    }
+}
+
+/// Accepts connections until `stop` completes, then closes the listener and gives open
+/// connections `grace` to finish their requests.
+pub async fn accept_loop<F, S>(
+    listener: TcpListener,
+    make_service: F,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+) where
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and similar: back off briefly, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = builder.serve_connection(TokioIo::new(stream), make_service(peer)).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut stop => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing connections still open");
+    }
+}

@@ -1,0 +1,197 @@
+//! The upstream client: pooled HTTP/1.1 (and HTTP/2 by ALPN) over rustls, timeouts, and what
+//! the last requests to the CRM looked like.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::clock::SharedClock;
+use crate::config::UpstreamConfig;
+use crate::message::{BufferedResponse, Outbound, strip_hop_by_hop};
+use crate::tls;
+
+/// Why a request to the CRM produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The connection (TCP or TLS) could not be opened: the request was certainly not sent.
+    #[error("cannot connect to the CRM: {0}")]
+    Connect(String),
+    /// No response head within the request timeout: the CRM may or may not have acted on it.
+    #[error("the CRM sent no response within {0:?}")]
+    Timeout(Duration),
+    /// The connection failed after the request was (possibly) sent.
+    #[error("the connection to the CRM failed: {0}")]
+    Io(String),
+}
+
+impl ForwardError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ForwardError::Connect(_) => "connect",
+            ForwardError::Timeout(_) => "timeout",
+            ForwardError::Io(_) => "io",
+        }
+    }
+}
+
+/// Pooled client for one upstream.
+pub struct UpstreamClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    clock: SharedClock,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    prefix: String,
+    request_timeout: Duration,
+    health: Mutex<Health>,
+}
+
+/// What the last requests to the CRM looked like, for `/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Health {
+    /// Base URL of the CRM (no credentials: they are refused in config).
+    pub url: String,
+    pub last_response_at: Option<String>,
+    pub last_error_at: Option<String>,
+    pub last_error: Option<String>,
+    /// Requests in a row that got no response; 0 while the CRM answers.
+    pub consecutive_errors: u32,
+}
+
+impl UpstreamClient {
+    /// A client for the CRM `cfg` names; health times are read from `clock`.
+    pub fn new(cfg: &UpstreamConfig, clock: SharedClock) -> Result<UpstreamClient, String> {
+        let tls = tls::client_config(cfg.ca_file.as_deref())?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle)
+            .build(connector);
+        let scheme = cfg
+            .url
+            .scheme()
+            .cloned()
+            .ok_or("upstream URL has no scheme")?;
+        let authority = cfg
+            .url
+            .authority()
+            .cloned()
+            .ok_or("upstream URL has no host")?;
+        Ok(UpstreamClient {
+            client,
+            clock,
+            scheme,
+            authority,
+            prefix: cfg.path_prefix().to_string(),
+            request_timeout: cfg.request_timeout,
+            health: Mutex::new(Health {
+                url: cfg.url.to_string(),
+                ..Health::default()
+            }),
+        })
+    }
+
+    /// The upstream URI for a client's path and query.
+    fn uri_for(&self, path_and_query: &str) -> Result<Uri, ForwardError> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.prefix, path_and_query))
+            .build()
+            .map_err(|e| ForwardError::Io(format!("cannot build upstream URI: {e}")))
+    }
+
+    /// Sends a request and returns the response head with its streaming body.
+    pub async fn send(&self, out: Outbound) -> Result<Response<Incoming>, ForwardError> {
+        let mut req = Request::builder()
+            .method(out.method)
+            .uri(self.uri_for(&out.path_and_query)?)
+            .body(Full::new(out.body))
+            .map_err(|e| ForwardError::Io(format!("cannot build request: {e}")))?;
+        *req.headers_mut() = out.headers;
+        let result =
+            match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+                Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
+                Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
+                Ok(Err(e)) => Err(ForwardError::Io(error_chain(&e))),
+                Ok(Ok(resp)) => Ok(resp),
+            };
+        self.record(&result);
+        result
+    }
+
+    fn record(&self, result: &Result<Response<Incoming>, ForwardError>) {
+        let now = self.clock.now().to_string();
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(_) => {
+                h.last_response_at = Some(now);
+                h.consecutive_errors = 0;
+            }
+            Err(e) => {
+                h.last_error_at = Some(now);
+                h.last_error = Some(e.to_string());
+                h.consecutive_errors += 1;
+            }
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sends a request and reads the whole response (at most `max_body` bytes) within the timeout.
+    pub async fn send_buffered(
+        &self,
+        out: Outbound,
+        max_body: usize,
+    ) -> Result<BufferedResponse, ForwardError> {
+        let started = tokio::time::Instant::now();
+        let resp = self.send(out).await?;
+        let (parts, body) = resp.into_parts();
+        let left = self.request_timeout.saturating_sub(started.elapsed());
+        let body = match tokio::time::timeout(left, Limited::new(body, max_body).collect()).await {
+            Err(_) => return Err(ForwardError::Timeout(self.request_timeout)),
+            Ok(Err(e)) => return Err(ForwardError::Io(format!("reading the response: {e}"))),
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        Ok(BufferedResponse {
+            status: parts.status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// An error and its sources on one line (hyper's top-level messages alone are vague).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
