@@ -11,6 +11,10 @@
 //!   parked write goes.
 //! - `loadgen memory BIN ENTRIES`: the proxy binary's resident memory before and after ENTRIES
 //!   parked 1 KiB ticket creates (memory store), and the overhead per entry beyond its body.
+//! - `loadgen scrape BIN ENTRIES RATE SECS ROUNDS`: with ENTRIES parked writes in the proxy's
+//!   queue, live reads at a fixed RATE for SECS, alone and while `/metrics` and `/status` are
+//!   scraped every 100 ms, alternating for ROUNDS rounds: what the scrapes add to the live p99
+//!   (medians of the rounds), and what a scrape costs.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -35,7 +39,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> &str {
         args.get(i).map(String::as_str).unwrap_or_else(|| {
-            eprintln!("usage: loadgen rate URL RATE SECS | backlog BIN sliding|fixed LIMIT WINDOW_SECS WINDOWS | memory BIN ENTRIES");
+            eprintln!("usage: loadgen rate URL RATE SECS | backlog BIN sliding|fixed LIMIT WINDOW_SECS WINDOWS | memory BIN ENTRIES | scrape BIN ENTRIES RATE SECS ROUNDS");
             std::process::exit(64)
         })
     };
@@ -60,6 +64,13 @@ fn main() {
             num(5),
         )),
         "memory" => rt.block_on(memory(Path::new(arg(1)), num(2) as usize)),
+        "scrape" => rt.block_on(scrape(
+            Path::new(arg(1)),
+            num(2) as usize,
+            num(3),
+            num(4),
+            num(5),
+        )),
         other => {
             eprintln!("unknown mode {other}");
             std::process::exit(64)
@@ -431,5 +442,88 @@ async fn memory(bin: &Path, entries: usize) -> String {
         after as f64 / 1048576.0,
         per_entry - 1024.0,
         per_entry - request,
+    )
+}
+
+/// A `key=value` of a line `rate` printed.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The median of some numbers.
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+async fn scrape(bin: &Path, entries: usize, per_second: u64, secs: u64, rounds: u64) -> String {
+    let sim = Sim::start(SimConfig::new(u32::MAX, Duration::from_secs(60)))
+        .await
+        .expect("simulated CRM");
+    // Creates park (their quota is spent), reads have a budget of their own that never binds.
+    let yaml = format!(
+        "listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n\
+         upstream: {{ url: \"{}\" }}\n\
+         max_body_bytes: 4KiB\n\
+         queue: {{ max_entries: {}, max_bytes: 4GiB }}\n\
+         quotas:\n  - {{ name: creates, limit: 1, window: 1h, margin: 0s, scope: route }}\n  - {{ name: reads, limit: 6000000, window: 1m, scope: route }}\n\
+         routes:\n  - {{ name: ticket-create, methods: [POST], path: /api/v2/tickets.json, on_limit: queue, max_wait: 0s, quotas: [creates] }}\n  - {{ name: contact-search, methods: [GET], path: /api/v2/search.json, on_limit: reject, quotas: [reads] }}\n",
+        sim.url(),
+        entries + 16
+    );
+    let proxy = Proxy::start(bin, &yaml);
+    let client = client();
+    let url = format!("{}/api/v2/tickets.json", proxy.data);
+    let parked = park_all(&client, &url, 0..entries, 256).await;
+    let search = format!("{}/api/v2/search.json?query=nothing", proxy.data);
+    let (mut quiet, mut scraped, mut took, mut errors) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for _ in 0..rounds {
+        let line = rate(&search, per_second, secs).await;
+        errors += field(&line, "errors");
+        quiet.push(field(&line, "p99_us"));
+        // The same load while a scraper reads /metrics and /status every 100 ms.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scraper = {
+            let (client, admin, stop) = (client.clone(), proxy.admin.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut took = Vec::new();
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    for path in ["/metrics", "/status"] {
+                        let started = Instant::now();
+                        call(
+                            &client,
+                            Method::GET,
+                            &format!("{admin}{path}"),
+                            Bytes::new(),
+                        )
+                        .await;
+                        took.push(started.elapsed());
+                    }
+                }
+                took
+            })
+        };
+        let line = rate(&search, per_second, secs).await;
+        stop.store(true, Ordering::Relaxed);
+        errors += field(&line, "errors");
+        scraped.push(field(&line, "p99_us"));
+        took.extend(scraper.await.expect("scraper"));
+    }
+    took.sort();
+    drop(proxy);
+    sim.shutdown().await;
+    let (p99_quiet, p99_scraped) = (median(quiet), median(scraped));
+    format!(
+        "parked={parked} rate={per_second} rounds={rounds} errors={errors} p99_us_quiet={p99_quiet} p99_us_scraped={p99_scraped} added_pct={:.1} scrapes={} scrape_p50_us={} scrape_p99_us={} scrape_max_us={}",
+        (p99_scraped as f64 / p99_quiet.max(1) as f64 - 1.0) * 100.0,
+        took.len(),
+        percentile(&took, 50.0),
+        percentile(&took, 99.0),
+        took.last().map_or(0, Duration::as_micros),
     )
 }

@@ -5,7 +5,9 @@
 #      saturation (wrk) and at a fixed 1,000 req/s (loadgen, open loop);
 #   2. a backlog run: creates at 3x the budget against the simulated CRM (utilization, CRM 429s,
 #      how soon a window's first parked write goes), with a sliding and with a fixed local window;
-#   3. memory: resident size with 100,000 parked 1 KiB writes.
+#   3. memory: resident size with 100,000 parked 1 KiB writes;
+#   4. scrapes under a backlog: live reads at 1,000 req/s with 100,000 parked writes, alone and
+#      while /metrics and /status are scraped every 100 ms.
 # Prints a Markdown report. Everything binds 127.0.0.1 only.
 #
 #   bench/run.sh            the full run (about 10 minutes; release build)
@@ -16,11 +18,11 @@ cd "$(dirname "$0")/.."
 SMOKE=0
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
 if ((SMOKE)); then
-    PROFILE=debug ROUNDS=1 SAT_SECS=1 RATE=200 RATE_SECS=2 ENTRIES=2000
+    PROFILE=debug ROUNDS=1 SAT_SECS=1 RATE=200 RATE_SECS=2 ENTRIES=2000 SCRAPE_ARGS=(2000 200 2 1)
     BACKLOG_ARGS=(10 2 1)
     BUILD=(cargo build --bin crm-quota-proxy --example loadgen)
 else
-    PROFILE=release ROUNDS=3 SAT_SECS=8 RATE=1000 RATE_SECS=10 ENTRIES=100000
+    PROFILE=release ROUNDS=3 SAT_SECS=8 RATE=1000 RATE_SECS=10 ENTRIES=100000 SCRAPE_ARGS=(100000 1000 10 3)
     BACKLOG_ARGS=(100 10 4)
     BUILD=(cargo build --release --bin crm-quota-proxy --example loadgen)
 fi
@@ -131,6 +133,8 @@ for kind in sliding fixed; do
 done
 echo "bench: memory run" >&2
 echo "memory - $("$LOADGEN" memory "$BIN" "$ENTRIES")" >>"$RESULTS"
+echo "bench: scrapes under a backlog" >&2
+echo "scrape - $("$LOADGEN" scrape "$BIN" "${SCRAPE_ARGS[@]}")" >>"$RESULTS"
 
 CORES=$(nproc)
 MEM=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
@@ -182,6 +186,14 @@ print(f"\nmemory: {int(m['parked']):,} parked writes of 1 KiB: RSS {m['rss_befor
       f"{m['bytes_per_entry']} B per write: {m['overhead_beyond_body']} B beyond the body, of which "
       f"{m['request_head_bytes']} B are the request's own line and headers, kept to send it; "
       f"{m['overhead_beyond_request']} B of bookkeeping")
+c = rows[("scrape", "-")][0]
+if c["errors"] != "0":
+    failed.append(f"scrape: {c['errors']} errors")
+print(f"\nscrapes under a backlog: {int(c['parked']):,} parked writes, live reads at {c['rate']} req/s "
+      f"(medians of {c['rounds']} alternating rounds): p99 {int(c['p99_us_quiet']) / 1e3:.2f} ms alone, "
+      f"{int(c['p99_us_scraped']) / 1e3:.2f} ms with /metrics and /status scraped every 100 ms "
+      f"({float(c['added_pct']):+.1f}%); a scrape takes {int(c['scrape_p50_us']) / 1e3:.2f} ms "
+      f"(p99 {int(c['scrape_p99_us']) / 1e3:.2f} ms)")
 if failed:
     print("\nbench: FAILED: " + "; ".join(failed), file=sys.stderr)
     sys.exit(1)

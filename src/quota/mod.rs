@@ -4,6 +4,7 @@
 mod keyed;
 mod pace;
 mod share;
+mod state;
 pub mod window;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +23,7 @@ use keyed::Keyed;
 use pace::Pacer;
 use share::ClientUse;
 pub use share::WaitingBoard;
+use state::{Ask, Cap, QuotaState, Sharing, same_reset};
 use window::Window;
 
 /// What a request asks of the ledger.
@@ -52,15 +54,6 @@ impl<'a> Demand<'a> {
             .find(|(k, _)| *k == q)
             .map_or("", |(_, key)| key)
     }
-}
-
-/// How quotas are shared: client weights and caps, and the live/drain reserves.
-#[derive(Debug)]
-struct Sharing {
-    weights: Vec<u32>,
-    /// Per quota, per client: the hard cap, if any.
-    caps: Vec<Vec<Option<u32>>>,
-    fairness: Fairness,
 }
 
 /// Why a request cannot be sent now, and when it could.
@@ -122,211 +115,6 @@ pub struct QuotaStatus {
     /// The CRM's last reported remaining calls for the synced scope (before the reserve).
     pub crm_remaining: Option<u64>,
     pub crm_limit: Option<u64>,
-}
-
-/// What the CRM's headers impose: at most `ceiling` grants in total until `until`.
-#[derive(Clone, Copy, Debug)]
-struct Cap {
-    ceiling: u64,
-    until: Time,
-    /// The grant count the observation was made against (newer observations replace older ones).
-    mark: u64,
-    /// Set when the CRM named its reset (a fixed window): at each reset the cap rolls on to the
-    /// CRM's own limit for the next window instead of lapsing.
-    period: Option<Duration>,
-    /// False for a cap rolled into a new window: what other apps spent in it is unknown until
-    /// the first answer, so until then requests go one at a time (a probe).
-    confirmed: bool,
-}
-
-/// CRMs give their reset in whole seconds, rounded up, counted from before the answer left
-/// them: each answer's reset is at or after the true one, by up to a second. In a window of
-/// 10 s or more, two answers whose resets lie less than a second apart name the same reset,
-/// and the earlier is the closer estimate (still never early). Windows then open on time
-/// instead of up to a second late. `None` when the two are not the same reset.
-fn same_reset(old: Cap, new: Cap, window: Duration) -> Option<Time> {
-    let (lo, hi) = (old.until.min(new.until), old.until.max(new.until));
-    (old.period.is_some()
-        && new.period.is_some()
-        && window >= Duration::from_secs(10)
-        && hi.saturating_since(lo) < Duration::from_secs(1))
-    .then_some(lo)
-}
-
-/// Below this many calls left (by the CRM's count), a synced quota sends one request at a time,
-/// so at most one can meet the wall if another app spends the rest first.
-fn careful_below(limit: u64) -> u64 {
-    (limit / 10).max(2)
-}
-
-struct QuotaState {
-    window: Window,
-    frozen_until: Time,
-    /// Grants ever charged (including extra cost the CRM reported).
-    grants: u64,
-    cap: Option<Cap>,
-    crm_remaining: Option<u64>,
-    crm_limit: Option<u64>,
-    /// Granted requests of a synced quota whose answers have not been read yet.
-    outstanding: u64,
-    /// Per-key windows, for a keyed quota.
-    keyed: Option<Keyed>,
-    /// Each client's use of the window (for caps and weighted shares).
-    clients: Vec<ClientUse>,
-    /// Use of the window by live requests and by the drain (for the reserves).
-    live_use: ClientUse,
-    drain_use: ClientUse,
-    /// Last live request of any client (the proxy's start counts as one).
-    last_live: Time,
-}
-
-impl QuotaState {
-    fn cap_left(&self, now: Time) -> Option<u64> {
-        self.cap
-            .filter(|c| now < c.until)
-            .map(|c| c.ceiling.saturating_sub(self.grants))
-    }
-
-    /// Rolls a lapsed periodic cap on to the next CRM window: the CRM's limit, less the reserve
-    /// and the requests still awaiting answers (they may land in the new window).
-    fn roll_cap(&mut self, reserve: u32, now: Time) {
-        let (Some(c), Some(limit)) = (self.cap, self.crm_limit) else {
-            return;
-        };
-        let Some(period) = c.period.filter(|_| now >= c.until) else {
-            return;
-        };
-        let behind = now.saturating_since(c.until).as_nanos() / period.as_nanos().max(1);
-        let until = c.until + period * (u32::try_from(behind).unwrap_or(u32::MAX - 1) + 1);
-        self.cap = Some(Cap {
-            ceiling: self.grants
-                + limit
-                    .saturating_sub(u64::from(reserve))
-                    .saturating_sub(self.outstanding),
-            until,
-            mark: self.grants,
-            period: c.period,
-            confirmed: false,
-        });
-    }
-
-    /// When one more request of `ask.d` could fit, or `None` if it fits now.
-    fn blocked_until(&mut self, ask: &Ask<'_>) -> Option<Time> {
-        let Ask {
-            q,
-            cfg,
-            d,
-            sharing,
-            board,
-            now,
-        } = *ask;
-        if now < self.frozen_until {
-            return Some(self.frozen_until);
-        }
-        if let Some(keyed) = &mut self.keyed {
-            return keyed.blocked_until(d.key(q), now);
-        }
-        // Reserves guarantee each class a minimum of every window: the drain leaves what live
-        // requests have not yet used of theirs while live traffic is about (a live request
-        // within two windows, or the proxy's start), and live requests leave what the drain has
-        // not yet used of its minimum while parked writes wait.
-        let share = |f: f64| (f64::from(cfg.limit) * f).ceil() as u64;
-        let held_for_others = if d.live {
-            if board.any(q) {
-                share(sharing.fairness.drain_min).saturating_sub(self.drain_use.used(now))
-            } else {
-                0
-            }
-        } else if now.saturating_since(self.last_live) < cfg.window * 2 {
-            share(sharing.fairness.live_reserve).saturating_sub(self.live_use.used(now))
-        } else {
-            0
-        };
-        let threshold = cfg.limit
-            - u32::try_from(held_for_others)
-                .unwrap_or(cfg.limit)
-                .min(cfg.limit);
-        if let Some(at) = self.window.blocked_below(threshold.max(1), now) {
-            return Some(at);
-        }
-        if let Some(at) = self.client_blocked(ask, threshold.max(1)) {
-            return Some(at);
-        }
-        self.roll_cap(cfg.reserve, now);
-        match (self.cap_left(now), self.cap) {
-            (Some(0), Some(c)) => return Some(c.until),
-            // Near the wall, or probing a new window: wait for the answers still out.
-            (Some(left), Some(c))
-                if self.outstanding > 0
-                    && (!c.confirmed
-                        || left
-                            < careful_below(self.crm_limit.unwrap_or(u64::from(cfg.limit)))) =>
-            {
-                return Some(now + Duration::from_secs(1));
-            }
-            _ => {}
-        }
-        self.window.blocked_until(now)
-    }
-
-    /// The client's hard cap, then its weighted share among the clients with parked writes
-    /// waiting (the demand that can be measured): a client under its fair share may go; one over
-    /// it only with what the others' unused shares leave. A client without a backlog lends its
-    /// share; live requests are protected by the live reserve and caps instead.
-    fn client_blocked(&mut self, ask: &Ask<'_>, threshold: u32) -> Option<Time> {
-        let Ask {
-            q,
-            cfg,
-            d,
-            sharing,
-            board,
-            now,
-        } = *ask;
-        let c = d.client.0;
-        let used_c = self.clients[c].used(now);
-        let retry = |u: &ClientUse| u.next_drop().unwrap_or(now + cfg.window);
-        if let Some(cap) = sharing.caps[q.0][c]
-            && used_c >= u64::from(cap)
-        {
-            return Some(retry(&self.clients[c]));
-        }
-        if sharing.weights.len() < 2 {
-            return None;
-        }
-        let active: Vec<usize> = (0..sharing.weights.len())
-            .filter(|&a| a == c || board.waiting(q, ClientId(a)) > 0)
-            .collect();
-        if active.len() < 2 {
-            return None;
-        }
-        let total_weight: u64 = active.iter().map(|&a| u64::from(sharing.weights[a])).sum();
-        let fair =
-            |a: usize| u64::from(threshold) * u64::from(sharing.weights[a]) / total_weight.max(1);
-        if used_c < fair(c) {
-            return None;
-        }
-        let used_all = u64::from(self.window.used(now));
-        let others_owed: u64 = active
-            .iter()
-            .filter(|&&a| a != c)
-            .map(|&a| fair(a).saturating_sub(self.clients[a].used(now)))
-            .sum();
-        if u64::from(threshold).saturating_sub(used_all + 1) >= others_owed {
-            return None;
-        }
-        Some(retry(&self.clients[c]))
-    }
-}
-
-/// What one quota's decision looks at besides the quota's own state.
-#[derive(Clone, Copy)]
-struct Ask<'a> {
-    q: QuotaId,
-    cfg: &'a QuotaConfig,
-    d: &'a Demand<'a>,
-    sharing: &'a Sharing,
-    board: &'a WaitingBoard,
-    now: Time,
 }
 
 struct Inner {
