@@ -11,6 +11,7 @@ use crate::proxy::{ClientView, KeysView, Phase, Proxy};
 use crate::queue::{OpError, QueueStatus};
 use crate::quota::QuotaStatus;
 use crate::response::{self, Body};
+use crate::shared_ledger::LedgerView;
 use crate::status::Status as EntryStatus;
 use crate::upstream::Health;
 
@@ -25,6 +26,8 @@ struct Status {
     keyed_quotas: Vec<KeysView>,
     clients: Vec<ClientView>,
     queue: QueueStatus,
+    /// Where grants are decided: this process, or the ledger the replicas share.
+    ledger: LedgerView,
 }
 
 pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
@@ -66,6 +69,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
                 keyed_quotas: proxy.keys_views(),
                 clients: proxy.client_views(&queue, now),
                 queue,
+                ledger: proxy.shared.view(),
             };
             response::json_response(StatusCode::OK, &status)
         }

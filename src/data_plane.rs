@@ -19,6 +19,7 @@ use crate::queue::{Accepted, Enter, Parkable, Ticket, WaitEnd};
 use crate::quota::{Demand, Grant};
 use crate::response::{self, Body, PROXY_PREFIX, ProxyError};
 use crate::route::Route;
+use crate::shared_ledger::Admission;
 use crate::upstream::ForwardError;
 use crate::verdict::{Attempt, Verdict};
 
@@ -106,22 +107,34 @@ async fn forward(
             client,
             live: true,
         };
-        return match p.ledger.try_acquire(&demand, now) {
-            Ok(grant) => forward_live(p, route, client, out, grant, "forwarded", None).await,
-            Err(denied) => Ok(reject(p, route, denied.retry_at, denied.binding, now)),
+        let mut grant = match p.ledger.try_acquire(&demand, now) {
+            Ok(grant) => grant,
+            Err(denied) => return Ok(reject(p, route, denied.retry_at, denied.binding, now)),
+        };
+        return match p.admit(&route.quotas, &keys, &mut grant).await {
+            Admission::Granted => {
+                forward_live(p, route, client, out, grant, "forwarded", None).await
+            }
+            Admission::Denied { retry_at, binding } => {
+                Ok(reject(p, route, retry_at, binding, p.clock.now()))
+            }
         };
     }
+    // The client is held at most `max_wait` from here, however many tries it takes.
+    let deadline = tokio::time::Instant::now() + route.max_wait;
     let parkable = Parkable {
         request: out,
         fingerprint: fingerprint.expect("computed for parking routes"),
         resource,
         client,
-        keys,
+        keys: keys.clone(),
     };
     match p.queue.enter(&p.ledger, route, parkable, now) {
         Enter::Go(ticket, out, grant) => {
-            forward_live(p, route, client, out, grant, "forwarded", Some(ticket)).await
+            let next = Some((out, grant, "forwarded"));
+            live_write(p, route, client, &keys, ticket, next, deadline).await
         }
+        Enter::Parked(ticket) => live_write(p, route, client, &keys, ticket, None, deadline).await,
         Enter::Full => {
             let retry_at = p
                 .ledger
@@ -144,20 +157,49 @@ async fn forward(
             .await
         }
         Enter::Refused { retry_at } => Ok(reject(p, route, retry_at, None, now)),
-        Enter::Parked(mut ticket) => {
-            match ticket
-                .wait(route.max_wait, &p.ledger, p.clock.as_ref())
-                .await
-            {
-                WaitEnd::Granted(out, grant) => {
-                    forward_live(p, route, client, out, grant, "waited", Some(ticket)).await
+    }
+}
+
+/// A write whose client waits (until `deadline`) on `ticket`: a grant of this process's ledger
+/// (`next`, or one the ticket brings) goes to the CRM once the shared ledger agrees; when it
+/// does not (another replica spent the slot), the write goes back to its place in line and the
+/// client waits on. When the wait runs out the proxy takes the write over (202) or, on a `wait`
+/// route, the client gets the over-limit answer.
+async fn live_write(
+    p: &Proxy,
+    route: &Route,
+    client: ClientId,
+    keys: &[(QuotaId, Arc<str>)],
+    mut ticket: Ticket,
+    mut next: Option<(Outbound, Grant, &'static str)>,
+    deadline: tokio::time::Instant,
+) -> Result<Response<Body>, ProxyError> {
+    loop {
+        let (out, mut grant, outcome) = match next.take() {
+            Some(granted) => granted,
+            None => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match ticket.wait(left, &p.ledger, p.clock.as_ref()).await {
+                    WaitEnd::Granted(out, grant) => (out, grant, "waited"),
+                    WaitEnd::Accepted(a) => {
+                        return accepted(p, route, a, "write parked; answered 202").await;
+                    }
+                    WaitEnd::GaveUp { retry_at } => {
+                        return Ok(reject(p, route, retry_at, None, p.clock.now()));
+                    }
+                    WaitEnd::Closed => return Err(ProxyError::ShuttingDown),
                 }
-                WaitEnd::Accepted(a) => accepted(p, route, a, "write parked; answered 202").await,
-                WaitEnd::GaveUp { retry_at } => {
-                    let now = p.clock.now();
-                    Ok(reject(p, route, retry_at, None, now))
+            }
+        };
+        match p.admit(&route.quotas, keys, &mut grant).await {
+            Admission::Granted => {
+                return forward_live(p, route, client, out, grant, outcome, Some(ticket)).await;
+            }
+            Admission::Denied { .. } => {
+                drop(grant);
+                if !ticket.back_in_line(out, p.clock.now()) {
+                    return Err(ProxyError::ShuttingDown);
                 }
-                WaitEnd::Closed => Err(ProxyError::ShuttingDown),
             }
         }
     }

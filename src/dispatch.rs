@@ -16,6 +16,7 @@ use crate::queue::{
 };
 use crate::quota::Grant;
 use crate::route::Route;
+use crate::shared_ledger::Admission;
 use crate::status::FailReason;
 use crate::upstream::ForwardError;
 use crate::verdict::{Attempt, Verdict};
@@ -203,12 +204,23 @@ async fn deliver(proxy: Arc<Proxy>, d: Dispatch) {
         proxy.queue.complete(d.id, outcome, now);
         return;
     }
+    let mut grant = d.grant;
+    if let Admission::Denied { retry_at, .. } =
+        proxy.admit(&route.quotas, &d.keys, &mut grant).await
+    {
+        // Another replica spent the slot: back in line, no attempt spent.
+        let outcome = Outcome::Deferred {
+            not_before: retry_at,
+        };
+        proxy.queue.complete(d.id, outcome, proxy.clock.now());
+        return;
+    }
     let safe = route.resend_safe(&d.request);
     let keyed = d.request.headers.contains_key(IDEMPOTENCY_KEY);
     proxy.metrics.client_call(&proxy.clients.get(d.client).name);
     let result = send(&proxy, route, d.request).await;
     let now = proxy.clock.now();
-    let sent = Sent::read(&proxy, route, &d.grant, result, now);
+    let sent = Sent::read(&proxy, route, &grant, result, now);
     let verdict = proxy.verdict(sent.attempt(), safe, Some(d.attempt), now);
     let outcome = outcome(
         &proxy,
@@ -239,6 +251,21 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
                 error: e.to_string(),
             })
             .collect();
+        proxy
+            .queue
+            .complete_batch(b.batch, BatchOutcome::Each(each), now);
+        return;
+    }
+    let mut grant = b.grant;
+    if let Admission::Denied { retry_at, .. } = proxy.admit_demand(&b.demand, &mut grant).await {
+        let each = b
+            .members
+            .iter()
+            .map(|_| Outcome::Deferred {
+                not_before: retry_at,
+            })
+            .collect();
+        let now = proxy.clock.now();
         proxy
             .queue
             .complete_batch(b.batch, BatchOutcome::Each(each), now);
@@ -285,7 +312,7 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
             )
         }
         _ => {
-            let mut sent = Sent::read(&proxy, route, &b.grant, result, now);
+            let mut sent = Sent::read(&proxy, route, &grant, result, now);
             match proxy.verdict(sent.attempt(), route.retry_ambiguous, None, now) {
                 Verdict::Final => {
                     let resp = sent.answer.take().expect("only an answer is final");
@@ -324,9 +351,16 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
 async fn deliver_poll(proxy: Arc<Proxy>, p: PollDispatch) {
     let route = proxy.routes.get(p.route);
     let single = p.jobs.len() == 1;
+    let mut grant = p.grant;
+    if let Admission::Denied { retry_at, .. } = proxy.admit(&route.quotas, &[], &mut grant).await {
+        proxy
+            .queue
+            .complete_poll(&p.jobs, PollOutcome::Later(retry_at), proxy.clock.now());
+        return;
+    }
     let result = send(&proxy, route, p.request).await;
     let now = proxy.clock.now();
-    let sent = Sent::read(&proxy, route, &p.grant, result, now);
+    let sent = Sent::read(&proxy, route, &grant, result, now);
     let later = PollOutcome::Later(now + POLL_AGAIN);
     // A poll reads and changes nothing: always safe to ask again, attempts not counted.
     let outcome = match (proxy.verdict(sent.attempt(), true, None, now), sent.answer) {

@@ -12,7 +12,8 @@
 //! - domain: [`store`] (the write-ahead log), [`client`] (who a request belongs to), [`route`]
 //!   (classification into routes and lanes), [`quota`] (the ledger), [`metrics`] (Prometheus
 //!   handles), [`verdict`] (the one retry verdict), [`queue`] (parked writes);
-//! - adapters: [`upstream`] (the CRM client), [`response`] (every answer the proxy makes itself);
+//! - adapters: [`upstream`] (the CRM client), [`response`] (every answer the proxy makes itself),
+//!   [`shared_ledger`] (quota counts shared by replicas, on Redis);
 //! - runtime: [`proxy`] (the shared state), [`data_plane`], [`dispatch`] (the drain task),
 //!   [`admin`], [`server`] (serve, open, graceful stop);
 //! - tools: [`sim`] (a simulated CRM for tests, benches and `demo`), [`demo`].
@@ -35,6 +36,7 @@ pub mod quota;
 pub mod response;
 pub mod route;
 pub mod server;
+pub mod shared_ledger;
 pub mod sim;
 pub mod status;
 pub mod store;

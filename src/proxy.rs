@@ -13,11 +13,13 @@ use crate::client::Clients;
 use crate::clock::{SharedClock, Time};
 use crate::config::Config;
 use crate::crm::Throttle;
+use crate::ids::QuotaId;
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueStatus};
 use crate::quota::{Grant, Ledger};
 use crate::route::{Route, RouteTable};
-use crate::store::Store;
+use crate::shared_ledger::{Admission, SharedLedger};
+use crate::store::{GrantLog, Store};
 use crate::upstream::UpstreamClient;
 use crate::verdict::{self, Attempt, Policy, Verdict};
 
@@ -47,6 +49,10 @@ pub struct Proxy {
     pub upstream: UpstreamClient,
     pub metrics: Arc<Metrics>,
     pub clients: Clients,
+    /// Where grants are decided: this process alone, or a ledger every replica shares.
+    pub shared: SharedLedger,
+    /// Where the local ledger's grants are kept across restarts (disk store, local ledger).
+    pub grant_log: Option<Arc<GrantLog>>,
     /// Starting (the queue is being restored), ready, or stopping: `/readyz` answers it.
     phase: AtomicU8,
 }
@@ -92,6 +98,7 @@ impl Proxy {
             &clients.names(),
         ));
         let ledger = Ledger::for_config(&config, clock.now());
+        let shared = SharedLedger::new(&config, clock.clone(), metrics.clone())?;
         let queue = Arc::new(Queue::new(
             &config,
             routes.clone(),
@@ -108,6 +115,8 @@ impl Proxy {
             upstream,
             metrics,
             clients,
+            shared,
+            grant_log: None,
             phase: AtomicU8::new(Phase::Starting as u8),
         })
     }
@@ -146,6 +155,7 @@ impl Proxy {
             self.metrics
                 .crm_reported(&self.ledger.config(q).name, remaining, limit);
         }
+        self.shared.observe(&observations, grant, &self.ledger, now);
         let throttle = crm.throttle(status, headers, body, &observations, now)?;
         let named = throttle
             .scope
@@ -167,9 +177,38 @@ impl Proxy {
         for (q, gained) in self.ledger.freeze(&quotas, until, now) {
             self.metrics.frozen(&self.ledger.config(q).name, gained);
         }
+        // Every replica pauses: the shared ledger holds the pause too.
+        self.shared.freeze(&quotas, until);
         self.metrics.throttled(&route.name, throttle.reason);
         tracing::warn!(route = %route.name, reason = throttle.reason, until = %until, "the CRM throttled a request; pausing its quotas");
         Some(throttle)
+    }
+
+    /// Whether a grant this process made of `quotas` (with the keys of the keyed ones) may go to
+    /// the CRM: the shared ledger's decision (always yes with the local ledger).
+    pub async fn admit(
+        &self,
+        quotas: &[QuotaId],
+        keys: &[(QuotaId, Arc<str>)],
+        grant: &mut Grant,
+    ) -> Admission {
+        match self.shared {
+            SharedLedger::Local => Admission::Granted,
+            SharedLedger::Redis(_) => {
+                self.admit_demand(&crate::shared_ledger::demand(quotas, keys), grant)
+                    .await
+            }
+        }
+    }
+
+    /// As [`Proxy::admit`], for a demand that names a keyed quota once per key (a batch call).
+    pub async fn admit_demand(
+        &self,
+        demand: &[(QuotaId, Option<Arc<str>>)],
+        grant: &mut Grant,
+    ) -> Admission {
+        let now = self.clock.now();
+        self.shared.admit(&self.ledger, demand, grant, now).await
     }
 
     /// The one retry verdict on an attempt (see [`crate::verdict`]), under this proxy's policy:

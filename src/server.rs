@@ -20,12 +20,15 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::admin;
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::clock::Time;
+use crate::config::{Config, LedgerConfig};
 use crate::data_plane;
 use crate::dispatch;
+use crate::ids::QuotaId;
 use crate::proxy::{Phase, Proxy};
+use crate::quota::window::Shadow;
 use crate::response::Body;
-use crate::store::{Recovered, Store};
+use crate::store::{GrantLog, LoggedGrant, Recovered, Store};
 
 /// The two sockets the proxy serves: client traffic and admin.
 pub struct Listeners {
@@ -100,9 +103,17 @@ pub async fn serve(
             "crm-quota-proxy listening"
         );
     }
+    // The first requests are decided by the shared ledger when there is one: join it first.
+    proxy.shared.start(&proxy.ledger).await;
+    let shared = {
+        let p = proxy.clone();
+        let stop = stop_rx.clone();
+        tokio::spawn(async move { p.shared.run(&p.ledger, stop).await })
+    };
     proxy.set_phase(Phase::Ready);
     proxy.metrics.set_up(true);
     let mut dispatcher = tokio::spawn(dispatch::run(proxy.clone(), stop_rx.clone()));
+    let grant_log = tokio::spawn(keep_grant_log(proxy.clone(), stop_rx.clone()));
 
     let data_proxy = proxy.clone();
     // Bounds the requests processed at once (each may hold a buffered body); more wait their turn.
@@ -146,6 +157,8 @@ pub async fn serve(
         let _ = dispatcher.await;
     }
     let _ = stop_tx.send(true);
+    let _ = grant_log.await;
+    let _ = shared.await;
     let undelivered = proxy.queue.undelivered();
     if let Err(e) = proxy.queue.sync().await {
         tracing::error!(error = %e, "the last records could not be written to the parked-write log");
@@ -194,7 +207,102 @@ fn prepare(config: Config, clock: SharedClock) -> Result<(Proxy, Pending), Strin
     };
     let (store, recovered) = Store::open(&dir).map_err(|e| e.to_string())?;
     warn_if_open(&dir);
-    Ok((Proxy::new(config, clock, store)?, Some((recovered, dir))))
+    let mut proxy = Proxy::new(config, clock, store)?;
+    if proxy.config.ledger == LedgerConfig::Local {
+        // The local ledger keeps its grants in the data directory too, so a restart knows what
+        // the windows still open had spent.
+        let (log, logged) = GrantLog::open(&dir).map_err(|e| e.to_string())?;
+        let grants: Vec<_> = logged
+            .iter()
+            .filter_map(|(name, at, n)| {
+                let q = proxy.config.quotas.iter().position(|c| &c.name == name)?;
+                Some((QuotaId(q), Time::from_nanos(*at), *n))
+            })
+            .collect();
+        let counted = proxy.ledger.replay(&grants, proxy.clock.now());
+        if counted > 0 {
+            tracing::info!(
+                grants = counted,
+                "restored the grants of quota windows still open from the grant log"
+            );
+        }
+        proxy.ledger.journal(true);
+        proxy.grant_log = Some(Arc::new(log));
+    }
+    Ok((proxy, Some((recovered, dir))))
+}
+
+/// How often the ledger's new grants are appended to the grant log.
+const GRANT_LOG_EVERY: Duration = Duration::from_millis(50);
+
+/// Moves the ledger's new grants into the grant log every [`GRANT_LOG_EVERY`] (and once more
+/// when `stop` turns true), rewriting the log to what the open windows count once it has grown
+/// past twice that.
+async fn keep_grant_log(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+    let Some(log) = proxy.grant_log.clone() else {
+        return;
+    };
+    let mut compacted: u64 = 0;
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(GRANT_LOG_EVERY) => false,
+            _ = stop.changed() => true,
+        } || *stop.borrow();
+        let names = |q: QuotaId| proxy.config.quotas[q.0].name.clone();
+        let batch: Vec<LoggedGrant> = proxy
+            .ledger
+            .take_journal()
+            .into_iter()
+            .map(|(q, at)| (names(q), at.as_nanos(), 1))
+            .collect();
+        let writer = log.clone();
+        let size = tokio::task::spawn_blocking(move || writer.append(&batch)).await;
+        match size {
+            Ok(Ok(size)) if size > 2 * compacted + (1 << 20) => {
+                let live = open_window_grants(&proxy);
+                let writer = log.clone();
+                match tokio::task::spawn_blocking(move || writer.rewrite(&live)).await {
+                    Ok(Ok(())) => compacted = log.size(),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot rewrite the grant log"),
+                    Err(e) => tracing::warn!(error = %e, "cannot rewrite the grant log"),
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot append to the grant log; a restart may not know every grant")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot append to the grant log"),
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// What the open windows count, as grant log entries.
+fn open_window_grants(proxy: &Proxy) -> Vec<LoggedGrant> {
+    let now = proxy.clock.now();
+    let mut out = Vec::new();
+    for (q, shadow) in proxy.ledger.shadow(now) {
+        let name = &proxy.config.quotas[q.0].name;
+        match shadow {
+            Shadow::Times(times) => {
+                out.extend(times.into_iter().map(|t| (name.clone(), t.as_nanos(), 1)));
+            }
+            Shadow::Count { start, count, .. } if count > 0 => {
+                out.push((name.clone(), start.as_nanos(), count));
+            }
+            Shadow::Count { .. } => {}
+            Shadow::Buckets { width, counts } => {
+                out.extend(
+                    counts
+                        .into_iter()
+                        .map(|(b, n)| (name.clone(), b.saturating_mul(width), n)),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// Rebuilds the queue from the log and says what it found.

@@ -36,6 +36,49 @@ pub struct Config {
     /// Configured clients, the built-in `default` last.
     pub clients: Vec<ClientConfig>,
     pub fairness: Fairness,
+    pub ledger: LedgerConfig,
+}
+
+/// Environment variable that overrides `ledger.url` (keeps a Redis password out of the file).
+pub const REDIS_URL_ENV: &str = "CRM_PROXY_REDIS_URL";
+
+/// Where quota counts live.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LedgerConfig {
+    /// In this process only (and in its data directory with `store: disk`).
+    Local,
+    /// In Redis, shared by every replica spending one CRM account.
+    Redis(RedisLedgerConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisLedgerConfig {
+    /// The connection URL (may carry a password: never log or show it; see [`Self::display_url`]).
+    pub url: String,
+    /// Every key is under `{key_prefix}`.
+    pub key_prefix: String,
+    /// Replicas expected; the fallback share is `1/max(replicas, seen)`.
+    pub replicas: u32,
+    pub timeout: Duration,
+    pub replica_id: String,
+}
+
+impl RedisLedgerConfig {
+    /// The URL without its password, for logs and status.
+    pub fn display_url(&self) -> String {
+        display_redis_url(&self.url)
+    }
+}
+
+/// A Redis URL with any password replaced by `***`.
+pub fn display_redis_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_string(),
+        },
+        None => "<not a URL>".to_string(),
+    }
 }
 
 /// Name of the client that unmatched requests belong to.
@@ -297,11 +340,24 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors::one("", format!("cannot read {}: {e}", path.display())))?;
-        Config::from_yaml(&text, std::env::var(UPSTREAM_URL_ENV).ok().as_deref())
+        Config::parse(
+            &text,
+            std::env::var(UPSTREAM_URL_ENV).ok().as_deref(),
+            std::env::var(REDIS_URL_ENV).ok().as_deref(),
+        )
     }
 
     /// Validates YAML text; `upstream_override` replaces `upstream.url` when given.
     pub fn from_yaml(text: &str, upstream_override: Option<&str>) -> Result<Config, ConfigErrors> {
+        Config::parse(text, upstream_override, None)
+    }
+
+    /// Validates YAML text with the environment's overrides of `upstream.url` and `ledger.url`.
+    fn parse(
+        text: &str,
+        upstream_override: Option<&str>,
+        redis_override: Option<&str>,
+    ) -> Result<Config, ConfigErrors> {
         if text.trim().is_empty() {
             return Err(ConfigErrors::one("", "the config is empty"));
         }
@@ -321,7 +377,7 @@ impl Config {
                 format!("not a config (a mapping of settings is expected): {e}"),
             )
         })?;
-        validate::config(raw, upstream_override)
+        validate::config(raw, upstream_override, redis_override)
     }
 }
 

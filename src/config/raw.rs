@@ -85,6 +85,32 @@ pub struct RawConfig {
     pub clients: Option<Raw<Vec<Raw<RawClient>>>>,
     /// How the budget is shared between live requests and the drain of parked writes.
     pub fairness: Option<Raw<RawFairness>>,
+    /// Where quota counts live: `local` (this process) or `redis` (shared by every replica).
+    pub ledger: Option<Raw<RawLedger>>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawLedger {
+    /// `local` (default): counts in this process. `redis`: one ledger for every replica that
+    /// spends the same CRM account.
+    pub store: Option<Raw<String>>,
+    /// `redis://[:password@]host:port[/db]` or `rediss://…` (TLS). `CRM_PROXY_REDIS_URL`
+    /// overrides it, so a password need not be written in the file.
+    pub url: Option<Raw<String>>,
+    /// The CRM account these counts belong to: every key is under `{key_prefix}` (one hash tag,
+    /// so the script runs on Redis Cluster). Replicas of one account share it; another
+    /// account needs another prefix.
+    pub key_prefix: Option<Raw<String>>,
+    /// Replicas expected to share the account. While Redis is unreachable each replica spends
+    /// at most `1/replicas` of each quota (or less, if it has seen more replicas). Default `1`.
+    pub replicas: Option<Raw<u32>>,
+    /// How long one ledger call may take before the replica decides on its own. Default `250ms`.
+    pub timeout: Option<Raw<String>>,
+    /// This replica's name in the ledger (stable across restarts: a StatefulSet pod's name).
+    /// Default: the host name.
+    pub replica_id: Option<Raw<String>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }

@@ -406,3 +406,60 @@ fn the_disk_store_needs_a_data_directory_and_nothing_else_takes_one() {
         );
     }
 }
+
+#[test]
+fn the_shared_ledger_is_validated_and_its_password_never_shown() {
+    let yaml = format!(
+        "{MINIMAL}ledger:\n  store: redis\n  url: redis://:hunter2@redis.internal:6379/0\n  key_prefix: acme-zendesk\n  replicas: 3\n  replica_id: proxy-0\n"
+    );
+    let config = Config::from_yaml(&yaml, None).unwrap();
+    let LedgerConfig::Redis(r) = &config.ledger else {
+        panic!("a redis ledger: {:?}", config.ledger);
+    };
+    assert_eq!(
+        (r.key_prefix.as_str(), r.replicas, r.replica_id.as_str()),
+        ("acme-zendesk", 3, "proxy-0")
+    );
+    assert_eq!(r.timeout, Duration::from_millis(250));
+    assert_eq!(r.display_url(), "redis://***@redis.internal:6379/0");
+    assert_eq!(
+        Config::from_yaml(MINIMAL, None).unwrap().ledger,
+        LedgerConfig::Local,
+        "local by default"
+    );
+
+    let bad = format!(
+        "{MINIMAL}ledger:\n  store: redis\n  url: http://:hunter2@redis:6379\n  replicas: 0\n  timeout: 1m\n"
+    );
+    let got = errors(&bad);
+    assert_eq!(
+        got,
+        vec![
+            "ledger.url: http://***@redis:6379 must start with redis:// or rediss://",
+            "ledger.key_prefix: is required with `store: redis`: name the CRM account the replicas share (e.g. acme-zendesk)",
+            "ledger.replicas: must be from 1 to 1000",
+            "ledger.timeout: must be from 10ms to 10s",
+        ]
+    );
+    assert!(got.iter().all(|e| !e.contains("hunter2")));
+    for (url, problem) in [
+        ("redis://", "has no host"),
+        ("redis://host:port", "is not a port"),
+        ("redis://host:6379/x", "is not a number"),
+        ("redis-host:6379", "is not a URL"),
+    ] {
+        let yaml = format!("{MINIMAL}ledger: {{ store: redis, url: \"{url}\", key_prefix: a }}\n");
+        let got = errors(&yaml);
+        assert!(got.len() == 1 && got[0].contains(problem), "{url}: {got:?}");
+    }
+    let local = format!("{MINIMAL}ledger: {{ url: redis://x:6379, store: lokal }}\n");
+    assert_eq!(
+        errors(&local),
+        vec!["ledger.store: \"lokal\" is not a ledger store (local or redis)"]
+    );
+    let local = format!("{MINIMAL}ledger: {{ url: redis://x:6379 }}\n");
+    assert_eq!(
+        errors(&local),
+        vec!["ledger.url: is only used with `store: redis`"]
+    );
+}

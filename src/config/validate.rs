@@ -16,9 +16,10 @@ use crate::units::{parse_duration, parse_size};
 pub(super) fn config(
     raw: RawConfig,
     upstream_override: Option<&str>,
+    redis_override: Option<&str>,
 ) -> Result<Config, ConfigErrors> {
     let mut v = Validator::default();
-    let config = v.config(raw, upstream_override);
+    let config = v.config(raw, upstream_override, redis_override);
     if v.errors.is_empty() {
         Ok(config.expect("no errors means a complete config"))
     } else {
@@ -39,6 +40,7 @@ const TOP_FIELDS: &[&str] = &[
     "routes",
     "queue",
     "shutdown_grace",
+    "ledger",
 ];
 const LISTEN_FIELDS: &[&str] = &["data", "admin", "max_concurrent_requests"];
 const UPSTREAM_FIELDS: &[&str] = &[
@@ -83,6 +85,14 @@ const ROUTE_FIELDS: &[&str] = &[
     "idempotency_key",
     "retry_ambiguous",
     "batch",
+];
+const LEDGER_FIELDS: &[&str] = &[
+    "store",
+    "url",
+    "key_prefix",
+    "replicas",
+    "timeout",
+    "replica_id",
 ];
 const BATCH_FIELDS: &[&str] = &["max_size", "max_linger"];
 const QUEUE_FIELDS: &[&str] = &[
@@ -225,7 +235,12 @@ impl Validator {
         }
     }
 
-    fn config(&mut self, raw: RawConfig, upstream_override: Option<&str>) -> Option<Config> {
+    fn config(
+        &mut self,
+        raw: RawConfig,
+        upstream_override: Option<&str>,
+        redis_override: Option<&str>,
+    ) -> Option<Config> {
         self.unknown("", &raw.unknown, TOP_FIELDS);
         let preset = self.take("preset", raw.preset);
         let plan = self.take("plan", raw.plan);
@@ -249,6 +264,7 @@ impl Validator {
         );
         let clients = self.clients(raw.clients, &quota_list);
         let fairness = self.fairness(raw.fairness);
+        let ledger = self.ledger(raw.ledger, redis_override);
         // A key part from a path must be a parameter of every route that consumes the quota.
         for (i, q) in &quotas {
             for part in &q.key {
@@ -336,7 +352,127 @@ impl Validator {
             shutdown_grace,
             clients,
             fairness,
+            ledger: ledger?,
         })
+    }
+
+    fn ledger(
+        &mut self,
+        field: Option<Raw<raw::RawLedger>>,
+        url_override: Option<&str>,
+    ) -> Option<LedgerConfig> {
+        let raw = self.take("ledger", field).unwrap_or_default();
+        self.unknown("ledger", &raw.unknown, LEDGER_FIELDS);
+        let store = self.take("ledger.store", raw.store);
+        let url = self.take("ledger.url", raw.url);
+        let key_prefix = self.take("ledger.key_prefix", raw.key_prefix);
+        let replicas = self.take("ledger.replicas", raw.replicas);
+        let timeout_set = raw.timeout.is_some();
+        let timeout = self.duration("ledger.timeout", raw.timeout, Duration::from_millis(250));
+        let replica_id = self.take("ledger.replica_id", raw.replica_id);
+        match store.as_deref() {
+            None | Some("local") => {
+                for (field, set) in [
+                    ("url", url.is_some()),
+                    ("key_prefix", key_prefix.is_some()),
+                    ("replicas", replicas.is_some()),
+                    ("timeout", timeout_set),
+                    ("replica_id", replica_id.is_some()),
+                ] {
+                    if set {
+                        self.err(
+                            format!("ledger.{field}"),
+                            "is only used with `store: redis`",
+                        );
+                    }
+                }
+                Some(LedgerConfig::Local)
+            }
+            Some("redis") => {
+                let (url, path) = match url_override {
+                    Some(u) => (
+                        Some(u.to_string()),
+                        format!("ledger.url (from {REDIS_URL_ENV})"),
+                    ),
+                    None => (url, "ledger.url".to_string()),
+                };
+                let url = match url {
+                    None => {
+                        self.err(
+                            "ledger.url",
+                            format!("is required with `store: redis` (or set {REDIS_URL_ENV})"),
+                        );
+                        None
+                    }
+                    Some(u) => match redis_url_problem(&u) {
+                        Some(problem) => {
+                            self.err(path, problem);
+                            None
+                        }
+                        None => Some(u),
+                    },
+                };
+                let key_prefix = match key_prefix {
+                    None => {
+                        self.err(
+                            "ledger.key_prefix",
+                            "is required with `store: redis`: name the CRM account the replicas share (e.g. acme-zendesk)",
+                        );
+                        None
+                    }
+                    Some(p)
+                        if p.is_empty()
+                            || p.len() > 64
+                            || !p.chars().all(|c| {
+                                c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')
+                            }) =>
+                    {
+                        self.err(
+                            "ledger.key_prefix",
+                            format!("{p:?} must be 1-64 letters, digits, '-', '_', '.' or ':'"),
+                        );
+                        None
+                    }
+                    Some(p) => Some(p),
+                };
+                let replicas = replicas.unwrap_or(1);
+                if !(1..=1000).contains(&replicas) {
+                    self.err("ledger.replicas", "must be from 1 to 1000");
+                }
+                if timeout < Duration::from_millis(10) || timeout > Duration::from_secs(10) {
+                    self.err("ledger.timeout", "must be from 10ms to 10s");
+                }
+                let replica_id = match replica_id {
+                    Some(id) => {
+                        if id.is_empty()
+                            || id.len() > 128
+                            || id.chars().any(|c| c.is_whitespace() || c.is_control())
+                        {
+                            self.err(
+                                "ledger.replica_id",
+                                format!("{id:?} must be 1-128 characters without spaces"),
+                            );
+                        }
+                        id
+                    }
+                    None => default_replica_id(),
+                };
+                Some(LedgerConfig::Redis(RedisLedgerConfig {
+                    url: url?,
+                    key_prefix: key_prefix?,
+                    replicas,
+                    timeout,
+                    replica_id,
+                }))
+            }
+            Some(other) => {
+                self.err(
+                    "ledger.store",
+                    format!("{other:?} is not a ledger store (local or redis)"),
+                );
+                None
+            }
+        }
     }
 
     /// Configured clients with `default` last (added when not configured).
@@ -1161,4 +1297,51 @@ fn parse_clock_time(text: &str) -> Option<jiff::civil::Time> {
         return None;
     }
     jiff::civil::Time::new(h, m, s, 0).ok()
+}
+
+/// What is wrong with a Redis URL, if anything (never repeating a password it carries).
+fn redis_url_problem(url: &str) -> Option<String> {
+    let shown = display_redis_url(url);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Some(format!(
+            "{shown} is not a URL (write redis://host:6379 or rediss://host:6379)"
+        ));
+    };
+    if scheme != "redis" && scheme != "rediss" {
+        return Some(format!("{shown} must start with redis:// or rediss://"));
+    }
+    let host_part = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let authority = host_part.split(['/', '?']).next().unwrap_or_default();
+    if authority.is_empty() {
+        return Some(format!("{shown} has no host"));
+    }
+    if let Some((_, port)) = authority.rsplit_once(':')
+        && !authority.ends_with(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Some(format!("{shown}: {port:?} is not a port"));
+    }
+    if let Some(db) = host_part
+        .split_once('/')
+        .map(|(_, d)| d.split('?').next().unwrap_or_default())
+        && !db.is_empty()
+        && db.parse::<u32>().is_err()
+    {
+        return Some(format!("{shown}: the database {db:?} is not a number"));
+    }
+    None
+}
+
+/// This machine's host name (a pod's name in Kubernetes), else a fixed name.
+fn default_replica_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "replica".to_string())
 }

@@ -68,6 +68,12 @@ pub struct Metrics {
     client_oldest: GaugeVec,
     quota_keys: IntGaugeVec,
     quota_key_overflow: IntCounterVec,
+    ledger_shared: IntGauge,
+    ledger_decisions: IntCounterVec,
+    ledger_call_duration: prometheus::Histogram,
+    ledger_errors: prometheus::IntCounter,
+    ledger_fallback_seconds: prometheus::Counter,
+    ledger_replicas: IntGauge,
 }
 
 impl Metrics {
@@ -245,6 +251,35 @@ impl Metrics {
         catch_up(&self.store_errors, errors);
         self.store_sync_seconds
             .inc_by((sync_seconds - self.store_sync_seconds.get()).max(0.0));
+    }
+
+    /// One call to the shared ledger and its time; `answered` false when it failed or timed out.
+    pub fn ledger_call(&self, seconds: f64, answered: bool) {
+        self.ledger_call_duration.observe(seconds);
+        if !answered {
+            self.ledger_errors.inc();
+        }
+    }
+
+    /// A decision of the shared ledger: `granted`, `denied`, or `on_its_own` (decided here on
+    /// this replica's share while the shared ledger was unreachable).
+    pub fn ledger_decision(&self, result: &str) {
+        self.ledger_decisions.with_label_values(&[result]).inc();
+    }
+
+    /// Whether every grant is decided by the shared ledger (1), or this replica keeps to its
+    /// share on its own (0).
+    pub fn ledger_shared(&self, shared: bool) {
+        self.ledger_shared.set(i64::from(shared));
+    }
+
+    pub fn ledger_fallback_seconds(&self, seconds: f64) {
+        self.ledger_fallback_seconds.inc_by(seconds);
+    }
+
+    /// Replicas the shared ledger heard from recently.
+    pub fn ledger_replicas(&self, alive: u32) {
+        self.ledger_replicas.set(i64::from(alive));
     }
 
     /// The Prometheus text exposition of every metric.

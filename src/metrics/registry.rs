@@ -88,6 +88,57 @@ impl Metrics {
             "Batches refused whole (kind=batch; their writes go one by one), failed or lost CRM jobs (job), and items a job refused (item).",
             &["route", "kind"],
         );
+        let ledger_shared = register(
+            r,
+            IntGauge::new(
+                "crm_proxy_ledger_shared",
+                "1 while every grant is decided by the shared ledger (always 1 with the local ledger); 0 while this replica keeps to its own share because the shared ledger is unreachable.",
+            ),
+        );
+        ledger_shared.set(1);
+        let ledger_decisions = counter(
+            r,
+            "crm_proxy_ledger_decisions_total",
+            "Decisions of the shared ledger (Redis): granted, denied (another replica spent it), on_its_own (decided on this replica's share while Redis was unreachable).",
+            &["result"],
+        );
+        for result in ["granted", "denied", "on_its_own"] {
+            ledger_decisions.with_label_values(&[result]);
+        }
+        let ledger_call_duration = register(
+            r,
+            prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "crm_proxy_ledger_call_duration_seconds",
+                    "Time of one call to the shared ledger (one script call per decision).",
+                )
+                .buckets(vec![
+                    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ]),
+            ),
+        );
+        let ledger_errors = register(
+            r,
+            prometheus::IntCounter::new(
+                "crm_proxy_ledger_errors_total",
+                "Calls to the shared ledger that failed or got no answer in time.",
+            ),
+        );
+        let ledger_fallback_seconds = register(
+            r,
+            prometheus::Counter::new(
+                "crm_proxy_ledger_fallback_seconds_total",
+                "Time this replica kept to its own share because the shared ledger was unreachable (counted when it rejoins).",
+            ),
+        );
+        let ledger_replicas = register(
+            r,
+            IntGauge::new(
+                "crm_proxy_ledger_replicas",
+                "Replicas the shared ledger heard from in the last seconds (1 with the local ledger).",
+            ),
+        );
+        ledger_replicas.set(1);
         let job_polls = register(
             r,
             prometheus::IntCounter::new(
@@ -387,6 +438,12 @@ impl Metrics {
             client_oldest,
             quota_keys,
             quota_key_overflow,
+            ledger_shared,
+            ledger_decisions,
+            ledger_call_duration,
+            ledger_errors,
+            ledger_fallback_seconds,
+            ledger_replicas,
         }
     }
 }

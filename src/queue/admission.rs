@@ -265,6 +265,34 @@ impl Queue {
         Some(accepted)
     }
 
+    /// The shared ledger had no room for a write its client was about to send: it goes back to
+    /// its place in line, its attempt not spent, and its client waits on. `false` when the
+    /// queue cannot take it back (shutting down).
+    fn back_in_line(&self, ticket: &mut Ticket, request: Outbound, now: Time) -> bool {
+        let mut guard = self.lock();
+        let book = &mut *guard;
+        if book.closed
+            || !book
+                .get(&ticket.id)
+                .is_some_and(|e| matches!(e.state(), State::Live))
+        {
+            return false;
+        }
+        let e = book.get_mut(&ticket.id).expect("present");
+        e.attempts = e.attempts.saturating_sub(1);
+        if let Some(r) = e.resource.clone() {
+            book.busy.remove(&r);
+        }
+        book.attach(&ticket.id, Kept::new(&request));
+        let (tx, rx) = oneshot::channel();
+        book.transition(&ticket.id, State::Queued(Owner::Client(tx)), now);
+        ticket.rx = Some(rx);
+        self.link(book, ticket.id);
+        drop(guard);
+        self.wake();
+        true
+    }
+
     /// The client went away before a 202: withdraw its entry; after a send, free its resource.
     fn on_drop(&self, ticket: &mut Ticket) {
         let mut book = self.lock();
@@ -350,6 +378,12 @@ impl Ticket {
         self.queue
             .clone()
             .repark(self, request, spent_attempt, ledger, now)
+    }
+
+    /// The shared ledger had no room for the write this client was about to send: back to its
+    /// place in line, the client waiting on (`false`: the queue is closing).
+    pub fn back_in_line(&mut self, request: Outbound, now: Time) -> bool {
+        self.queue.clone().back_in_line(self, request, now)
     }
 
     pub fn id(&self) -> EntryId {

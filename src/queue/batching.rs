@@ -13,7 +13,7 @@ use super::jobs::{Job, Pending};
 use super::{Outcome, Queue, SCAN_LIMIT, earliest};
 use crate::clock::Time;
 use crate::crm::zendesk_batch::{self as zendesk, BatchKind, Item, ItemResult, JobState};
-use crate::ids::{ClientId, EntryId, RouteId};
+use crate::ids::{ClientId, EntryId, QuotaId, RouteId};
 use crate::message::Outbound;
 use crate::quota::{Demand, Grant, Ledger};
 use crate::route::Route;
@@ -33,6 +33,9 @@ pub struct BatchDispatch {
     pub client: ClientId,
     /// The writes in batch order, with this attempt's number each.
     pub members: Vec<(EntryId, u32)>,
+    /// What the call consumes: the route's quotas once, and each keyed quota once per member
+    /// (with that member's key).
+    pub demand: Vec<(QuotaId, Option<Arc<str>>)>,
     pub request: Outbound,
     pub grant: Grant,
     /// The members' `batch sent` records: the call may go only once this is durable.

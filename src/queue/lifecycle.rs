@@ -137,6 +137,10 @@ impl Queue {
                         e.single = true;
                         e.attempts -= 1;
                     }
+                    Outcome::Deferred { not_before } => {
+                        e.not_before = not_before;
+                        e.attempts -= 1;
+                    }
                     Outcome::Throttled => e.attempts -= 1,
                     Outcome::Done(_) | Outcome::Failed(..) => unreachable!("matched above"),
                 }

@@ -99,6 +99,8 @@ pub struct Dispatch {
     pub id: EntryId,
     pub route: RouteId,
     pub client: ClientId,
+    /// Keys of the keyed quotas it consumes.
+    pub keys: Vec<(QuotaId, Arc<str>)>,
     pub request: Outbound,
     /// This attempt's number, from 1.
     pub attempt: u32,
@@ -122,6 +124,9 @@ pub enum Outcome {
     /// Its batch call was refused as a whole, so nothing of it was applied: back to its lane, no
     /// attempt spent, to be sent on its own from now on.
     Unbatched,
+    /// The shared ledger had no room (another replica spent it): back to its lane, no attempt
+    /// spent, not before this time.
+    Deferred { not_before: Time },
     /// Given up: kept as a dead letter.
     Failed(FailReason, String),
 }

@@ -200,6 +200,7 @@ impl Queue {
                 id,
                 route: e.route,
                 client: e.client,
+                keys: e.keys.clone(),
                 request,
                 attempt: e.attempts,
                 grant,
@@ -270,6 +271,19 @@ impl Queue {
         let mut out = Vec::with_capacity(chosen.len());
         let mut tickets = Vec::with_capacity(chosen.len());
         let mut items = Vec::with_capacity(chosen.len());
+        let key_of = |keys: &[(QuotaId, Arc<str>)], q: QuotaId| {
+            keys.iter().find(|(k, _)| *k == q).map(|(_, k)| k.clone())
+        };
+        let mut demand: Vec<(QuotaId, Option<Arc<str>>)> = route
+            .quotas
+            .iter()
+            .filter(|q| !keyed.contains(q))
+            .map(|&q| (q, None))
+            .collect();
+        for (mid, _) in &chosen {
+            let e = book.entry(mid);
+            demand.extend(keyed.iter().map(|&q| (q, key_of(&e.keys, q))));
+        }
         for (mid, item) in chosen {
             self.unlink(book, mid);
             let e = book.get_mut(&mid).expect("a batch member exists");
@@ -309,6 +323,7 @@ impl Queue {
             route: route.id,
             client,
             members: out,
+            demand,
             request: zendesk_batch::request(kind, items, &headers),
             grant,
             commit,

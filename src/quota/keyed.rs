@@ -64,14 +64,21 @@ impl Keyed {
         }
     }
 
-    /// When one more request under `key` could go (`None`: now).
-    pub fn blocked_until(&mut self, key: &str, now: Time) -> Option<Time> {
+    /// When one more request under `key` could go (`None`: now); with `share`, while fewer than
+    /// that many are counted (a replica's share while the shared ledger is unreachable).
+    pub fn blocked_until(&mut self, key: &str, share: Option<u32>, now: Time) -> Option<Time> {
         self.sweep(now);
         let full = self.keys.len() >= self.cfg.max_keys;
-        match self.keys.get_mut(key) {
-            Some(k) => k.window.blocked_until(now),
-            None if full => self.overflow.blocked_until(now),
-            None => None,
+        let window = match self.keys.get_mut(key) {
+            Some(k) => &mut k.window,
+            None if full => &mut self.overflow,
+            None if share == Some(0) => return Some(now + self.cfg.window),
+            None => return None,
+        };
+        match share {
+            Some(0) => Some(now + self.cfg.window),
+            Some(n) => window.blocked_below(n, now),
+            None => window.blocked_until(now),
         }
     }
 
@@ -123,10 +130,10 @@ mod tests {
         k.charge(&a, now);
         k.charge(&a, now);
         assert_eq!(
-            k.blocked_until("a", now),
+            k.blocked_until("a", None, now),
             Some(now + Duration::from_secs(600))
         );
-        assert_eq!(k.blocked_until("b", now), None);
+        assert_eq!(k.blocked_until("b", None, now), None);
         k.charge(&b, now);
         assert_eq!(k.len(), 2);
     }
@@ -138,7 +145,7 @@ mod tests {
         for i in 0..100_000u64 {
             let now = start + Duration::from_millis(i);
             let key: Arc<str> = format!("ticket-{i}").into();
-            assert!(k.blocked_until(&key, now).is_none() || k.len() == 1_000);
+            assert!(k.blocked_until(&key, None, now).is_none() || k.len() == 1_000);
             k.charge(&key, now);
             assert!(k.len() <= 1_000);
         }
@@ -156,12 +163,15 @@ mod tests {
         let now = Time::from_nanos(1_000_000_000_000);
         k.charge(&Arc::from("tracked"), now);
         for key in ["x", "y"] {
-            assert_eq!(k.blocked_until(key, now), None);
+            assert_eq!(k.blocked_until(key, None, now), None);
             k.charge(&Arc::from(key), now);
         }
-        assert!(k.blocked_until("z", now).is_some(), "overflow is full");
+        assert!(
+            k.blocked_until("z", None, now).is_some(),
+            "overflow is full"
+        );
         assert_eq!(
-            k.blocked_until("tracked", now),
+            k.blocked_until("tracked", None, now),
             None,
             "the tracked key has its own room"
         );

@@ -3,6 +3,7 @@
 
 mod keyed;
 mod pace;
+mod shadow;
 mod share;
 mod state;
 pub mod window;
@@ -23,6 +24,7 @@ use keyed::Keyed;
 use pace::Pacer;
 use share::ClientUse;
 pub use share::WaitingBoard;
+pub use state::Fallback;
 use state::{Ask, Cap, QuotaState, Sharing, same_reset};
 use window::Window;
 
@@ -74,10 +76,39 @@ pub struct Grant {
     marks: Vec<(QuotaId, u64)>,
     /// Set when the grant holds synced quotas' outstanding counts.
     shared: Option<Arc<Shared>>,
+    /// What the shared ledger (Redis) said of it, when one decides too.
+    pub remote: Option<Remote>,
+}
+
+/// The shared ledger's side of a grant: its marks on the account-wide grant counters of the
+/// synced quotas (what CRM answers are measured against), and how to release its in-flight
+/// count there once the answer is read.
+#[derive(Default)]
+pub struct Remote {
+    pub marks: Vec<(QuotaId, u64)>,
+    pub release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("marks", &self.marks)
+            .finish()
+    }
+}
+
+impl Grant {
+    /// The synced quotas this grant consumed.
+    pub fn synced(&self) -> impl Iterator<Item = QuotaId> + '_ {
+        self.marks.iter().map(|&(q, _)| q)
+    }
 }
 
 impl Drop for Grant {
     fn drop(&mut self) {
+        if let Some(release) = self.remote.as_mut().and_then(|r| r.release.take()) {
+            release();
+        }
         if let Some(shared) = self.shared.take() {
             let mut inner = shared.lock();
             for &(q, _) in &self.marks {
@@ -120,6 +151,9 @@ pub struct QuotaStatus {
 struct Inner {
     quotas: Vec<QuotaState>,
     pacer: Option<Pacer>,
+    /// Grants of unkeyed quotas since the last [`Ledger::take_journal`], while journaling is on
+    /// (the disk store's grant log, the shared ledger's fallback).
+    journal: Option<Vec<(QuotaId, Time)>>,
 }
 
 /// The ledger's state, shared with the grants that hold outstanding counts.
@@ -251,7 +285,7 @@ impl Ledger {
                             window: Window::new(q),
                             frozen_until: Time::ZERO,
                             grants: 0,
-                            cap: None,
+                            cap: q.sync.as_ref().map(|_| start_probe(q, now)),
                             crm_remaining: None,
                             crm_limit: None,
                             outstanding: 0,
@@ -263,9 +297,12 @@ impl Ledger {
                             live_use: ClientUse::new(q.window, q.margin),
                             drain_use: ClientUse::new(q.window, q.margin),
                             last_live: now,
+                            held_until: Time::ZERO,
+                            fallback: None,
                         })
                         .collect(),
                     pacer: pace.map(|p| Pacer::new(p, now)),
+                    journal: None,
                 }),
                 released: Notify::new(),
             }),
@@ -312,11 +349,20 @@ impl Ledger {
         }
         // Only synced quotas need marks and count answers outstanding.
         let mut marks = Vec::new();
+        let inner = &mut *inner;
         for &q in d.quotas {
             let state = &mut inner.quotas[q.0];
             match &mut state.keyed {
                 Some(keyed) => keyed.charge(&Arc::from(d.key(q)), now),
                 None => {
+                    if let Some(f) = &mut state.fallback
+                        && now < f.first_end
+                    {
+                        f.first_left = f.first_left.saturating_sub(1);
+                    }
+                    if let Some(journal) = &mut inner.journal {
+                        journal.push((q, now));
+                    }
                     state.window.charge(now);
                     state.clients[d.client.0].charge(now);
                     if d.live {
@@ -333,7 +379,11 @@ impl Ledger {
             }
         }
         let shared = (!marks.is_empty()).then(|| self.shared.clone());
-        Ok(Grant { marks, shared })
+        Ok(Grant {
+            marks,
+            shared,
+            remote: None,
+        })
     }
 
     /// Whether `try_acquire` would grant now, without charging (the pacer is not consulted).
@@ -548,9 +598,29 @@ impl Ledger {
             .collect()
     }
 
+    /// Until when a CRM report about `q` without a reset holds, from `now`.
+    pub fn default_hold_until(&self, q: QuotaId, now: Time) -> Time {
+        let mut inner = self.lock();
+        default_hold(&self.configs[q.0], &mut inner.quotas[q.0].window, now)
+    }
+
     /// The window length of a quota in whole seconds (for `RateLimit-Policy`).
     pub fn window_secs(&self, q: QuotaId) -> u64 {
         self.configs[q.0].window.as_secs()
+    }
+}
+
+/// A synced quota starts with a probe: what other apps (or this proxy before a restart) spent of
+/// the CRM's window is unknown until an answer tells, so until then requests go one at a time.
+/// An answer that reports what remains replaces it; without one it lapses like a report without
+/// a reset would.
+fn start_probe(q: &QuotaConfig, now: Time) -> Cap {
+    Cap {
+        ceiling: u64::MAX,
+        until: now + q.window.min(Duration::from_secs(60)),
+        mark: 0,
+        period: None,
+        confirmed: false,
     }
 }
 

@@ -74,6 +74,21 @@ pub(super) struct QuotaState {
     pub(super) drain_use: ClientUse,
     /// Last live request of any client (the proxy's start counts as one).
     pub(super) last_live: Time,
+    /// The shared ledger (Redis) had no room for this quota before this time.
+    pub(super) held_until: Time,
+    /// While the shared ledger is unreachable: what this replica may still spend on its own.
+    pub(super) fallback: Option<Fallback>,
+}
+
+/// What a replica may spend of a quota while the shared ledger is unreachable. Until the end of
+/// the window the ledger last reported on, at most `first_left` more (its share of what was left
+/// then); after it, at most `per_window` of its own grants in any window (its share of the
+/// limit). With every replica keeping to its share, together they keep to the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fallback {
+    pub first_end: Time,
+    pub first_left: u64,
+    pub per_window: u32,
 }
 
 impl QuotaState {
@@ -120,7 +135,11 @@ impl QuotaState {
             return Some(self.frozen_until);
         }
         if let Some(keyed) = &mut self.keyed {
-            return keyed.blocked_until(d.key(q), now);
+            let share = self.fallback.map(|f| f.per_window);
+            return keyed.blocked_until(d.key(q), share, now);
+        }
+        if now < self.held_until {
+            return Some(self.held_until);
         }
         // Reserves guarantee each class a minimum of every window: the drain leaves what live
         // requests have not yet used of theirs while live traffic is about (a live request
@@ -145,6 +164,9 @@ impl QuotaState {
         if let Some(at) = self.window.blocked_below(threshold.max(1), now) {
             return Some(at);
         }
+        if let Some(at) = self.fallback_blocked(cfg, now) {
+            return Some(at);
+        }
         if let Some(at) = self.client_blocked(ask, threshold.max(1)) {
             return Some(at);
         }
@@ -163,6 +185,18 @@ impl QuotaState {
             _ => {}
         }
         self.window.blocked_until(now)
+    }
+
+    /// While the shared ledger is unreachable: this replica's share is spent until then.
+    fn fallback_blocked(&mut self, cfg: &QuotaConfig, now: Time) -> Option<Time> {
+        let f = self.fallback?;
+        if now < f.first_end {
+            return (f.first_left == 0).then_some(f.first_end);
+        }
+        if f.per_window == 0 {
+            return Some(now + cfg.window);
+        }
+        self.window.blocked_below(f.per_window, now)
     }
 
     /// The client's hard cap, then its weighted share among the clients with parked writes

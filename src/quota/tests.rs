@@ -871,3 +871,69 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_synced_quota_starts_with_one_request_at_a_time_until_an_answer_says_what_is_left() {
+    // After a start, what other apps (or this proxy before a restart) spent of the CRM's window
+    // is unknown: one probe goes first.
+    let now = t("2026-01-01T00:00:00Z");
+    let ledger = Ledger::new(&[synced("m", 100, Duration::from_secs(60), 0)], None, now);
+    let q = [QuotaId(0)];
+    let probe = ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    let d = ledger.try_acquire(&Demand::live(&q), now).unwrap_err();
+    assert!(
+        d.retry_at > now,
+        "a second request waits for the probe's answer"
+    );
+    // The answer: 40 left. Requests go in parallel again, up to what the CRM said.
+    ledger.observe(
+        &[account(40, Some(now + Duration::from_secs(30)))],
+        &probe,
+        now,
+    );
+    drop(probe);
+    let parallel: Vec<_> = (0..5)
+        .map(|_| ledger.try_acquire(&Demand::live(&q), now).unwrap())
+        .collect();
+    assert_eq!(parallel.len(), 5);
+}
+
+#[test]
+fn a_fallback_share_allows_its_first_window_then_its_share_of_each_window() {
+    let now = t("2026-01-01T00:00:00Z");
+    let ledger = Ledger::new(
+        &[quota("m", 30, Duration::from_secs(10), WindowKind::Sliding)],
+        None,
+        now,
+    );
+    let q = [QuotaId(0)];
+    // Before the shared ledger became unreachable this replica granted 4 of its own.
+    for _ in 0..4 {
+        ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    }
+    let first_end = now + Duration::from_secs(10);
+    ledger.set_fallback(
+        QuotaId(0),
+        Some(super::Fallback {
+            first_end,
+            first_left: 2,
+            per_window: 10,
+        }),
+    );
+    // Until every earlier grant left the window: 2 more, then nothing.
+    for _ in 0..2 {
+        ledger.try_acquire(&Demand::live(&q), now).unwrap();
+    }
+    let d = ledger.try_acquire(&Demand::live(&q), now).unwrap_err();
+    assert_eq!(d.retry_at, first_end);
+    // After it: at most its share (10) of its own grants in any window.
+    let later = first_end + Duration::from_millis(1);
+    let mut granted = 0;
+    while ledger.try_acquire(&Demand::live(&q), later).is_ok() {
+        granted += 1;
+    }
+    assert_eq!(granted, 10, "the 6 earlier ones have left the 10 s window");
+    // Back to the shared ledger: the whole limit again.
+    ledger.set_fallback(QuotaId(0), None);
+    assert!(ledger.try_acquire(&Demand::live(&q), later).is_ok());
+}

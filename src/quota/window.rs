@@ -13,6 +13,17 @@ pub const EXACT_SLIDING_MAX_LIMIT: u32 = 65_536;
 /// Sub-windows of a bucketed sliding window: its conservatism is at most `window / BUCKETS`.
 pub const BUCKETS: u64 = 1_440;
 
+/// The grants a window counts now, as another ledger can take them in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shadow {
+    /// Each grant's time (an exact sliding window).
+    Times(Vec<Time>),
+    /// `count` grants in the fixed window `[start, end)`.
+    Count { start: Time, end: Time, count: u32 },
+    /// Counts per sub-window of `width` nanoseconds (a bucketed sliding window): `(index, count)`.
+    Buckets { width: u64, counts: Vec<(u64, u32)> },
+}
+
 /// The admission state of one quota's window.
 #[derive(Debug)]
 pub enum Window {
@@ -84,6 +95,40 @@ impl Window {
             Window::Log(w) => w.next_reset(now),
             Window::Buckets(w) => w.next_reset(now),
             Window::Fixed(w) => w.next_reset(now),
+        }
+    }
+
+    /// How long a grant counts (sliding windows: the window plus its margin; fixed: the window).
+    pub fn span(&self) -> Duration {
+        Duration::from_nanos(match self {
+            Window::Log(w) => w.span,
+            Window::Buckets(w) => w.span,
+            Window::Fixed(w) => w.window,
+        })
+    }
+
+    /// The grants the window counts at `now`.
+    pub fn shadow(&mut self, now: Time) -> Shadow {
+        match self {
+            Window::Log(w) => {
+                let first = w.first_live(now);
+                Shadow::Times((first..w.len).map(|i| Time::from_nanos(w.at(i))).collect())
+            }
+            Window::Buckets(w) => {
+                w.prune(now);
+                Shadow::Buckets {
+                    width: w.width,
+                    counts: w.buckets.iter().copied().collect(),
+                }
+            }
+            Window::Fixed(w) => {
+                w.roll(now);
+                Shadow::Count {
+                    start: Time::from_nanos(w.start),
+                    end: Time::from_nanos(w.end),
+                    count: w.count,
+                }
+            }
         }
     }
 

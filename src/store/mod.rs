@@ -3,6 +3,7 @@
 //! while the previous batch was being written.
 
 pub mod codec;
+mod grants;
 mod record;
 
 use std::fs::{self, File, OpenOptions};
@@ -16,6 +17,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use codec::{frame, unframe};
+pub use grants::{GRANT_LOG_FILE, GrantLog, LoggedGrant};
 pub use record::{Record, Recovered, RecoveredState, Stored, StoredResponse, replay};
 
 /// The log's file name in the data directory.

@@ -6,6 +6,7 @@ mod cli;
 mod crm_truth;
 mod durability;
 mod fairness;
+mod ledger;
 mod lifecycle;
 mod over_budget;
 mod support;

@@ -361,3 +361,165 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// A proxy served in this process (listeners on 127.0.0.1:0), without a simulated CRM of its
+/// own: several can share one.
+pub struct Served {
+    pub url: String,
+    pub admin: String,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<Result<Stopped, String>>,
+}
+
+impl Served {
+    pub async fn start(yaml: &str) -> Served {
+        let yaml = format!("listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n{yaml}");
+        let config = Config::from_yaml(&yaml, None).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let url = format!("http://{}", listeners.data.local_addr().unwrap());
+        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            config,
+            listeners,
+            Arc::new(SystemClock::new()),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Served {
+            url,
+            admin,
+            stop,
+            server,
+        }
+    }
+
+    pub async fn stop(self) -> Stopped {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap()
+    }
+}
+
+/// The Redis the shared-ledger tests use: `CRM_PROXY_TEST_REDIS` or `redis://127.0.0.1:6379`.
+/// Fails the test, saying how to start one, when none answers.
+pub fn redis_url() -> String {
+    let url = std::env::var("CRM_PROXY_TEST_REDIS")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
+    let addr = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let answered = std::net::TcpStream::connect_timeout(
+        &addr.parse().expect("a host:port Redis address"),
+        Duration::from_secs(2),
+    )
+    .and_then(|mut s| {
+        use std::io::{Read, Write};
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"PING\r\n")?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf)?;
+        Ok(buf[..n].starts_with(b"+PONG"))
+    })
+    .unwrap_or(false);
+    assert!(
+        answered,
+        "this test needs Redis at {url} and none answers: start one with \
+         `redis-server --daemonize yes --port 6379 --save \"\" --appendonly no` \
+         (or point CRM_PROXY_TEST_REDIS at one); .ci/run starts it when missing"
+    );
+    url
+}
+
+/// A key prefix no other test (or earlier run) uses.
+pub fn unique_prefix(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("test-{name}-{nanos:x}")
+}
+
+/// A `redis-server` of this test's own on a free port, stopped (SIGKILL) on drop.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    persistent: bool,
+}
+
+impl OwnRedis {
+    /// Starts one; `persistent`: `appendonly yes` + `appendfsync always` in a directory of its
+    /// own (else nothing is kept across a restart).
+    pub async fn start(persistent: bool) -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = OwnRedis {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            persistent,
+        };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it again on the same port (and directory) after a kill.
+    pub async fn restart(&mut self) {
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--dir", self.dir.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        if self.persistent {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("this test starts its own redis-server and cannot ({e}): install Debian's redis-server package (.ci/run does)")
+        });
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        eventually(
+            "the test's redis-server to answer",
+            Duration::from_secs(10),
+            || {
+                let addr = addr.clone();
+                async move { std::net::TcpStream::connect(&addr).ok().map(|_| ()) }
+            },
+        )
+        .await;
+    }
+
+    /// SIGKILL: no shutdown, no last save.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
