@@ -10,17 +10,7 @@
 -- epoch} when the ledger's epoch is not the caller's (state lost, or re-seeded: sync first);
 -- {-2, now} when no candidate fixed window contains now (the caller's clock is far off).
 
-local spec = cjson.decode(ARGV[1])
-
-local now
-if spec.t then
-  now = spec.t
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local hw = tonumber(redis.call('GET', KEYS[1]) or '0')
-if now < hw then now = hw else redis.call('SET', KEYS[1], now) end
+-- (clock.lua, prepended, sets `spec`, `now`, `k` and `ms`.)
 
 local epoch = redis.call('GET', KEYS[2])
 if (not epoch) or epoch ~= spec.e then
@@ -33,8 +23,6 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - spec.fgt)
 local alive = redis.call('ZCOUNT', KEYS[3], now - spec.sil, '+inf')
 local silent = redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. (now - spec.sil))
 
-local function k(i) return KEYS[i] end
-local function ms(us) return math.ceil(us / 1000) end
 
 -- Windows --------------------------------------------------------------------------------
 

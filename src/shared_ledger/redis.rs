@@ -135,8 +135,11 @@ impl RedisLedger {
             cfg,
             quotas,
             conn,
-            decide: Script::new(include_str!("decide.lua")),
-            sync: Script::new(include_str!("sync.lua")),
+            decide: Script::new(concat!(
+                include_str!("clock.lua"),
+                include_str!("decide.lua")
+            )),
+            sync: Script::new(concat!(include_str!("clock.lua"), include_str!("sync.lua"))),
             instance: random_hex(4),
             seq: AtomicU64::new(0),
             out_ttl: request_timeout + IN_FLIGHT_SLACK,

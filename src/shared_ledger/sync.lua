@@ -4,20 +4,11 @@
 -- KEYS[1] clock, KEYS[2] epoch, KEYS[3] replicas, KEYS[4] epoch each replica last synced in;
 -- the spec's windows name the other keys by index.
 --
--- Reply: {created, now, epoch, synced replica...} (the replicas synced in this epoch); {-1, now, epoch} when the caller pushed only
--- its fallback grants but the ledger's epoch is not its own (it must push everything).
+-- Reply: {created, now, epoch, synced replica...} (the replicas synced in this epoch);
+-- {-1, now, epoch} when the caller pushed only its fallback grants but the ledger's epoch is not
+-- its own (it must push everything).
 
-local spec = cjson.decode(ARGV[1])
-
-local now
-if spec.t then
-  now = spec.t
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local hw = tonumber(redis.call('GET', KEYS[1]) or '0')
-if now < hw then now = hw else redis.call('SET', KEYS[1], now) end
+-- (clock.lua, prepended, sets `spec`, `now`, `k` and `ms`.)
 
 local created = 0
 local epoch = redis.call('GET', KEYS[2])
@@ -30,8 +21,6 @@ if epoch ~= spec.e and not spec.full then
   return {-1, now, epoch}
 end
 
-local function k(i) return KEYS[i] end
-local function ms(us) return math.ceil(us / 1000) end
 
 for _, p in ipairs(spec.push) do
   if p.kind == 's' then

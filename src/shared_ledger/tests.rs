@@ -82,7 +82,10 @@ fn decide(
         u: Updates::default(),
         q,
     };
-    let script = Script::new(include_str!("decide.lua"));
+    let script = Script::new(concat!(
+        include_str!("clock.lua"),
+        include_str!("decide.lua")
+    ));
     let mut inv = script.prepare_invoke();
     for k in keys.names() {
         inv.key(k);
@@ -113,7 +116,7 @@ fn join(conn: &mut redis::Connection, tag: &str, t: Time) {
         g: "join".into(),
         push: Vec::new(),
     };
-    let script = Script::new(include_str!("sync.lua"));
+    let script = Script::new(concat!(include_str!("clock.lua"), include_str!("sync.lua")));
     let mut inv = script.prepare_invoke();
     for k in keys.names() {
         inv.key(k);

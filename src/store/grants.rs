@@ -3,14 +3,14 @@
 //! daily allowance the CRM never reports, say). Framed and checked like the parked-write log; a
 //! torn tail is cut, and the log is rewritten to what the open windows still count once it grows.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::StoreError;
 use super::codec::{Malformed, Reader, Writer, frame, unframe};
+use super::{StoreError, replace_file};
 
 /// The grant log's file name in the data directory.
 pub const GRANT_LOG_FILE: &str = "grants.log";
@@ -100,19 +100,7 @@ impl GrantLog {
     /// renamed over the old one.
     pub fn rewrite(&self, grants: &[LoggedGrant]) -> std::io::Result<()> {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let path = self.dir.join(GRANT_LOG_FILE);
-        let tmp = self.dir.join(format!("{GRANT_LOG_FILE}.tmp"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&encode(grants))?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        File::open(&self.dir)?.sync_all()?;
-        *file = OpenOptions::new().append(true).open(&path)?;
+        *file = replace_file(&self.dir, GRANT_LOG_FILE, &encode(grants))?;
         Ok(())
     }
 }
@@ -132,9 +120,9 @@ mod tests {
         drop(log);
         // A torn last batch (a crash mid-write) is cut; the batches before it stay.
         let path = dir.path().join(GRANT_LOG_FILE);
-        let mut data = fs::read(&path).unwrap();
+        let mut data = std::fs::read(&path).unwrap();
         data.extend_from_slice(&[9, 0, 0, 0, 1, 2]);
-        fs::write(&path, &data).unwrap();
+        std::fs::write(&path, &data).unwrap();
         let (log, found) = GrantLog::open(dir.path()).unwrap();
         assert_eq!(
             found,

@@ -224,6 +224,24 @@ impl Store {
     }
 }
 
+/// Replaces `dir/name` with `contents` as one step a crash cannot tear: a new file (0600),
+/// synced, renamed over the old one, the directory synced. Returns the new file, for appending.
+fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<File> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    File::open(dir)?.sync_all()?;
+    OpenOptions::new().append(true).open(&path)
+}
+
 /// Creates the data directory (0700) and takes an exclusive lock on it.
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     fs::DirBuilder::new()
@@ -327,18 +345,7 @@ impl LogWriter {
 
     /// Writes `snapshot` to a new file and renames it over the log.
     fn replace(&mut self, snapshot: &[u8]) -> std::io::Result<()> {
-        let tmp = self.dir.join(format!("{LOG_FILE}.tmp"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(snapshot)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        File::open(&self.dir)?.sync_all()?;
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file = replace_file(&self.dir, LOG_FILE, snapshot)?;
         self.good = snapshot.len() as u64;
         self.stats.log_bytes.store(self.good, Ordering::Relaxed);
         tracing::info!(bytes = self.good, "compacted the parked-write log");

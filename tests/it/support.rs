@@ -100,8 +100,7 @@ pub struct Harness {
     pub url: String,
     pub admin: String,
     pub client: HttpClient,
-    stop: oneshot::Sender<()>,
-    server: JoinHandle<Result<Stopped, String>>,
+    served: Served,
 }
 
 impl Harness {
@@ -114,27 +113,13 @@ impl Harness {
     }
 
     pub async fn with_config(sim: Sim, yaml: &str) -> Harness {
-        let yaml = format!("listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n{yaml}");
-        let config = Config::from_yaml(&yaml, None).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-        let listeners = Listeners::bind(&config).await.unwrap();
-        let url = format!("http://{}", listeners.data.local_addr().unwrap());
-        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            config,
-            listeners,
-            Arc::new(SystemClock::new()),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let served = Served::start(yaml).await;
         Harness {
             sim,
-            url,
-            admin,
+            url: served.url.clone(),
+            admin: served.admin.clone(),
             client: client(),
-            stop,
-            server,
+            served,
         }
     }
 
@@ -216,9 +201,7 @@ impl Harness {
     /// Stops the proxy (as on SIGTERM) and returns what it reported. (Dropping a harness stops
     /// it too: the stop channel closes.)
     pub async fn stop(self) -> (Stopped, Sim) {
-        let _ = self.stop.send(());
-        let stopped = self.server.await.unwrap().unwrap();
-        (stopped, self.sim)
+        (self.served.stop().await, self.sim)
     }
 }
 
