@@ -11,6 +11,9 @@
 //!   parked write goes.
 //! - `loadgen memory BIN ENTRIES`: the proxy binary's resident memory before and after ENTRIES
 //!   parked 1 KiB ticket creates (memory store), and the overhead per entry beyond its body.
+//! - `loadgen ledger REDIS_URL REPLICAS SECS`: REPLICAS ledgers in this process sharing one
+//!   account on Redis, each deciding (its own grant, then the shared ledger's script call) as
+//!   fast as it can for SECS: decision latency (p50, p99) and decisions per second.
 //! - `loadgen scrape BIN ENTRIES RATE SECS ROUNDS`: with ENTRIES parked writes in the proxy's
 //!   queue, live reads at a fixed RATE for SECS, alone and while `/metrics` and `/status` are
 //!   scraped every 100 ms, alternating for ROUNDS rounds: what the scrapes add to the live p99
@@ -39,7 +42,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> &str {
         args.get(i).map(String::as_str).unwrap_or_else(|| {
-            eprintln!("usage: loadgen rate URL RATE SECS | backlog BIN sliding|fixed LIMIT WINDOW_SECS WINDOWS | memory BIN ENTRIES | scrape BIN ENTRIES RATE SECS ROUNDS");
+            eprintln!("usage: loadgen rate URL RATE SECS | backlog BIN sliding|fixed LIMIT WINDOW_SECS WINDOWS | memory BIN ENTRIES | scrape BIN ENTRIES RATE SECS ROUNDS | ledger REDIS_URL REPLICAS SECS");
             std::process::exit(64)
         })
     };
@@ -64,6 +67,7 @@ fn main() {
             num(5),
         )),
         "memory" => rt.block_on(memory(Path::new(arg(1)), num(2) as usize)),
+        "ledger" => rt.block_on(ledger(arg(1), num(2) as usize, num(3))),
         "scrape" => rt.block_on(scrape(
             Path::new(arg(1)),
             num(2) as usize,
@@ -522,6 +526,76 @@ async fn scrape(bin: &Path, entries: usize, per_second: u64, secs: u64, rounds: 
         "parked={parked} rate={per_second} rounds={rounds} errors={errors} p99_us_quiet={p99_quiet} p99_us_scraped={p99_scraped} added_pct={:.1} scrapes={} scrape_p50_us={} scrape_p99_us={} scrape_max_us={}",
         (p99_scraped as f64 / p99_quiet.max(1) as f64 - 1.0) * 100.0,
         took.len(),
+        percentile(&took, 50.0),
+        percentile(&took, 99.0),
+        took.last().map_or(0, Duration::as_micros),
+    )
+}
+
+/// Decisions through the shared ledger: `replicas` ledgers of one account, each deciding in a
+/// loop of its own for `secs`.
+async fn ledger(redis: &str, replicas: usize, secs: u64) -> String {
+    use crm_quota_proxy::clock::SystemClock;
+    use crm_quota_proxy::config::Config;
+    use crm_quota_proxy::ids::QuotaId;
+    use crm_quota_proxy::metrics::Metrics;
+    use crm_quota_proxy::quota::{Demand, Ledger};
+    use crm_quota_proxy::shared_ledger::{Admission, SharedLedger, demand};
+
+    let prefix = format!("bench-{:x}", unix_ns());
+    let mut tasks = Vec::new();
+    let start = Instant::now() + Duration::from_millis(200);
+    for r in 0..replicas {
+        // A minute and a day quota that never bind: what is measured is the round trip.
+        let yaml = format!(
+            "upstream: {{ url: http://127.0.0.1:9 }}\n\
+             ledger: {{ store: redis, url: \"{redis}\", key_prefix: {prefix}, replicas: {replicas}, replica_id: bench-{r} }}\n\
+             quotas:\n  - {{ name: minute, limit: 6000000, window: 1m }}\n  - {{ name: day, limit: 60000000, window: 1d, kind: fixed }}\n"
+        );
+        let config = Config::from_yaml(&yaml, None).expect("bench config");
+        let clock = SystemClock::shared();
+        let metrics = Arc::new(Metrics::new(
+            &["default"],
+            &["minute", "day"],
+            &[],
+            &["default"],
+        ));
+        let local = Ledger::for_config(&config, clock.now());
+        let shared = SharedLedger::new(&config, clock.clone(), metrics).expect("ledger");
+        shared.start(&local).await;
+        tasks.push(tokio::spawn(async move {
+            let quotas = [QuotaId(0), QuotaId(1)];
+            let asked = demand(&quotas, &[]);
+            tokio::time::sleep_until(start.into()).await;
+            let (mut took, mut refused) = (Vec::new(), 0usize);
+            while start.elapsed() < Duration::from_secs(secs) {
+                let began = Instant::now();
+                let now = clock.now();
+                let mut grant = local
+                    .try_acquire(&Demand::live(&quotas), now)
+                    .expect("room");
+                if let Admission::Denied { .. } =
+                    shared.admit(&local, &asked, &mut grant, now).await
+                {
+                    refused += 1;
+                }
+                took.push(began.elapsed());
+            }
+            (took, refused)
+        }));
+    }
+    let mut took = Vec::new();
+    let mut refused = 0;
+    for t in tasks {
+        let (t, r) = t.await.expect("replica");
+        took.extend(t);
+        refused += r;
+    }
+    took.sort();
+    format!(
+        "replicas={replicas} decisions={} refused={refused} per_second={:.0} p50_us={} p99_us={} max_us={}",
+        took.len(),
+        took.len() as f64 / secs as f64,
         percentile(&took, 50.0),
         percentile(&took, 99.0),
         took.last().map_or(0, Duration::as_micros),

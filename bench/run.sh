@@ -7,7 +7,9 @@
 #      how soon a window's first parked write goes), with a sliding and with a fixed local window;
 #   3. memory: resident size with 100,000 parked 1 KiB writes;
 #   4. scrapes under a backlog: live reads at 1,000 req/s with 100,000 parked writes, alone and
-#      while /metrics and /status are scraped every 100 ms.
+#      while /metrics and /status are scraped every 100 ms;
+#   5. the shared ledger: the fixed-rate run through a proxy whose ledger is on Redis (a
+#      redis-server of the harness's own), and decisions through Redis from 1 and 3 replicas.
 # Prints a Markdown report. Everything binds 127.0.0.1 only.
 #
 #   bench/run.sh            the full run (about 10 minutes; release build)
@@ -18,11 +20,11 @@ cd "$(dirname "$0")/.."
 SMOKE=0
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
 if ((SMOKE)); then
-    PROFILE=debug ROUNDS=1 SAT_SECS=1 RATE=200 RATE_SECS=2 ENTRIES=2000 SCRAPE_ARGS=(2000 200 2 1)
+    PROFILE=debug ROUNDS=1 SAT_SECS=1 RATE=200 RATE_SECS=2 ENTRIES=2000 SCRAPE_ARGS=(2000 200 2 1) LEDGER_SECS=1
     BACKLOG_ARGS=(10 2 1)
     BUILD=(cargo build --bin crm-quota-proxy --example loadgen)
 else
-    PROFILE=release ROUNDS=3 SAT_SECS=8 RATE=1000 RATE_SECS=10 ENTRIES=100000 SCRAPE_ARGS=(100000 1000 10 3)
+    PROFILE=release ROUNDS=3 SAT_SECS=8 RATE=1000 RATE_SECS=10 ENTRIES=100000 SCRAPE_ARGS=(100000 1000 10 3) LEDGER_SECS=10
     BACKLOG_ARGS=(100 10 4)
     BUILD=(cargo build --release --bin crm-quota-proxy --example loadgen)
 fi
@@ -35,6 +37,7 @@ install() {
 }
 command -v wrk >/dev/null || install wrk
 command -v nginx >/dev/null || install nginx-light
+command -v redis-server >/dev/null || install redis-server
 NGINX=$(command -v nginx)
 
 "${BUILD[@]}" >&2
@@ -62,6 +65,7 @@ wait_port() {
     exit 1
 }
 UP=$(free_port) NGX=$(free_port) PX=$(free_port) PXA=$(free_port)
+RP=$(free_port) PXR=$(free_port) PXRA=$(free_port)
 
 # The fast upstream: nginx answering every request with a small JSON body.
 nginx_conf() { # name workers server-block
@@ -102,10 +106,18 @@ routes:
 EOF
 RUST_LOG=warn "$BIN" run --config "$WORK/proxy.yaml" 2>"$WORK/proxy.log" &
 PIDS+=($!)
-wait_port "$UP"; wait_port "$NGX"; wait_port "$PX"
+# The same proxy with its ledger on Redis (the harness's own, nothing kept on disk).
+redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
+PIDS+=($!)
+wait_port "$RP"
+sed -e "s/127.0.0.1:$PX,/127.0.0.1:$PXR,/" -e "s/127.0.0.1:$PXA }/127.0.0.1:$PXRA }/" "$WORK/proxy.yaml" >"$WORK/proxy-redis.yaml"
+echo "ledger: { store: redis, url: \"redis://127.0.0.1:$RP\", key_prefix: bench, replica_id: bench }" >>"$WORK/proxy-redis.yaml"
+RUST_LOG=warn "$BIN" run --config "$WORK/proxy-redis.yaml" 2>"$WORK/proxy-redis.log" &
+PIDS+=($!)
+wait_port "$UP"; wait_port "$NGX"; wait_port "$PX"; wait_port "$PXR"
 
 PATH_Q="/api/v2/users/search.json?query=ada"
-declare -A URL=([direct]="http://127.0.0.1:$UP$PATH_Q" [proxy]="http://127.0.0.1:$PX$PATH_Q" [nginx]="http://127.0.0.1:$NGX$PATH_Q")
+declare -A URL=([direct]="http://127.0.0.1:$UP$PATH_Q" [proxy]="http://127.0.0.1:$PX$PATH_Q" [nginx]="http://127.0.0.1:$NGX$PATH_Q" [proxy_redis]="http://127.0.0.1:$PXR$PATH_Q")
 cat >"$WORK/report.lua" <<'EOF'
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -125,6 +137,9 @@ for round in $(seq 1 "$ROUNDS"); do
         line=$("$LOADGEN" rate "${URL[$target]}" "$RATE" "$RATE_SECS")
         echo "rate $target $line" >>"$RESULTS"
     done
+    echo "bench: round $round, proxy with its ledger on Redis" >&2
+    line=$("$LOADGEN" rate "${URL[proxy_redis]}" "$RATE" "$RATE_SECS")
+    echo "rate proxy_redis $line" >>"$RESULTS"
 done
 
 echo "bench: backlog runs" >&2
@@ -133,6 +148,10 @@ for kind in sliding fixed; do
 done
 echo "bench: memory run" >&2
 echo "memory - $("$LOADGEN" memory "$BIN" "$ENTRIES")" >>"$RESULTS"
+echo "bench: decisions through the shared ledger" >&2
+for n in 1 3; do
+    echo "ledger $n $("$LOADGEN" ledger "redis://127.0.0.1:$RP" "$n" "$LEDGER_SECS")" >>"$RESULTS"
+done
 echo "bench: scrapes under a backlog" >&2
 echo "scrape - $("$LOADGEN" scrape "$BIN" "${SCRAPE_ARGS[@]}")" >>"$RESULTS"
 
@@ -158,7 +177,9 @@ for kind, title in (("saturation", "saturation (wrk, 1 thread, 32 connections)")
     print(f"{title}:\n")
     print("| target | req/s | p50 | p99 | p99.9 | errors |")
     print("|---|---|---|---|---|---|")
-    for t in ("direct", "proxy", "nginx"):
+    for t in ("direct", "proxy", "nginx", "proxy_redis"):
+        if (kind, t) not in rows:
+            continue
         errors = sum(int(r["errors"]) for r in rows[(kind, t)])
         if errors:
             failed.append(f"{kind} {t}: {errors} errors")
@@ -172,7 +193,17 @@ print(f"- saturation throughput: proxy/direct {s('proxy', 'rps') / s('direct', '
 print(f"- p99 at {rate} req/s: proxy/direct {r('proxy', 'p99_us') / r('direct', 'p99_us'):.2f}, "
       f"proxy/nginx {r('proxy', 'p99_us') / r('nginx', 'p99_us'):.2f}; added by the proxy "
       f"{(r('proxy', 'p99_us') - r('direct', 'p99_us')) / 1e3:.2f} ms, by nginx "
-      f"{(r('nginx', 'p99_us') - r('direct', 'p99_us')) / 1e3:.2f} ms\n")
+      f"{(r('nginx', 'p99_us') - r('direct', 'p99_us')) / 1e3:.2f} ms; added by the shared ledger "
+      f"on Redis (proxy_redis over proxy) {(r('proxy_redis', 'p99_us') - r('proxy', 'p99_us')) / 1e3:.2f} ms\n")
+print("| decisions through the shared ledger (Redis on loopback) | decisions/s | p50 | p99 | refused |")
+print("|---|---|---|---|---|")
+for n in ("1", "3"):
+    d = rows[("ledger", n)][0]
+    if d["refused"] != "0":
+        failed.append(f"ledger {n}: {d['refused']} refused")
+    print(f"| {n} replica{'s' if n != '1' else ''} | {int(d['per_second']):,} | {int(d['p50_us']) / 1e3:.2f} ms "
+          f"| {int(d['p99_us']) / 1e3:.2f} ms | {d['refused']} |")
+print()
 print("| backlog run | offered | tickets | CRM 429s | whole windows | utilization | first drained call after a window opens (p50 / max) |")
 print("|---|---|---|---|---|---|---|")
 for k in ("sliding", "fixed"):

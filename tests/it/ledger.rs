@@ -378,3 +378,38 @@ async fn a_restart_late_in_the_day_sends_nothing_more_with_the_shared_ledger() {
     let prefix = unique_prefix("day");
     restart_late_in_the_day(Some((&redis, &prefix))).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_start_a_synced_quota_probes_before_sending_in_parallel() {
+    // The CRM's window is already spent (by another app, or by this proxy before a restart):
+    // a freshly started proxy must not send its backlog into it all at once.
+    let sim = Sim::start(SimConfig::new(20, Duration::from_secs(10)))
+        .await
+        .unwrap();
+    sim.spend_elsewhere(20);
+    let yaml = format!(
+        "upstream: {{ url: \"{}\", crm: zendesk }}\n\
+         queue: {{ max_in_flight: 8 }}\n\
+         quotas:\n  - {{ name: calls, limit: 20, window: 10s, sync: account, margin: 100ms }}\n\
+         routes:\n  - {{ name: ticket-create, methods: [POST], path: /api/v2/tickets.json, on_limit: queue, max_wait: 0s }}\n",
+        sim.url()
+    );
+    let proxy = Served::start(&yaml).await;
+    let client = client();
+    let creates: Vec<_> = (0..8)
+        .map(|i| {
+            let (client, base) = (client.clone(), proxy.url.clone());
+            tokio::spawn(async move { create(&client, &base, &format!("probe-{i}")).await })
+        })
+        .collect();
+    for c in creates {
+        assert!(c.await.unwrap().is_some());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = sim.stats();
+    assert!(
+        stats.throttled <= 1,
+        "one probe met the spent window, the rest waited for its answer: {stats:?}"
+    );
+    proxy.stop().await;
+}
