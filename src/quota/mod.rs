@@ -2,6 +2,7 @@
 //! (only ever downwards) by what the CRM reports about its own counters.
 
 mod keyed;
+mod learn;
 mod pace;
 mod shadow;
 mod share;
@@ -9,23 +10,22 @@ mod state;
 pub mod window;
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-
 use tokio::sync::Notify;
 
 use serde::Serialize;
 
 use crate::clock::Time;
 use crate::config::{ClientConfig, Fairness, Pace, QuotaConfig, WindowKind};
-use crate::crm::Observation;
 use crate::ids::{ClientId, QuotaId};
 use crate::units::format_duration;
 use keyed::Keyed;
+pub use learn::Learned;
+use learn::start_probe;
 use pace::Pacer;
 use share::ClientUse;
 pub use share::WaitingBoard;
 pub use state::Fallback;
-use state::{Ask, Cap, QuotaState, Sharing, same_reset};
+use state::{Ask, QuotaState, Sharing};
 use window::Window;
 
 /// What a request asks of the ledger.
@@ -224,13 +224,6 @@ pub struct Ledger {
     board: Arc<WaitingBoard>,
 }
 
-/// What applying a response's observations changed, for metrics.
-#[derive(Debug, Default)]
-pub struct Learned {
-    /// (quota, CRM remaining, CRM limit) for each quota an observation matched.
-    pub reported: Vec<(QuotaId, Option<u64>, Option<u64>)>,
-}
-
 impl Ledger {
     /// A ledger with one client (`default`) and no live/drain reserves.
     pub fn new(configs: &[QuotaConfig], pace: Option<Pace>, now: Time) -> Ledger {
@@ -423,95 +416,6 @@ impl Ledger {
             .collect()
     }
 
-    /// Quotas whose `sync` names this CRM scope.
-    pub fn synced_to(&self, scope: &str) -> Vec<QuotaId> {
-        self.configs
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.sync.as_deref() == Some(scope))
-            .map(|(i, _)| QuotaId(i))
-            .collect()
-    }
-
-    /// Applies what the CRM said in its answer to the request behind `grant`. Only quotas that
-    /// request consumed and that sync to the observation's scope are affected, and only ever made
-    /// stricter than their local window: at most `remaining - reserve` more grants after the
-    /// request, until the CRM's reset (or, without one, for a short while). An extra cost (the
-    /// CRM charged more than one call) is charged to the local window too.
-    pub fn observe(&self, observations: &[Observation], grant: &Grant, now: Time) -> Learned {
-        let mut learned = Learned::default();
-        if observations.is_empty() {
-            return learned;
-        }
-        let mut inner = self.lock();
-        for &(q, mark) in &grant.marks {
-            let cfg = &self.configs[q.0];
-            let Some(scope) = cfg.sync.as_deref() else {
-                continue;
-            };
-            let Some(obs) = observations.iter().find(|o| o.scope == scope) else {
-                continue;
-            };
-            let state = &mut inner.quotas[q.0];
-            if let Some(cost) = obs.cost {
-                for _ in 1..cost.min(u64::from(cfg.limit)) {
-                    state.window.charge(now);
-                }
-                state.grants += cost.saturating_sub(1);
-            }
-            state.crm_limit = obs.limit.or(state.crm_limit);
-            state.crm_remaining = obs.remaining.or(state.crm_remaining);
-            learned.reported.push((q, obs.remaining, obs.limit));
-            let Some(remaining) = obs.remaining else {
-                continue;
-            };
-            let until = obs
-                .reset
-                .unwrap_or_else(|| default_hold(cfg, &mut state.window, now));
-            let mut cap = Cap {
-                ceiling: mark + remaining.saturating_sub(u64::from(cfg.reserve)),
-                until,
-                mark,
-                period: obs.reset.map(|_| cfg.window),
-                confirmed: true,
-            };
-            if let Some(old) = state.cap {
-                cap.until = same_reset(old, cap, cfg.window).unwrap_or(cap.until);
-            }
-            state.cap = match state.cap {
-                // An answer to an older request says less than the one already applied.
-                Some(old) if now < old.until && old.mark > mark => Some(old),
-                _ => Some(cap),
-            };
-        }
-        learned
-    }
-
-    /// Pauses `quotas` until `until` (never shortens an existing pause); returns how much pause
-    /// each quota gained.
-    pub fn freeze(&self, quotas: &[QuotaId], until: Time, now: Time) -> Vec<(QuotaId, Duration)> {
-        let mut inner = self.lock();
-        quotas
-            .iter()
-            .map(|&q| {
-                let state = &mut inner.quotas[q.0];
-                let gained = until.saturating_since(state.frozen_until.max(now));
-                state.frozen_until = state.frozen_until.max(until);
-                (q, gained)
-            })
-            .collect()
-    }
-
-    /// When the current window of a quota ends (fixed), or one window from now (sliding).
-    pub fn window_end(&self, q: QuotaId, now: Time) -> Time {
-        let mut inner = self.lock();
-        let cfg = &self.configs[q.0];
-        match &mut inner.quotas[q.0].window {
-            Window::Fixed(w) => w.bounds(now).1,
-            _ => now + cfg.window,
-        }
-    }
-
     fn remaining(cfg: &QuotaConfig, state: &mut QuotaState, now: Time) -> u32 {
         if now < state.frozen_until {
             return 0;
@@ -598,39 +502,9 @@ impl Ledger {
             .collect()
     }
 
-    /// Until when a CRM report about `q` without a reset holds, from `now`.
-    pub fn default_hold_until(&self, q: QuotaId, now: Time) -> Time {
-        let mut inner = self.lock();
-        default_hold(&self.configs[q.0], &mut inner.quotas[q.0].window, now)
-    }
-
     /// The window length of a quota in whole seconds (for `RateLimit-Policy`).
     pub fn window_secs(&self, q: QuotaId) -> u64 {
         self.configs[q.0].window.as_secs()
-    }
-}
-
-/// A synced quota starts with a probe: what other apps (or this proxy before a restart) spent of
-/// the CRM's window is unknown until an answer tells, so until then requests go one at a time.
-/// An answer that reports what remains replaces it; without one it lapses like a report without
-/// a reset would.
-fn start_probe(q: &QuotaConfig, now: Time) -> Cap {
-    Cap {
-        ceiling: u64::MAX,
-        until: now + q.window.min(Duration::from_secs(60)),
-        mark: 0,
-        period: None,
-        confirmed: false,
-    }
-}
-
-/// How long an observation without a reset holds: to the end of a fixed window, else briefly
-/// (a rolling window has no reset instant; the next answer refreshes it, and with no traffic the
-/// quota is probed again after this).
-fn default_hold(cfg: &QuotaConfig, window: &mut Window, now: Time) -> Time {
-    match window {
-        Window::Fixed(w) => w.bounds(now).1,
-        _ => now + cfg.window.min(Duration::from_secs(60)),
     }
 }
 
