@@ -8,7 +8,8 @@
 //!   the simulated CRM (an epoch-aligned fixed window of LIMIT calls, Zendesk headers), with its
 //!   quota of that kind; ticket creates offered at three times the budget for WINDOWS windows,
 //!   then drained: quota utilization, CRM 429s, and how soon after a window opens the first
-//!   parked write goes.
+//!   parked write goes. `loadgen backlog BIN KIND LIMIT WINDOW_SECS WINDOWS REDIS_URL REPLICAS`:
+//!   the same with REPLICAS proxies sharing one ledger on Redis, the creates spread over them.
 //! - `loadgen memory BIN ENTRIES`: the proxy binary's resident memory before and after ENTRIES
 //!   parked 1 KiB ticket creates (memory store), and the overhead per entry beyond its body.
 //! - `loadgen ledger REDIS_URL REPLICAS SECS`: REPLICAS ledgers in this process sharing one
@@ -42,7 +43,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> &str {
         args.get(i).map(String::as_str).unwrap_or_else(|| {
-            eprintln!("usage: loadgen rate URL RATE SECS | backlog BIN sliding|fixed LIMIT WINDOW_SECS WINDOWS | memory BIN ENTRIES | scrape BIN ENTRIES RATE SECS ROUNDS | ledger REDIS_URL REPLICAS SECS");
+            eprintln!("usage: loadgen rate URL RATE SECS | backlog BIN sliding|fixed LIMIT WINDOW_SECS WINDOWS [REDIS_URL REPLICAS] | memory BIN ENTRIES | scrape BIN ENTRIES RATE SECS ROUNDS | ledger REDIS_URL REPLICAS SECS");
             std::process::exit(64)
         })
     };
@@ -65,6 +66,7 @@ fn main() {
             num(3) as u32,
             num(4),
             num(5),
+            args.get(6).map(|url| (url.as_str(), num(7) as usize)),
         )),
         "memory" => rt.block_on(memory(Path::new(arg(1)), num(2) as usize)),
         "ledger" => rt.block_on(ledger(arg(1), num(2) as usize, num(3))),
@@ -284,7 +286,14 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-async fn backlog(bin: &Path, kind: &str, limit: u32, window_secs: u64, windows: u64) -> String {
+async fn backlog(
+    bin: &Path,
+    kind: &str,
+    limit: u32,
+    window_secs: u64,
+    windows: u64,
+    shared: Option<(&str, usize)>,
+) -> String {
     let window = Duration::from_secs(window_secs);
     let sim = Sim::start(SimConfig::new(limit, window))
         .await
@@ -299,7 +308,20 @@ async fn backlog(bin: &Path, kind: &str, limit: u32, window_secs: u64, windows: 
          routes:\n  - {{ name: ticket-create, methods: [POST], path: /api/v2/tickets.json, on_limit: queue, max_wait: 0s }}\n",
         sim.url()
     );
-    let proxy = Proxy::start(bin, &yaml);
+    let proxies: Vec<Proxy> = match shared {
+        None => vec![Proxy::start(bin, &yaml)],
+        Some((redis, n)) => {
+            let prefix = format!("bench-backlog-{:x}", unix_ns());
+            (0..n)
+                .map(|r| {
+                    let ledger = format!(
+                        "ledger: {{ store: redis, url: \"{redis}\", key_prefix: {prefix}, replicas: {n}, replica_id: r{r} }}\n"
+                    );
+                    Proxy::start(bin, &format!("{yaml}{ledger}"))
+                })
+                .collect()
+        }
+    };
     let client = client();
     // Start at a window boundary of the CRM, so the first window is a whole one.
     let w_ns = window.as_nanos() as u64;
@@ -312,6 +334,7 @@ async fn backlog(bin: &Path, kind: &str, limit: u32, window_secs: u64, windows: 
     let mut tasks = Vec::new();
     for i in 0..offered {
         tokio::time::sleep_until(start + interval * i as u32).await;
+        let proxy = &proxies[i as usize % proxies.len()];
         let (client, url) = (
             client.clone(),
             format!("{}/api/v2/tickets.json", proxy.data),
@@ -328,9 +351,12 @@ async fn backlog(bin: &Path, kind: &str, limit: u32, window_secs: u64, windows: 
     for t in tasks {
         let _ = t.await;
     }
-    let drained = proxy
-        .drained(&client, window * (3 * windows as u32 + 3))
-        .await;
+    let mut drained = true;
+    for proxy in &proxies {
+        drained &= proxy
+            .drained(&client, window * (3 * windows as u32 + 3))
+            .await;
+    }
     let stats = sim.stats();
     let times = sim.accepted_times();
     let first = times.first().map_or(0, |t| t / w_ns);
@@ -350,7 +376,8 @@ async fn backlog(bin: &Path, kind: &str, limit: u32, window_secs: u64, windows: 
     delays.sort();
     sim.shutdown().await;
     format!(
-        "kind={kind} offered={offered} parked={} refused={} drained={drained} tickets={} crm_429={} windows={} utilization={:.4} first_call_p50_ms={:.0} first_call_max_ms={:.0}",
+        "kind={kind} replicas={} offered={offered} parked={} refused={} drained={drained} tickets={} crm_429={} windows={} utilization={:.4} first_call_p50_ms={:.0} first_call_max_ms={:.0}",
+        proxies.len(),
         parked.load(Ordering::Relaxed),
         refused.load(Ordering::Relaxed),
         stats.tickets,

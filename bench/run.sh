@@ -9,7 +9,8 @@
 #   4. scrapes under a backlog: live reads at 1,000 req/s with 100,000 parked writes, alone and
 #      while /metrics and /status are scraped every 100 ms;
 #   5. the shared ledger: the fixed-rate run through a proxy whose ledger is on Redis (a
-#      redis-server of the harness's own), and decisions through Redis from 1 and 3 replicas.
+#      redis-server of the harness's own), decisions through Redis from 1 and 3 replicas, and
+#      the backlog run (sliding) through three replicas sharing that ledger.
 # Prints a Markdown report. Everything binds 127.0.0.1 only.
 #
 #   bench/run.sh            the full run (about 10 minutes; release build)
@@ -146,6 +147,7 @@ echo "bench: backlog runs" >&2
 for kind in sliding fixed; do
     echo "backlog $kind $("$LOADGEN" backlog "$BIN" "$kind" "${BACKLOG_ARGS[@]}")" >>"$RESULTS"
 done
+echo "backlog shared $("$LOADGEN" backlog "$BIN" sliding "${BACKLOG_ARGS[@]}" "redis://127.0.0.1:$RP" 3)" >>"$RESULTS"
 echo "bench: memory run" >&2
 echo "memory - $("$LOADGEN" memory "$BIN" "$ENTRIES")" >>"$RESULTS"
 echo "bench: decisions through the shared ledger" >&2
@@ -206,11 +208,12 @@ for n in ("1", "3"):
 print()
 print("| backlog run | offered | tickets | CRM 429s | whole windows | utilization | first drained call after a window opens (p50 / max) |")
 print("|---|---|---|---|---|---|---|")
-for k in ("sliding", "fixed"):
+for k, title in (("sliding", "local window `sliding`"), ("fixed", "local window `fixed`"),
+                 ("shared", "3 replicas, one ledger on Redis (`sliding`)")):
     d = rows[("backlog", k)][0]
     if d["drained"] != "true" or d["tickets"] != d["offered"] or d["crm_429"] != "0":
         failed.append(f"backlog {k}: {d}")
-    print(f"| local window `{k}` | {d['offered']} | {d['tickets']} | {d['crm_429']} | {d['windows']} "
+    print(f"| {title} | {d['offered']} | {d['tickets']} | {d['crm_429']} | {d['windows']} "
           f"| {float(d['utilization']) * 100:.1f}% | {d['first_call_p50_ms']} / {d['first_call_max_ms']} ms |")
 m = rows[("memory", "-")][0]
 print(f"\nmemory: {int(m['parked']):,} parked writes of 1 KiB: RSS {m['rss_before_mib']} → {m['rss_after_mib']} MiB, "
