@@ -35,11 +35,17 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
     if path == "/requests" || path.starts_with("/requests/") {
         return requests(&proxy, req.method(), path, req.uri().query()).await;
     }
+    if let Some(rest) = path.strip_prefix("/quotas/") {
+        return quota_action(&proxy, req.method(), rest);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return response::method_not_allowed("GET, HEAD");
     }
     match path {
-        "/healthz" => response::text(StatusCode::OK, "ok\n"),
+        "/healthz" => match proxy.stuck() {
+            None => response::text(StatusCode::OK, "ok\n"),
+            Some(why) => response::text(StatusCode::SERVICE_UNAVAILABLE, format!("stuck: {why}\n")),
+        },
         "/readyz" => match proxy.phase() {
             Phase::Ready => response::text(StatusCode::OK, "ready\n"),
             Phase::Starting => response::text(
@@ -75,6 +81,34 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
         }
         _ => response::not_found(),
     }
+}
+
+/// `POST /quotas/{name}/resume`: lifts a pause (or a ceiling) the CRM's answers put on a quota,
+/// here and, with the shared ledger, for every replica. The next request finds out from the CRM
+/// whether it really has room.
+fn quota_action(proxy: &Proxy, method: &Method, rest: &str) -> Response<Body> {
+    let Some((name, "resume")) = rest.split_once('/') else {
+        return response::not_found();
+    };
+    let Some(q) = proxy.config.quotas.iter().position(|c| c.name == name) else {
+        return response::not_found();
+    };
+    if method != Method::POST {
+        return response::method_not_allowed("POST");
+    }
+    let q = crate::ids::QuotaId(q);
+    let was_paused = proxy.ledger.resume(q, proxy.clock.now());
+    proxy.shared.resume(q);
+    proxy.queue.wake();
+    tracing::warn!(
+        quota = name,
+        was_paused,
+        "an operator lifted the quota's pause"
+    );
+    response::json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "quota": name, "was_paused": was_paused }),
+    )
 }
 
 /// Most entries one listing returns unless `limit` says otherwise.

@@ -11,8 +11,9 @@ use hyper::body::Incoming;
 
 use crate::client::Caller;
 use crate::clock::Time;
-use crate::config::{Class, KeyPart, OnLimit};
+use crate::config::{Class, DEFAULT_ROUTE, KeyPart, OnLimit};
 use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId};
+use crate::intake::IntakeError;
 use crate::message::{IDEMPOTENCY_KEY, Outbound, prepare_request_headers, strip_hop_by_hop};
 use crate::proxy::Proxy;
 use crate::queue::{Accepted, Enter, Parkable, Ticket, WaitEnd};
@@ -20,11 +21,32 @@ use crate::quota::{Demand, Grant};
 use crate::response::{self, Body, PROXY_PREFIX, ProxyError};
 use crate::route::Route;
 use crate::shared_ledger::Admission;
+use crate::units::format_duration;
 use crate::upstream::ForwardError;
 use crate::verdict::{Attempt, Verdict};
 
+/// The methods CRM APIs use; any other gets 405 at once, before its body is read.
+pub const METHODS: &str = "GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE";
+
+fn is_crm_method(m: &Method) -> bool {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ]
+    .contains(m)
+}
+
 /// Handles one client request on the data listener.
 pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if !is_crm_method(req.method()) {
+        proxy.metrics.request(DEFAULT_ROUTE, "method_not_allowed");
+        return response::method_not_allowed(METHODS);
+    }
     if req.uri().path().starts_with(PROXY_PREFIX) {
         return own_endpoint(&proxy, &req);
     }
@@ -53,17 +75,20 @@ async fn forward(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(ProxyError::TooLarge { limit: max });
-    }
     let (parts, body) = req.into_parts();
-    let body: Bytes = match Limited::new(body, max).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ProxyError::TooLarge { limit: max });
-        }
-        Err(e) => return Err(ProxyError::BadBody(e.to_string())),
-    };
+    // The body is read before a processing slot is taken: a slow client holds only its own.
+    let mut received = p.intake.read(body, declared).await.map_err(|e| match e {
+        IntakeError::TooLarge => ProxyError::TooLarge { limit: max },
+        IntakeError::TimedOut => ProxyError::BodyTimeout(format!(
+            "listen.body_timeout {} plus 1s per {} bytes",
+            format_duration(p.config.listen.body_timeout),
+            p.config.listen.body_min_rate
+        )),
+        IntakeError::Busy => ProxyError::Busy { retry_after: 1 },
+        IntakeError::Broken(e) => ProxyError::BadBody(e),
+    })?;
+    let body = std::mem::take(&mut received.body);
+    let _slot = p.intake.slot().await;
     let mut headers = parts.headers;
     // The credential's fingerprint guards a parked write's status, and may identify the
     // client or key a quota; nothing else needs it.

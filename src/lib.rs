@@ -27,6 +27,8 @@ pub mod data_plane;
 pub mod demo;
 pub mod dispatch;
 pub mod ids;
+pub mod intake;
+pub mod listener;
 pub mod matching;
 pub mod message;
 pub mod metrics;

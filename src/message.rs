@@ -31,15 +31,18 @@ pub struct BufferedResponse {
     pub body: Bytes,
 }
 
-/// The instant a `Retry-After` value (delay in seconds, or an HTTP-date) points to.
-/// Malformed values are `None`: never trusted, never a panic.
+/// The furthest a `Retry-After` is read to point (the ledger cuts a pause shorter still).
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(7 * 86_400);
+
+/// The instant a `Retry-After` value (delay in seconds, or an HTTP-date) points to, at most
+/// [`RETRY_AFTER_MAX`] ahead. Malformed values are `None`: never trusted, never a panic.
 pub fn retry_after(headers: &HeaderMap, now: Time) -> Option<Time> {
     let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<u64>() {
-        return Some(now + Duration::from_secs(secs.min(7 * 86_400)));
+        return Some(now + Duration::from_secs(secs).min(RETRY_AFTER_MAX));
     }
     let at = jiff::fmt::rfc2822::parse(v).ok()?.timestamp();
-    Some(Time::from_timestamp(at).max(now))
+    Some(Time::from_timestamp(at).clamp(now, now + RETRY_AFTER_MAX))
 }
 
 /// Headers that describe one hop, never forwarded in either direction.
@@ -196,6 +199,15 @@ mod tests {
             HeaderValue::from_static("Tue, 24 Nov 2026 10:01:30 GMT"),
         );
         assert_eq!(retry_after(&h, now), Some(now + Duration::from_secs(90)));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Fri, 31 Dec 2100 23:59:59 GMT"),
+        );
+        assert_eq!(
+            retry_after(&h, now),
+            Some(now + Duration::from_secs(7 * 86_400)),
+            "a date decades ahead is read as the furthest allowed"
+        );
         for bad in ["-1", "soon", "1.5", ""] {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static(bad));
             assert_eq!(retry_after(&h, now), None, "{bad}");

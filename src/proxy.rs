@@ -12,11 +12,13 @@ use std::hash::{BuildHasher, RandomState};
 use crate::client::Clients;
 use crate::clock::{SharedClock, Time};
 use crate::config::Config;
-use crate::crm::Throttle;
+use crate::crm::{Observation, Throttle};
 use crate::ids::QuotaId;
+use crate::intake::Intake;
+use crate::listener::ListenerStats;
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueStatus};
-use crate::quota::{Grant, Ledger};
+use crate::quota::{Grant, Ledger, PauseBounds};
 use crate::route::{Route, RouteTable};
 use crate::shared_ledger::{Admission, SharedLedger};
 use crate::store::{GrantLog, Store};
@@ -53,6 +55,11 @@ pub struct Proxy {
     pub shared: SharedLedger,
     /// Where the local ledger's grants are kept across restarts (disk store, local ledger).
     pub grant_log: Option<Arc<GrantLog>>,
+    /// Request bodies being read and requests waiting for a processing slot.
+    pub intake: Intake,
+    /// Connections of the data and the admin listener.
+    pub data_conns: Arc<ListenerStats>,
+    pub admin_conns: Arc<ListenerStats>,
     /// Starting (the queue is being restored), ready, or stopping: `/readyz` answers it.
     phase: AtomicU8,
 }
@@ -106,7 +113,11 @@ impl Proxy {
             ledger.board(),
             store,
         ));
+        let intake = Intake::new(&config.listen, config.max_body_bytes);
         Ok(Proxy {
+            intake,
+            data_conns: Arc::default(),
+            admin_conns: Arc::default(),
             config: Arc::new(config),
             clock,
             ledger,
@@ -119,6 +130,39 @@ impl Proxy {
             grant_log: None,
             phase: AtomicU8::new(Phase::Starting as u8),
         })
+    }
+
+    /// Why the data plane is not moving, for `/healthz`: every processing slot held for longer
+    /// than any request may take (the longest `max_wait`, plus connecting and the CRM's answer,
+    /// plus 10 s), or the data listener unable to accept for 10 s.
+    pub fn stuck(&self) -> Option<String> {
+        let now = tokio::time::Instant::now();
+        let c = &self.config;
+        let longest = c
+            .routes
+            .iter()
+            .map(|r| r.max_wait)
+            .max()
+            .unwrap_or_default()
+            + c.upstream.connect_timeout
+            + c.upstream.request_timeout
+            + std::time::Duration::from_secs(10);
+        if let Some(stalled) = self.intake.stalled_for(now)
+            && stalled > longest
+        {
+            return Some(format!(
+                "no processing slot freed for {}s: all {} are held (listen.max_concurrent_requests)",
+                stalled.as_secs(),
+                c.listen.max_concurrent_requests
+            ));
+        }
+        match self.data_conns.accept_failing_for(now) {
+            Some(failing) if failing.as_secs() >= 10 => Some(format!(
+                "the data listener cannot accept connections for {}s (out of file descriptors?)",
+                failing.as_secs()
+            )),
+            _ => None,
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -150,13 +194,17 @@ impl Proxy {
         now: Time,
     ) -> Option<Throttle> {
         let crm = self.config.upstream.crm;
-        let observations = crm.observe(headers, now, &mut |h| self.metrics.header_error(h));
+        let mut observations = crm.observe(headers, now, &mut |h| self.metrics.header_error(h));
+        self.bound_resets(&mut observations, now);
         for (q, remaining, limit) in self.ledger.observe(&observations, grant, now).reported {
             self.metrics
                 .crm_reported(&self.ledger.config(q).name, remaining, limit);
         }
         self.shared.observe(&observations, grant, &self.ledger, now);
-        let throttle = crm.throttle(status, headers, body, &observations, now)?;
+        let Some(throttle) = crm.throttle(status, headers, body, &observations, now) else {
+            self.ledger.not_throttled(&route.quotas);
+            return None;
+        };
         let named = throttle
             .scope
             .as_deref()
@@ -174,14 +222,72 @@ impl Proxy {
                 .max()
                 .unwrap_or(now + self.config.upstream.retry_after_default)
         });
-        for (q, gained) in self.ledger.freeze(&quotas, until, now) {
-            self.metrics.frozen(&self.ledger.config(q).name, gained);
+        let bounds = PauseBounds {
+            min: self.config.upstream.min_pause,
+            max: self.config.upstream.max_pause,
+        };
+        let paused = self.ledger.pause(&quotas, until, now, bounds);
+        for p in &paused {
+            let name = &self.ledger.config(p.quota).name;
+            self.metrics.frozen(name, p.gained);
+            if p.capped {
+                self.pause_capped(name, until, p.until, p.first_cap, now);
+            }
         }
         // Every replica pauses: the shared ledger holds the pause too.
-        self.shared.freeze(&quotas, until);
+        let pauses: Vec<(QuotaId, Time)> = paused.iter().map(|p| (p.quota, p.until)).collect();
+        self.shared.freeze(&pauses);
         self.metrics.throttled(&route.name, throttle.reason);
+        let until = paused.iter().map(|p| p.until).max().unwrap_or(until);
         tracing::warn!(route = %route.name, reason = throttle.reason, until = %until, "the CRM throttled a request; pausing its quotas");
         Some(throttle)
+    }
+
+    /// Cuts each reset the CRM reported to the pause limit of the quotas synced to its scope, so
+    /// a reset years ahead cannot hold a ceiling of zero for years.
+    fn bound_resets(&self, observations: &mut [Observation], now: Time) {
+        for o in observations.iter_mut() {
+            let Some(reset) = o.reset else { continue };
+            let quotas = self.ledger.synced_to(&o.scope);
+            let Some(limit) = quotas
+                .iter()
+                .map(|&q| {
+                    self.ledger
+                        .pause_limit(q, now, self.config.upstream.max_pause)
+                })
+                .min()
+            else {
+                continue;
+            };
+            if reset > limit {
+                o.reset = Some(limit);
+                let first = quotas.iter().any(|&q| self.ledger.first_cap(q));
+                let name = &self.ledger.config(quotas[0]).name;
+                self.pause_capped(name, reset, limit, first, now);
+            }
+        }
+    }
+
+    /// Counts (and the first time, logs) a CRM pause or reset cut to its limit.
+    fn pause_capped(&self, quota: &str, asked: Time, kept: Time, first: bool, now: Time) {
+        self.metrics.pause_capped(quota);
+        let asked = asked.saturating_since(now).as_secs();
+        let kept = kept.saturating_since(now).as_secs();
+        if first {
+            tracing::warn!(
+                quota,
+                asked_seconds = asked,
+                kept_seconds = kept,
+                "the CRM asked for a pause longer than the quota's window or upstream.max_pause; cut to that (logged once per quota; see crm_proxy_pauses_capped_total)"
+            );
+        } else {
+            tracing::debug!(
+                quota,
+                asked_seconds = asked,
+                kept_seconds = kept,
+                "CRM pause cut to its limit"
+            );
+        }
     }
 
     /// Whether a grant this process made of `quotas` (with the keys of the keyed ones) may go to
@@ -295,6 +401,20 @@ impl Proxy {
                 q.frozen_until.is_some(),
             );
         }
+        for (name, c) in [("data", &self.data_conns), ("admin", &self.admin_conns)] {
+            use std::sync::atomic::Ordering::Relaxed;
+            m.set_connections(
+                name,
+                c.open.load(Relaxed),
+                [
+                    c.over_cap.load(Relaxed),
+                    c.header_timeouts.load(Relaxed),
+                    c.idle_closed.load(Relaxed),
+                ],
+                c.accept_errors.load(Relaxed),
+            );
+        }
+        m.set_request_bytes_buffered(self.intake.buffered(self.config.listen.max_buffered_bytes));
         let queue = self.queue.snapshot(now);
         // The queue keeps a lane per (client, quotas); the metric is per quota set.
         let mut by_name: Vec<(&str, usize, f64)> = Vec::new();

@@ -64,6 +64,12 @@ pub enum ProxyError {
     TooLarge { limit: usize },
     #[error("the request body could not be read: {0}")]
     BadBody(String),
+    #[error("the request body did not arrive in time ({0})")]
+    BodyTimeout(String),
+    #[error("the proxy holds as many request bytes as it may; send again shortly")]
+    Busy { retry_after: u64 },
+    #[error("{0}")]
+    BadPath(String),
     #[error("the queue of parked writes is full")]
     QueueFull { retry_after: u64 },
     #[error("the proxy is shutting down and accepts no new parked writes")]
@@ -87,6 +93,19 @@ impl ProxyError {
                 "too_large",
             ),
             ProxyError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body", None, "bad_body"),
+            ProxyError::BodyTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                None,
+                "body_timeout",
+            ),
+            ProxyError::Busy { retry_after } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                Some(*retry_after),
+                "busy",
+            ),
+            ProxyError::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path", None, "bad_path"),
             ProxyError::QueueFull { retry_after } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "queue_full",
@@ -126,13 +145,18 @@ impl ProxyError {
     }
 }
 
-/// Maps a proxy error to its response: 413, 400, 503 + Retry-After, 502 or 504.
+/// Maps a proxy error to its response: 400, 408 (and the connection closed), 413,
+/// 503 + Retry-After, 502 or 504.
 pub fn error(e: &ProxyError) -> Response<Body> {
     let (status, code, retry, _) = e.parts();
-    let resp = json_response(
+    let mut resp = json_response(
         status,
         &json!({ "error": code, "description": e.to_string() }),
     );
+    if status == StatusCode::REQUEST_TIMEOUT {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     match retry {
         Some(s) => with_retry_after(resp, s),
         None => resp,

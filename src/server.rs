@@ -8,15 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
-use tower::limit::GlobalConcurrencyLimitLayer;
+use tokio::sync::watch;
 
 use crate::admin;
 use crate::clock::SharedClock;
@@ -25,9 +20,9 @@ use crate::config::{Config, LedgerConfig};
 use crate::data_plane;
 use crate::dispatch;
 use crate::ids::QuotaId;
+use crate::listener::{ConnLimits, accept_loop, raise_descriptor_limit};
 use crate::proxy::{Phase, Proxy};
 use crate::quota::window::Shadow;
-use crate::response::Body;
 use crate::store::{GrantLog, LoggedGrant, Recovered, Store};
 
 /// The two sockets the proxy serves: client traffic and admin.
@@ -61,8 +56,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Stopped, String> {
     let grace = config.shutdown_grace;
-    let max_concurrent = config.listen.max_concurrent_requests;
     let data_dir = config.queue.data_dir.clone();
+    let data_limits = fit_connections(&config);
+    let admin_limits = ConnLimits::admin(&config.listen);
     let (proxy, recovered) = prepare(config, clock)?;
     let proxy = Arc::new(proxy);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -72,11 +68,16 @@ pub async fn serve(
     let mut admin_stop = stop_rx.clone();
     let admin = tokio::spawn(accept_loop(
         listeners.admin,
-        move |_peer| {
+        admin_limits,
+        proxy.admin_conns.clone(),
+        move |_peer, activity| {
             let p = admin_proxy.clone();
             hyper::service::service_fn(move |req: Request<Incoming>| {
-                let p = p.clone();
-                async move { Ok::<_, Infallible>(admin::handle(p, req).await) }
+                let (p, activity) = (p.clone(), activity.clone());
+                async move {
+                    let _busy = activity.begin();
+                    Ok::<_, Infallible>(admin::handle(p, req).await)
+                }
             })
         },
         async move {
@@ -116,21 +117,21 @@ pub async fn serve(
     let grant_log = tokio::spawn(keep_grant_log(proxy.clone(), stop_rx.clone()));
 
     let data_proxy = proxy.clone();
-    // Bounds the requests processed at once (each may hold a buffered body); more wait their turn.
-    let limit = Arc::new(Semaphore::new(max_concurrent));
     let drain_proxy = proxy.clone();
     let (began_tx, began_rx) = tokio::sync::oneshot::channel();
     accept_loop(
         listeners.data,
-        move |peer: SocketAddr| {
+        data_limits,
+        proxy.data_conns.clone(),
+        move |peer: SocketAddr, activity| {
             let p = data_proxy.clone();
-            let svc = tower::ServiceBuilder::new()
-                .layer(GlobalConcurrencyLimitLayer::with_semaphore(limit.clone()))
-                .service_fn(move |req: Request<Incoming>| {
-                    let p = p.clone();
-                    async move { Ok::<_, Infallible>(data_plane::handle(p, req, peer).await) }
-                });
-            TowerToHyperService::new(svc)
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (p, activity) = (p.clone(), activity.clone());
+                async move {
+                    let _busy = activity.begin();
+                    Ok::<_, Infallible>(data_plane::handle(p, req, peer).await)
+                }
+            })
         },
         async move {
             shutdown.await;
@@ -185,6 +186,35 @@ pub async fn serve(
     Ok(Stopped {
         undelivered: undelivered.len(),
     })
+}
+
+/// The data listener's connection limits, `max_connections` lowered to what the process's
+/// file-descriptor limit leaves once everything else the proxy opens is set aside (the limit is
+/// raised to its hard maximum first when that helps).
+fn fit_connections(config: &Config) -> ConnLimits {
+    let mut limits = ConnLimits::data(&config.listen);
+    // Upstream connections (one per request in process, per drained write, kept idle), the
+    // admin listener's, the store's files, and some room for the runtime and libraries.
+    let reserved = (config.listen.max_concurrent_requests
+        + config.queue.max_in_flight
+        + config.upstream.pool_max_idle
+        + crate::listener::ADMIN_MAX_CONNECTIONS
+        + 64) as u64;
+    let wanted = limits.max_connections as u64 + reserved;
+    match raise_descriptor_limit(wanted) {
+        Ok(limit) => {
+            if let Some(cap) = limits.fit(limit, reserved) {
+                tracing::warn!(
+                    configured = config.listen.max_connections,
+                    max_connections = cap,
+                    descriptor_limit = limit,
+                    "listen.max_connections lowered to what the file-descriptor limit allows (raise it with ulimit -n or LimitNOFILE)"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the file-descriptor limit"),
+    }
+    limits
 }
 
 /// The proxy as it starts, not yet serving: its config's store opened (the data directory
@@ -347,58 +377,5 @@ fn warn_if_open(dir: &std::path::Path) {
             mode = format!("{:o}", meta.permissions().mode() & 0o777),
             "the data directory is readable by other users; it holds request bodies and credentials (chmod 700)"
         );
-    }
-}
-
-/// Accepts connections until `stop` completes, then closes the listener and gives open
-/// connections `grace` to finish their requests.
-pub async fn accept_loop<F, S>(
-    listener: TcpListener,
-    make_service: F,
-    stop: impl Future<Output = ()>,
-    grace: Duration,
-) where
-    F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::Future: Send + 'static,
-{
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and similar: back off briefly, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let conn = builder.serve_connection(TokioIo::new(stream), make_service(peer)).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
-                });
-            }
-            _ = &mut stop => break,
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("grace period over; closing connections still open");
     }
 }

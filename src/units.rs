@@ -68,7 +68,8 @@ pub fn format_duration(d: Duration) -> String {
     out
 }
 
-/// Parses a byte size: a plain integer, or a number with `B`, `KB`, `MB`, `GB`, `KiB`, `MiB`, `GiB`.
+/// Parses a byte size: a plain integer, or a number with `B`, `KB`, `MB`, `GB`, `KiB`, `MiB`,
+/// `GiB`, `TiB`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let bad =
         || format!("{text:?} is not a size (write bytes or a number and a unit: 512KiB, 10MiB)");
@@ -86,9 +87,20 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
         _ => return Err(bad()),
     };
     n.checked_mul(factor).ok_or_else(bad)
+}
+
+/// A byte size as written in a config: the largest binary unit that divides it.
+pub fn format_size(n: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    format!("{n}B")
 }
 
 #[cfg(test)]
@@ -136,11 +148,20 @@ mod tests {
     }
 
     #[test]
+    fn sizes_format_in_the_largest_unit_that_divides_them() {
+        assert_eq!(format_size(1 << 30), "1GiB");
+        assert_eq!(format_size(1536), "1536B");
+        assert_eq!(format_size(3 << 20), "3MiB");
+        assert_eq!(parse_size(&format_size(5 << 40)), Ok(5 << 40));
+    }
+
+    #[test]
     fn sizes_parse_with_binary_and_decimal_units() {
         assert_eq!(parse_size("1024"), Ok(1024));
         assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
         assert_eq!(parse_size("10MiB"), Ok(10 * 1024 * 1024));
         assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
         assert!(parse_size("ten").is_err());
         assert!(parse_size("10 parsecs").is_err());
     }

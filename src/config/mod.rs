@@ -146,6 +146,14 @@ pub struct Listen {
     pub data: SocketAddr,
     pub admin: SocketAddr,
     pub max_concurrent_requests: usize,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_timeout: Duration,
+    /// Bytes per second.
+    pub body_min_rate: u64,
+    pub max_buffered_bytes: u64,
+    pub h2_max_streams: u32,
 }
 
 /// The CRM the proxy forwards to, and how.
@@ -159,6 +167,10 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
     pub retry_after_default: Duration,
+    /// Longest pause a CRM answer can impose (see `quota` for the per-window cap).
+    pub max_pause: Duration,
+    /// Shortest pause after a throttle answer without a usable delay.
+    pub min_pause: Duration,
     pub pace: Option<Pace>,
     pub crm: Crm,
     /// CRM statuses after which a parked write is retried.

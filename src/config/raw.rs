@@ -168,9 +168,26 @@ pub struct RawListen {
     pub data: Option<Raw<String>>,
     /// `/metrics`, `/status`, `/healthz`, `/readyz`. Default `127.0.0.1:9090`.
     pub admin: Option<Raw<String>>,
-    /// Client requests processed at once (each may hold a buffered body); more wait their turn.
+    /// Client requests processed at once (after their body is read); more wait their turn.
     /// Default `1024`.
     pub max_concurrent_requests: Option<Raw<usize>>,
+    /// Client connections open at once on the data listener; one more is accepted and closed at
+    /// once. Lowered at start to what the process's file-descriptor limit allows. Default `10000`.
+    pub max_connections: Option<Raw<usize>>,
+    /// A new connection must deliver its first request's head within this. Default `10s`.
+    pub header_timeout: Option<Raw<String>>,
+    /// A connection with no request in progress is closed after this long. Default `60s`.
+    pub idle_timeout: Option<Raw<String>>,
+    /// A request body must arrive within this plus one second per `body_min_rate` bytes; a
+    /// client that sends slower gets 408. Default `10s`.
+    pub body_timeout: Option<Raw<String>>,
+    /// Bytes per second a request body must keep up, beyond `body_timeout`. Default `1KiB`.
+    pub body_min_rate: Option<Raw<NumberOrText>>,
+    /// Request bytes being read or waiting for processing, over all connections; a body that
+    /// would go beyond waits (up to its body deadline) and then gets 503. Default `256MiB`.
+    pub max_buffered_bytes: Option<Raw<NumberOrText>>,
+    /// Concurrent HTTP/2 streams per connection. Default `100`.
+    pub h2_max_streams: Option<Raw<u32>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -201,6 +218,13 @@ pub struct RawUpstream {
     /// After a CRM 429 without `Retry-After`, the quotas of that route pause this long.
     /// Default `60s`.
     pub retry_after_default: Option<Raw<String>>,
+    /// Longest pause the CRM's answers can impose (`Retry-After`, reset headers); a quota whose
+    /// window is shorter is paused at most one window, a fixed or daily window at most until its
+    /// end. Default `1h`.
+    pub max_pause: Option<Raw<String>>,
+    /// Shortest pause after a CRM throttle answer that gives no usable delay (`Retry-After: 0`,
+    /// a date in the past); doubled at each throttle in a row, up to `max_pause`. Default `1s`.
+    pub min_pause: Option<Raw<String>>,
     /// Optional smoothing of every call to the CRM (GCRA): at most `burst` back to back, then
     /// `per_second` on average. Off by default.
     pub pace: Option<Raw<RawPace>>,

@@ -10,7 +10,7 @@ use http::{Method, Uri};
 use super::raw::{self, NumberOrText, OneOrMany, Raw, RawConfig, Unknown};
 use super::*;
 use crate::crm::zendesk_batch::MAX_BATCH;
-use crate::units::{parse_duration, parse_size};
+use crate::units::{format_duration, format_size, parse_duration, parse_size};
 
 /// Validates a parsed file into a config, or every problem found.
 pub(super) fn config(
@@ -42,7 +42,18 @@ const TOP_FIELDS: &[&str] = &[
     "shutdown_grace",
     "ledger",
 ];
-const LISTEN_FIELDS: &[&str] = &["data", "admin", "max_concurrent_requests"];
+const LISTEN_FIELDS: &[&str] = &[
+    "data",
+    "admin",
+    "max_concurrent_requests",
+    "max_connections",
+    "header_timeout",
+    "idle_timeout",
+    "body_timeout",
+    "body_min_rate",
+    "max_buffered_bytes",
+    "h2_max_streams",
+];
 const UPSTREAM_FIELDS: &[&str] = &[
     "url",
     "ca_file",
@@ -51,6 +62,8 @@ const UPSTREAM_FIELDS: &[&str] = &[
     "pool_idle_timeout",
     "pool_max_idle",
     "retry_after_default",
+    "max_pause",
+    "min_pause",
     "pace",
     "crm",
     "retry_status",
@@ -110,6 +123,50 @@ const QUEUE_FIELDS: &[&str] = &[
     "compact_bytes",
 ];
 
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+const HOUR: u64 = 3_600;
+const DAY: u64 = 86_400;
+const GIB: u64 = 1 << 30;
+const TIB: u64 = 1 << 40;
+
+// The bounds of every duration, count and size (the README's configuration reference lists
+// them): wide enough for any deployment, narrow enough that no accepted value overflows time
+// arithmetic or exhausts memory by itself.
+const WAIT: (Duration, Duration) = (Duration::ZERO, secs(HOUR));
+const GRACE: (Duration, Duration) = (Duration::ZERO, secs(HOUR));
+const UPSTREAM_TIMEOUT: (Duration, Duration) = (ms(10), secs(HOUR));
+const POOL_IDLE: (Duration, Duration) = (secs(1), secs(DAY));
+const RETRY_AFTER_DEFAULT: (Duration, Duration) = (secs(1), secs(DAY));
+const MAX_PAUSE: (Duration, Duration) = (secs(1), secs(7 * DAY));
+const MIN_PAUSE: (Duration, Duration) = (ms(10), secs(HOUR));
+const TTL: (Duration, Duration) = (secs(1), secs(30 * DAY));
+const BACKOFF: (Duration, Duration) = (ms(10), secs(DAY));
+const WINDOW: (Duration, Duration) = (secs(1), secs(366 * DAY));
+const MARGIN: (Duration, Duration) = (Duration::ZERO, secs(HOUR));
+const LINGER: (Duration, Duration) = (Duration::ZERO, secs(60));
+const HEADER_TIMEOUT: (Duration, Duration) = (ms(100), secs(600));
+const IDLE_TIMEOUT: (Duration, Duration) = (secs(1), secs(DAY));
+const BODY_TIMEOUT: (Duration, Duration) = (ms(100), secs(HOUR));
+const LEDGER_TIMEOUT: (Duration, Duration) = (ms(10), secs(10));
+const CONNECTIONS: (usize, usize) = (1, 1_000_000);
+const STREAMS: (u32, u32) = (1, 10_000);
+const WEIGHT: (u32, u32) = (1, 10_000);
+const LIMIT: (u32, u32) = (1, 1_000_000_000);
+const BURST: (u32, u32) = (1, 1_000_000);
+const ENTRIES: (usize, usize) = (1, 100_000_000);
+const ATTEMPTS: (u32, u32) = (1, 100);
+const IN_FLIGHT: (usize, usize) = (1, 10_000);
+const KEYS: (usize, usize) = (1, 10_000_000);
+const POOL_MAX_IDLE: (usize, usize) = (0, 10_000);
+const REPLICAS: (u32, u32) = (1, 1_000);
+/// Calls per second of `upstream.pace`: one an hour to a million.
+const PACE: (f64, f64) = (1.0 / 3_600.0, 1e6);
+
 /// Collects errors while turning raw values into validated ones.
 #[derive(Default)]
 struct Validator {
@@ -167,20 +224,36 @@ impl Validator {
         }
     }
 
-    fn positive_duration(
+    /// A duration within `[min, max]` (both shown when it is not).
+    fn duration_in(
         &mut self,
         path: &str,
         field: Option<Raw<String>>,
         default: Duration,
+        (min, max): (Duration, Duration),
     ) -> Duration {
         let d = self.duration(path, field, default);
-        if d.is_zero() {
-            self.err(path, "must be longer than 0s");
+        if d < min || d > max {
+            self.err(
+                path,
+                format!(
+                    "must be from {} to {}",
+                    format_duration(min),
+                    format_duration(max)
+                ),
+            );
         }
         d
     }
 
-    fn size(&mut self, path: &str, field: Option<Raw<NumberOrText>>, default: u64) -> u64 {
+    /// A size in bytes within `[1, max]`.
+    fn size(
+        &mut self,
+        path: &str,
+        field: Option<Raw<NumberOrText>>,
+        default: u64,
+        max: u64,
+    ) -> u64 {
         let n = match self.take(path, field) {
             None => default,
             Some(NumberOrText::Bytes(n)) => n,
@@ -189,22 +262,23 @@ impl Validator {
                 default
             }),
         };
-        if n == 0 {
-            self.err(path, "must be at least 1 byte");
+        if n == 0 || n > max {
+            self.err(path, format!("must be from 1 byte to {}", format_size(max)));
         }
         n
     }
 
-    fn at_least<T: PartialOrd + fmt::Display + Copy>(
+    /// A count within `[min, max]`.
+    fn count<T: PartialOrd + fmt::Display + Copy>(
         &mut self,
         path: &str,
         field: Option<Raw<T>>,
         default: T,
-        min: T,
+        (min, max): (T, T),
     ) -> T {
         let n = self.take(path, field).unwrap_or(default);
-        if n < min {
-            self.err(path, format!("must be at least {min}"));
+        if n < min || n > max {
+            self.err(path, format!("must be from {min} to {max}"));
         }
         n
     }
@@ -246,21 +320,23 @@ impl Validator {
         let plan = self.take("plan", raw.plan);
         let listen = self.listen(raw.listen);
         let upstream = self.upstream(raw.upstream, upstream_override);
-        let max_body_bytes = self.size("max_body_bytes", raw.max_body_bytes, 10 << 20);
-        let default_max_wait = self.duration(
+        let max_body_bytes = self.size("max_body_bytes", raw.max_body_bytes, 10 << 20, GIB);
+        let default_max_wait = self.duration_in(
             "default_max_wait",
             raw.default_max_wait,
             Duration::from_secs(5),
+            WAIT,
         );
         let queue = self.queue(raw.queue);
         let crm = upstream.as_ref().map_or(Crm::Generic, |u| u.crm);
         let quotas = self.quotas(raw.quotas, crm);
         let quota_list: Vec<QuotaConfig> = quotas.iter().map(|(_, q)| q.clone()).collect();
         let routes = self.routes(raw.routes, &quota_list, default_max_wait, crm);
-        let shutdown_grace = self.duration(
+        let shutdown_grace = self.duration_in(
             "shutdown_grace",
             raw.shutdown_grace,
             Duration::from_secs(30),
+            GRACE,
         );
         let clients = self.clients(raw.clients, &quota_list);
         let fairness = self.fairness(raw.fairness);
@@ -334,6 +410,14 @@ impl Validator {
             }
         }
         if let Some(l) = &listen
+            && l.max_buffered_bytes < max_body_bytes
+        {
+            self.err(
+                "listen.max_buffered_bytes",
+                format!("must be at least max_body_bytes ({max_body_bytes})"),
+            );
+        }
+        if let Some(l) = &listen
             && l.data == l.admin
             && l.data.port() != 0
         {
@@ -368,7 +452,12 @@ impl Validator {
         let key_prefix = self.take("ledger.key_prefix", raw.key_prefix);
         let replicas = self.take("ledger.replicas", raw.replicas);
         let timeout_set = raw.timeout.is_some();
-        let timeout = self.duration("ledger.timeout", raw.timeout, Duration::from_millis(250));
+        let timeout = self.duration_in(
+            "ledger.timeout",
+            raw.timeout,
+            Duration::from_millis(250),
+            LEDGER_TIMEOUT,
+        );
         let replica_id = self.take("ledger.replica_id", raw.replica_id);
         match store.as_deref() {
             None | Some("local") => {
@@ -436,11 +525,11 @@ impl Validator {
                     Some(p) => Some(p),
                 };
                 let replicas = replicas.unwrap_or(1);
-                if !(1..=1000).contains(&replicas) {
-                    self.err("ledger.replicas", "must be from 1 to 1000");
-                }
-                if timeout < Duration::from_millis(10) || timeout > Duration::from_secs(10) {
-                    self.err("ledger.timeout", "must be from 10ms to 10s");
+                if !(REPLICAS.0..=REPLICAS.1).contains(&replicas) {
+                    self.err(
+                        "ledger.replicas",
+                        format!("must be from {} to {}", REPLICAS.0, REPLICAS.1),
+                    );
                 }
                 let replica_id = match replica_id {
                     Some(id) => {
@@ -498,7 +587,7 @@ impl Validator {
             let name = written_name(&raw.name);
             self.unique(&path, name.clone(), &mut seen);
             let name = self.name(&format!("{path}.name"), raw.name);
-            let weight = self.at_least(&format!("{path}.weight"), raw.weight, 1, 1);
+            let weight = self.count(&format!("{path}.weight"), raw.weight, 1, WEIGHT);
             let mut caps = Vec::new();
             for (quota, cap) in self
                 .take(&format!("{path}.caps"), raw.caps)
@@ -621,16 +710,55 @@ impl Validator {
         };
         let data = addr(self, "listen.data", raw.data, "0.0.0.0:8080");
         let admin = addr(self, "listen.admin", raw.admin, "127.0.0.1:9090");
-        let max_concurrent_requests = self.at_least(
+        let max_concurrent_requests = self.count(
             "listen.max_concurrent_requests",
             raw.max_concurrent_requests,
             1024,
-            1,
+            CONNECTIONS,
         );
+        let max_connections = self.count(
+            "listen.max_connections",
+            raw.max_connections,
+            10_000,
+            CONNECTIONS,
+        );
+        let header_timeout = self.duration_in(
+            "listen.header_timeout",
+            raw.header_timeout,
+            Duration::from_secs(10),
+            HEADER_TIMEOUT,
+        );
+        let idle_timeout = self.duration_in(
+            "listen.idle_timeout",
+            raw.idle_timeout,
+            Duration::from_secs(60),
+            IDLE_TIMEOUT,
+        );
+        let body_timeout = self.duration_in(
+            "listen.body_timeout",
+            raw.body_timeout,
+            Duration::from_secs(10),
+            BODY_TIMEOUT,
+        );
+        let body_min_rate = self.size("listen.body_min_rate", raw.body_min_rate, 1 << 10, GIB);
+        let max_buffered_bytes = self.size(
+            "listen.max_buffered_bytes",
+            raw.max_buffered_bytes,
+            256 << 20,
+            TIB,
+        );
+        let h2_max_streams = self.count("listen.h2_max_streams", raw.h2_max_streams, 100, STREAMS);
         Some(Listen {
             data: data?,
             admin: admin?,
             max_concurrent_requests,
+            max_connections,
+            header_timeout,
+            idle_timeout,
+            body_timeout,
+            body_min_rate,
+            max_buffered_bytes,
+            h2_max_streams,
         })
     }
 
@@ -663,29 +791,51 @@ impl Validator {
         {
             self.err("upstream.ca_file", e);
         }
-        let connect_timeout = self.positive_duration(
+        let connect_timeout = self.duration_in(
             "upstream.connect_timeout",
             raw.connect_timeout,
             Duration::from_secs(5),
+            UPSTREAM_TIMEOUT,
         );
-        let request_timeout = self.positive_duration(
+        let request_timeout = self.duration_in(
             "upstream.request_timeout",
             raw.request_timeout,
             Duration::from_secs(30),
+            UPSTREAM_TIMEOUT,
         );
-        let pool_idle_timeout = self.positive_duration(
+        let pool_idle_timeout = self.duration_in(
             "upstream.pool_idle_timeout",
             raw.pool_idle_timeout,
             Duration::from_secs(90),
+            POOL_IDLE,
         );
-        let pool_max_idle = self
-            .take("upstream.pool_max_idle", raw.pool_max_idle)
-            .unwrap_or(32);
-        let retry_after_default = self.positive_duration(
+        let pool_max_idle = self.count(
+            "upstream.pool_max_idle",
+            raw.pool_max_idle,
+            32,
+            POOL_MAX_IDLE,
+        );
+        let retry_after_default = self.duration_in(
             "upstream.retry_after_default",
             raw.retry_after_default,
             Duration::from_secs(60),
+            RETRY_AFTER_DEFAULT,
         );
+        let max_pause = self.duration_in(
+            "upstream.max_pause",
+            raw.max_pause,
+            Duration::from_secs(3_600),
+            MAX_PAUSE,
+        );
+        let min_pause = self.duration_in(
+            "upstream.min_pause",
+            raw.min_pause,
+            Duration::from_secs(1),
+            MIN_PAUSE,
+        );
+        if min_pause > max_pause {
+            self.err("upstream.min_pause", "must be at most upstream.max_pause");
+        }
         let crm = match self.take("upstream.crm", raw.crm) {
             None => Crm::Generic,
             Some(name) => name.parse().unwrap_or_else(|e: String| {
@@ -708,14 +858,14 @@ impl Validator {
             self.unknown("upstream.pace", &p.unknown, PACE_FIELDS);
             let per_second = self.required("upstream.pace.per_second", p.per_second);
             if let Some(r) = per_second
-                && !(r.is_finite() && r > 0.0 && r <= 1e6)
+                && !(r.is_finite() && (PACE.0..=PACE.1).contains(&r))
             {
                 self.err(
                     "upstream.pace.per_second",
-                    "must be a number above 0 (at most 1000000)",
+                    format!("must be from {:.6} (one an hour) to {}", PACE.0, PACE.1),
                 );
             }
-            let burst = self.at_least("upstream.pace.burst", p.burst, 1, 1);
+            let burst = self.count("upstream.pace.burst", p.burst, 1, BURST);
             Some(Pace {
                 per_second: per_second?,
                 burst,
@@ -729,6 +879,8 @@ impl Validator {
             pool_idle_timeout,
             pool_max_idle,
             retry_after_default,
+            max_pause,
+            min_pause,
             pace,
             crm,
             retry_status,
@@ -774,24 +926,27 @@ impl Validator {
     fn queue(&mut self, field: Option<Raw<raw::RawQueue>>) -> Option<QueueConfig> {
         let raw = self.take("queue", field).unwrap_or_default();
         self.unknown("queue", &raw.unknown, QUEUE_FIELDS);
-        let max_entries = self.at_least("queue.max_entries", raw.max_entries, 10_000, 1);
-        let max_bytes = self.size("queue.max_bytes", raw.max_bytes, 256 << 20);
-        let ttl = self.positive_duration("queue.ttl", raw.ttl, Duration::from_secs(86_400));
-        let result_ttl = self.positive_duration(
+        let max_entries = self.count("queue.max_entries", raw.max_entries, 10_000, ENTRIES);
+        let max_bytes = self.size("queue.max_bytes", raw.max_bytes, 256 << 20, TIB);
+        let ttl = self.duration_in("queue.ttl", raw.ttl, Duration::from_secs(86_400), TTL);
+        let result_ttl = self.duration_in(
             "queue.result_ttl",
             raw.result_ttl,
             Duration::from_secs(3_600),
+            TTL,
         );
-        let max_attempts = self.at_least("queue.max_attempts", raw.max_attempts, 5, 1);
-        let backoff_initial = self.positive_duration(
+        let max_attempts = self.count("queue.max_attempts", raw.max_attempts, 5, ATTEMPTS);
+        let backoff_initial = self.duration_in(
             "queue.backoff_initial",
             raw.backoff_initial,
             Duration::from_secs(1),
+            BACKOFF,
         );
-        let backoff_max = self.positive_duration(
+        let backoff_max = self.duration_in(
             "queue.backoff_max",
             raw.backoff_max,
             Duration::from_secs(60),
+            BACKOFF,
         );
         if backoff_max < backoff_initial {
             self.err(
@@ -799,14 +954,9 @@ impl Validator {
                 "must be at least queue.backoff_initial",
             );
         }
-        let max_in_flight = self.at_least("queue.max_in_flight", raw.max_in_flight, 8, 1);
-        let max_jobs = self.at_least("queue.max_jobs", raw.max_jobs, 10, 1);
-        if max_jobs > 30 {
-            self.err(
-                "queue.max_jobs",
-                "must be at most 30 (Zendesk's limit on queued and running jobs)",
-            );
-        }
+        let max_in_flight = self.count("queue.max_in_flight", raw.max_in_flight, 8, IN_FLIGHT);
+        // Zendesk's limit on queued and running jobs.
+        let max_jobs = self.count("queue.max_jobs", raw.max_jobs, 10, (1, 30));
         let data_dir = self.take("queue.data_dir", raw.data_dir);
         let data_dir = match self.take("queue.store", raw.store).as_deref() {
             None | Some("memory") => {
@@ -834,7 +984,7 @@ impl Validator {
                 None
             }
         };
-        let compact_bytes = self.size("queue.compact_bytes", raw.compact_bytes, 64 << 20);
+        let compact_bytes = self.size("queue.compact_bytes", raw.compact_bytes, 64 << 20, TIB);
         Some(QueueConfig {
             max_entries,
             max_bytes: usize::try_from(max_bytes).ok()?,
@@ -881,16 +1031,29 @@ impl Validator {
     fn quota(&mut self, path: &str, raw: raw::RawQuota, crm: Crm) -> Option<QuotaConfig> {
         self.unknown(path, &raw.unknown, QUOTA_FIELDS);
         let name = self.name(&format!("{path}.name"), raw.name);
-        let limit = self.required(&format!("{path}.limit"), raw.limit);
-        if limit == Some(0) {
-            self.err(format!("{path}.limit"), "must be at least 1");
+        let limit_path = format!("{path}.limit");
+        let limit = self.required(&limit_path, raw.limit);
+        if let Some(l) = limit
+            && !(LIMIT.0..=LIMIT.1).contains(&l)
+        {
+            self.err(
+                &limit_path,
+                format!("must be from {} to {}", LIMIT.0, LIMIT.1),
+            );
         }
         let window_path = format!("{path}.window");
         let window = match self.required(&window_path, raw.window) {
             None => None,
             Some(text) => match parse_duration(&text) {
-                Ok(d) if d < Duration::from_secs(1) => {
-                    self.err(&window_path, "must be at least 1s");
+                Ok(d) if d < WINDOW.0 || d > WINDOW.1 => {
+                    self.err(
+                        &window_path,
+                        format!(
+                            "must be from {} to {}",
+                            format_duration(WINDOW.0),
+                            format_duration(WINDOW.1)
+                        ),
+                    );
                     None
                 }
                 Ok(d) => Some(d),
@@ -911,10 +1074,11 @@ impl Validator {
                 QuotaScope::Account
             }
         };
-        let margin = self.duration(
+        let margin = self.duration_in(
             &format!("{path}.margin"),
             raw.margin,
             Duration::from_millis(100),
+            MARGIN,
         );
         if let Some(w) = window
             && margin * 2 >= w
@@ -1013,7 +1177,7 @@ impl Validator {
                 ),
             }
         }
-        let max_keys = self.at_least(&format!("{path}.max_keys"), raw.max_keys, 10_000, 1);
+        let max_keys = self.count(&format!("{path}.max_keys"), raw.max_keys, 10_000, KEYS);
         if let Some(l) = limit
             && reserve >= l
             && l > 0
@@ -1186,7 +1350,12 @@ impl Validator {
             );
         }
         let max_wait_set = raw.max_wait.is_some();
-        let max_wait = self.duration(&format!("{path}.max_wait"), raw.max_wait, default_max_wait);
+        let max_wait = self.duration_in(
+            &format!("{path}.max_wait"),
+            raw.max_wait,
+            default_max_wait,
+            WAIT,
+        );
         let max_wait = if on_limit == OnLimit::Reject {
             if max_wait_set {
                 self.err(
@@ -1254,17 +1423,18 @@ impl Validator {
                 "only writes the proxy owns are batched: it needs on_limit: queue",
             );
         }
-        let max_size = self.at_least(&format!("{path}.max_size"), raw.max_size, MAX_BATCH, 2);
-        if max_size > MAX_BATCH {
-            self.err(
-                format!("{path}.max_size"),
-                format!("must be at most {MAX_BATCH} (Zendesk's limit)"),
-            );
-        }
-        let max_linger = self.duration(
+        // Zendesk's limit on items per batch call.
+        let max_size = self.count(
+            &format!("{path}.max_size"),
+            raw.max_size,
+            MAX_BATCH,
+            (2, MAX_BATCH),
+        );
+        let max_linger = self.duration_in(
             &format!("{path}.max_linger"),
             raw.max_linger,
             Duration::from_secs(1),
+            LINGER,
         );
         Some(BatchConfig {
             max_size,

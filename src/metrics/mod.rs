@@ -19,8 +19,18 @@ pub const OUTCOMES: &[&str] = &[
     "not_stored",
     "too_large",
     "bad_body",
+    "body_timeout",
+    "busy",
+    "bad_path",
+    "method_not_allowed",
     "upstream_error",
 ];
+
+/// The listeners whose connections are counted.
+pub const LISTENERS: &[&str] = &["data", "admin"];
+
+/// Why a listener closed a connection itself.
+pub const CLOSE_REASONS: &[&str] = &["over_cap", "header_timeout", "idle"];
 
 pub struct Metrics {
     registry: Registry,
@@ -74,6 +84,11 @@ pub struct Metrics {
     ledger_errors: prometheus::IntCounter,
     ledger_fallback_seconds: prometheus::Counter,
     ledger_replicas: IntGauge,
+    pauses_capped: IntCounterVec,
+    connections: IntGaugeVec,
+    connections_closed: IntCounterVec,
+    accept_errors: IntCounterVec,
+    request_bytes_buffered: IntGauge,
 }
 
 impl Metrics {
@@ -131,6 +146,11 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[route])
             .observe(seconds);
+    }
+
+    /// A CRM pause or reset cut to the quota's limit (`upstream.max_pause`, its window).
+    pub fn pause_capped(&self, quota: &str) {
+        self.pauses_capped.with_label_values(&[quota]).inc();
     }
 
     pub fn throttled(&self, route: &str, reason: &str) {
@@ -280,6 +300,38 @@ impl Metrics {
     /// Replicas the shared ledger heard from recently.
     pub fn ledger_replicas(&self, alive: u32) {
         self.ledger_replicas.set(i64::from(alive));
+    }
+
+    /// One listener's connections: open now, and its running totals (closed by the listener, by
+    /// reason in [`CLOSE_REASONS`] order; failed accepts).
+    pub fn set_connections(
+        &self,
+        listener: &str,
+        open: usize,
+        closed: [u64; 3],
+        accept_errors: u64,
+    ) {
+        let _one = self.store_seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.connections
+            .with_label_values(&[listener])
+            .set(saturating(open as u64));
+        for (reason, total) in CLOSE_REASONS.iter().zip(closed) {
+            catch_up(
+                &self
+                    .connections_closed
+                    .with_label_values(&[listener, reason]),
+                total,
+            );
+        }
+        catch_up(
+            &self.accept_errors.with_label_values(&[listener]),
+            accept_errors,
+        );
+    }
+
+    /// Bytes of request bodies held before or while they are processed.
+    pub fn set_request_bytes_buffered(&self, bytes: u64) {
+        self.request_bytes_buffered.set(saturating(bytes));
     }
 
     /// The Prometheus text exposition of every metric.

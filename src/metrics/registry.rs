@@ -6,7 +6,7 @@ use prometheus::{
     Registry,
 };
 
-use super::{Metrics, OUTCOMES};
+use super::{CLOSE_REASONS, LISTENERS, Metrics, OUTCOMES};
 use crate::status::FailReason;
 
 /// Registers a metric without labels and returns its handle.
@@ -362,6 +362,42 @@ impl Metrics {
             client_oldest.with_label_values(&[c]);
         }
 
+        let pauses_capped = counter(
+            r,
+            "crm_proxy_pauses_capped_total",
+            "CRM pauses (Retry-After, reset headers) longer than the quota's window or upstream.max_pause, cut to that, by quota.",
+            &["quota"],
+        );
+        let connections = gauge(
+            r,
+            "crm_proxy_connections",
+            "Client connections open, by listener (data, admin).",
+            &["listener"],
+        );
+        let connections_closed = counter(
+            r,
+            "crm_proxy_connections_closed_total",
+            "Connections the proxy closed itself, by listener and reason (over_cap: max_connections were open; header_timeout: no complete request head in time; idle: idle_timeout without a request).",
+            &["listener", "reason"],
+        );
+        let accept_errors = counter(
+            r,
+            "crm_proxy_accept_errors_total",
+            "Failed accepts (out of file descriptors and the like), by listener.",
+            &["listener"],
+        );
+        let request_bytes_buffered = plain(
+            "crm_proxy_request_bytes_buffered",
+            "Bytes of client request bodies held while read or waiting to be processed (listen.max_buffered_bytes).",
+        );
+        for l in LISTENERS {
+            connections.with_label_values(&[l]);
+            accept_errors.with_label_values(&[l]);
+            for reason in CLOSE_REASONS {
+                connections_closed.with_label_values(&[l, reason]);
+            }
+        }
+
         for route in routes {
             for outcome in OUTCOMES {
                 requests.with_label_values(&[route, outcome]);
@@ -388,6 +424,7 @@ impl Metrics {
                 g.with_label_values(&[q]);
             }
             frozen_seconds.with_label_values(&[q]);
+            pauses_capped.with_label_values(&[q]);
         }
         for l in lanes {
             queue_depth.with_label_values(&[l]);
@@ -444,6 +481,11 @@ impl Metrics {
             ledger_errors,
             ledger_fallback_seconds,
             ledger_replicas,
+            pauses_capped,
+            connections,
+            connections_closed,
+            accept_errors,
+            request_bytes_buffered,
         }
     }
 }

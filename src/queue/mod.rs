@@ -231,8 +231,9 @@ impl Queue {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wakes the dispatcher (new work, a freed slot or resource, a re-parked entry).
-    fn wake(&self) {
+    /// Wakes the dispatcher (new work, a freed slot or resource, a re-parked entry, a lifted
+    /// pause).
+    pub fn wake(&self) {
         self.wake.notify_one();
     }
 

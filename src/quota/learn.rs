@@ -11,6 +11,27 @@ use crate::clock::Time;
 use crate::config::QuotaConfig;
 use crate::crm::Observation;
 
+/// The shortest and longest pause a throttle answer imposes (`upstream.min_pause`,
+/// `upstream.max_pause`).
+#[derive(Debug, Clone, Copy)]
+pub struct PauseBounds {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// One quota's pause after a throttle answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paused {
+    pub quota: QuotaId,
+    pub until: Time,
+    /// How much longer the quota is paused than it was.
+    pub gained: Duration,
+    /// The CRM asked for longer than the quota's limit.
+    pub capped: bool,
+    /// ... for the first time in this process (worth a warning).
+    pub first_cap: bool,
+}
+
 /// What applying a response's observations changed, for metrics.
 #[derive(Debug, Default)]
 pub struct Learned {
@@ -83,8 +104,87 @@ impl Ledger {
         learned
     }
 
+    /// The latest instant a CRM answer may pause `q` until, or hold a ceiling on it: one window
+    /// from now and `max_pause` from now, whichever is sooner; a fixed window (a daily quota)
+    /// may always wait for its own end.
+    pub fn pause_limit(&self, q: QuotaId, now: Time, max_pause: Duration) -> Time {
+        let mut inner = self.lock();
+        let cfg = &self.configs[q.0];
+        let mut limit = now + cfg.window.min(max_pause);
+        if let Window::Fixed(w) = &mut inner.quotas[q.0].window {
+            limit = limit.max(w.bounds(now).1.min(now + cfg.window));
+        }
+        limit
+    }
+
+    /// Pauses `quotas` after a throttle answer, until `until` within bounds: no later than each
+    /// quota's [`Ledger::pause_limit`], and no sooner than `bounds.min` doubled for each throttle
+    /// in a row before this one (so `Retry-After: 0` cannot make a hot loop). Never shortens a
+    /// pause already in force.
+    pub fn pause(
+        &self,
+        quotas: &[QuotaId],
+        until: Time,
+        now: Time,
+        bounds: PauseBounds,
+    ) -> Vec<Paused> {
+        let limits: Vec<Time> = quotas
+            .iter()
+            .map(|&q| self.pause_limit(q, now, bounds.max))
+            .collect();
+        let mut inner = self.lock();
+        quotas
+            .iter()
+            .zip(limits)
+            .map(|(&q, limit)| {
+                let state = &mut inner.quotas[q.0];
+                let doubling = 2u32.saturating_pow(state.throttles.min(30));
+                state.throttles = state.throttles.saturating_add(1);
+                let floor = (now + bounds.min.saturating_mul(doubling)).min(limit);
+                let capped = until > limit;
+                let first_cap = capped && !std::mem::replace(&mut state.capped_before, true);
+                let at = until.max(floor).min(limit);
+                let gained = at.saturating_since(state.frozen_until.max(now));
+                state.frozen_until = state.frozen_until.max(at);
+                Paused {
+                    quota: q,
+                    until: at,
+                    gained,
+                    capped,
+                    first_cap,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether a cut pause of `q` is the first in this process (then it is worth a warning).
+    pub fn first_cap(&self, q: QuotaId) -> bool {
+        !std::mem::replace(&mut self.lock().quotas[q.0].capped_before, true)
+    }
+
+    /// An answer that was not a throttle reached requests of `quotas`: their minimum pause
+    /// starts over.
+    pub fn not_throttled(&self, quotas: &[QuotaId]) {
+        let mut inner = self.lock();
+        for &q in quotas {
+            inner.quotas[q.0].throttles = 0;
+        }
+    }
+
+    /// Lifts a pause (and a ceiling the CRM reported) on `q` now: the operator's override.
+    /// Whether there was one.
+    pub fn resume(&self, q: QuotaId, now: Time) -> bool {
+        let mut inner = self.lock();
+        let state = &mut inner.quotas[q.0];
+        let paused = state.frozen_until > now || state.cap.is_some_and(|c| now < c.until);
+        state.frozen_until = Time::ZERO;
+        state.cap = None;
+        state.throttles = 0;
+        paused
+    }
+
     /// Pauses `quotas` until `until` (never shortens an existing pause); returns how much pause
-    /// each quota gained.
+    /// each quota gained. (Unbounded: what the CRM says goes through [`Ledger::pause`].)
     pub fn freeze(&self, quotas: &[QuotaId], until: Time, now: Time) -> Vec<(QuotaId, Duration)> {
         let mut inner = self.lock();
         quotas

@@ -19,8 +19,8 @@ use crate::config::{ClientConfig, Fairness, Pace, QuotaConfig, WindowKind};
 use crate::ids::{ClientId, QuotaId};
 use crate::units::format_duration;
 use keyed::Keyed;
-pub use learn::Learned;
 use learn::start_probe;
+pub use learn::{Learned, PauseBounds, Paused};
 use pace::Pacer;
 use share::ClientUse;
 pub use share::WaitingBoard;
@@ -292,6 +292,8 @@ impl Ledger {
                             last_live: now,
                             held_until: Time::ZERO,
                             fallback: None,
+                            throttles: 0,
+                            capped_before: false,
                         })
                         .collect(),
                     pacer: pace.map(|p| Pacer::new(p, now)),

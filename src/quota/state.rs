@@ -78,6 +78,10 @@ pub(super) struct QuotaState {
     pub(super) held_until: Time,
     /// While the shared ledger is unreachable: what this replica may still spend on its own.
     pub(super) fallback: Option<Fallback>,
+    /// Throttle answers in a row (no other answer in between): the minimum pause doubles.
+    pub(super) throttles: u32,
+    /// A pause of this quota was cut to its limit before (logged once).
+    pub(super) capped_before: bool,
 }
 
 /// What a replica may spend of a quota while the shared ledger is unreachable. Until the end of

@@ -316,6 +316,112 @@ fn denial_names_the_quota_that_blocks_longest() {
     );
 }
 
+fn bounds(min_s: u64, max_s: u64) -> PauseBounds {
+    PauseBounds {
+        min: Duration::from_secs(min_s),
+        max: Duration::from_secs(max_s),
+    }
+}
+
+#[test]
+fn a_crm_pause_is_cut_to_the_quotas_window_and_max_pause() {
+    let ledger = Ledger::new(
+        &[
+            quota("minute", 100, Duration::from_secs(60), WindowKind::Sliding),
+            quota(
+                "day",
+                2_500,
+                Duration::from_secs(86_400),
+                WindowKind::Fixed {
+                    daily: Some(daily("00:00", "UTC")),
+                },
+            ),
+            quota(
+                "rolling-day",
+                2_500,
+                Duration::from_secs(86_400),
+                WindowKind::Sliding,
+            ),
+        ],
+        None,
+        Time::ZERO,
+    );
+    let now = t("2026-01-01T10:00:00Z");
+    let year_2100 = t("2100-12-31T00:00:00Z");
+    let paused = ledger.pause(
+        &[QuotaId(0), QuotaId(1), QuotaId(2)],
+        year_2100,
+        now,
+        bounds(1, 3_600),
+    );
+    let until: Vec<Time> = paused.iter().map(|p| p.until).collect();
+    assert_eq!(
+        until,
+        vec![
+            now + Duration::from_secs(60),
+            t("2026-01-02T00:00:00Z"),
+            now + Duration::from_secs(3_600)
+        ],
+        "a minute quota at most a minute; a daily window until its reset; else max_pause"
+    );
+    assert!(paused.iter().all(|p| p.capped && p.first_cap));
+    let again = ledger.pause(&[QuotaId(0)], year_2100, now, bounds(1, 3_600));
+    assert!(again[0].capped && !again[0].first_cap, "warned once");
+    let d = ledger
+        .try_acquire(&Demand::live(&[QuotaId(0)]), now)
+        .unwrap_err();
+    assert_eq!(d.retry_at, now + Duration::from_secs(60));
+    // The operator lifts it.
+    assert!(ledger.resume(QuotaId(0), now));
+    assert!(
+        ledger
+            .try_acquire(&Demand::live(&[QuotaId(0)]), now)
+            .is_ok()
+    );
+    assert!(!ledger.resume(QuotaId(0), now), "nothing left to lift");
+}
+
+#[test]
+fn throttles_without_a_usable_delay_pause_at_least_min_pause_doubling() {
+    let ledger = Ledger::new(
+        &[quota(
+            "minute",
+            100,
+            Duration::from_secs(60),
+            WindowKind::Sliding,
+        )],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let mut now = t("2026-01-01T10:00:00Z");
+    let mut pauses = Vec::new();
+    for _ in 0..8 {
+        // `Retry-After: 0`: the CRM says "now".
+        let p = ledger.pause(&q, now, now, bounds(1, 3_600))[0];
+        pauses.push(p.until.saturating_since(now).as_secs());
+        now = p.until;
+    }
+    assert_eq!(
+        pauses,
+        vec![1, 2, 4, 8, 16, 32, 60, 60],
+        "doubling, up to the window"
+    );
+    ledger.not_throttled(&q);
+    let p = ledger.pause(&q, now, now, bounds(1, 3_600))[0];
+    assert_eq!(
+        p.until,
+        now + Duration::from_secs(1),
+        "an answer in between starts over"
+    );
+    // A longer delay the CRM gives is kept as is.
+    let later = now + Duration::from_secs(30);
+    assert_eq!(
+        ledger.pause(&q, later, now, bounds(1, 3_600))[0].until,
+        later
+    );
+}
+
 #[test]
 fn freeze_blocks_until_its_end_and_never_shortens() {
     let ledger = Ledger::new(

@@ -131,6 +131,8 @@ end
 
 for _, r in ipairs(spec.u.rel) do redis.call('ZREM', k(r[1]), r[2]) end
 
+for _, key in ipairs(spec.u.lift) do redis.call('DEL', k(key)) end
+
 for _, f in ipairs(spec.u.frz) do
   local cur = tonumber(redis.call('GET', k(f[1])) or '0')
   if f[2] > cur then

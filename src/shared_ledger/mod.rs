@@ -73,6 +73,8 @@ pub struct Pending {
     /// Throttle pauses.
     pub frozen: Vec<(QuotaId, Time)>,
     pub observed: Vec<PendingObservation>,
+    /// Pauses and ceilings an operator lifted.
+    pub lifted: Vec<QuotaId>,
 }
 
 /// The ledger's state for `/status`.
@@ -179,11 +181,16 @@ impl SharedLedger {
     }
 
     /// Hands a throttle pause to the shared ledger, so every replica pauses.
-    pub fn freeze(&self, quotas: &[QuotaId], until: Time) {
+    pub fn freeze(&self, pauses: &[(QuotaId, Time)]) {
         if let SharedLedger::Redis(r) = self {
-            lock(&r.pending())
-                .frozen
-                .extend(quotas.iter().map(|&q| (q, until)));
+            lock(&r.pending()).frozen.extend_from_slice(pauses);
+        }
+    }
+
+    /// Lifts a quota's pause and ceiling in the shared ledger too.
+    pub fn resume(&self, q: QuotaId) {
+        if let SharedLedger::Redis(r) = self {
+            lock(&r.pending()).lifted.push(q);
         }
     }
 

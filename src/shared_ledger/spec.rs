@@ -262,6 +262,8 @@ pub struct ObservationSpec {
 pub struct Updates {
     /// `(out key, member)`: in-flight requests answered.
     pub rel: Vec<(usize, String)>,
+    /// Pause and ceiling keys an operator lifted (deleted before the pauses below apply).
+    pub lift: Vec<usize>,
     /// `(frozen key, until)`: throttle pauses.
     pub frz: Vec<(usize, u64)>,
     pub obs: Vec<ObservationSpec>,

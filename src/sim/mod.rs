@@ -105,6 +105,9 @@ pub enum Fault {
     Delay(Duration),
     /// Answer normally (to interleave faults with successes).
     Pass,
+    /// Answer with this status and these headers instead of acting, whatever the quota says (a
+    /// careless CRM's `Retry-After` or reset headers); a 429 counts as throttled.
+    Answer(u16, Vec<(&'static str, String)>),
 }
 
 /// A ticket the simulated CRM stored.
@@ -258,13 +261,18 @@ impl Sim {
         }));
         let (stop, stopped) = oneshot::channel::<()>();
         let served = state.clone();
-        let task = tokio::spawn(crate::server::accept_loop(
+        let task = tokio::spawn(crate::listener::accept_loop(
             listener,
-            move |_peer| {
+            crate::listener::ConnLimits::standard(),
+            Arc::default(),
+            move |_peer, activity: Arc<crate::listener::Activity>| {
                 let state = served.clone();
                 hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let state = state.clone();
-                    handle(state, req)
+                    let (state, activity) = (state.clone(), activity.clone());
+                    async move {
+                        let _busy = activity.begin();
+                        handle(state, req).await
+                    }
                 })
             },
             async move {
@@ -325,6 +333,11 @@ impl Sim {
     /// Queues faults for the next API calls, in order.
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         self.lock().faults.extend(faults);
+    }
+
+    /// Drops the faults not yet used: the CRM answers normally again.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
     }
 
     pub async fn shutdown(mut self) {
@@ -427,6 +440,19 @@ async fn handle(
                 std::io::ErrorKind::ConnectionReset,
                 "injected reset",
             ));
+        }
+        Some(Fault::Answer(code, headers)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                lock().throttled += 1;
+            }
+            let mut resp = response::text(status, "injected answer\n");
+            for (name, value) in headers {
+                if let Ok(v) = http::HeaderValue::from_str(&value) {
+                    resp.headers_mut().insert(name, v);
+                }
+            }
+            return Ok(resp);
         }
         _ => {}
     }

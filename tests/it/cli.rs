@@ -50,7 +50,7 @@ fn check_lists_every_problem_and_exits_64() {
         "invalid config (6 problems)",
         "mystery: unknown field",
         "upstream.url: \"zendesk\" must start with http:// or https://",
-        "quotas[0].limit: must be at least 1",
+        "quotas[0].limit: must be from 1 to 1000000000",
         "quotas[0].window: \"1 dya\" is not a duration",
         "quotas[1].time_zone: applies only to kind: fixed with window: 1d",
         "routes[0].path: \"nope\" must start with '/'",

@@ -2,10 +2,12 @@
 
 mod acceptance;
 mod batching;
+mod careless_crm;
 mod cli;
 mod crm_truth;
 mod durability;
 mod fairness;
+mod hostile;
 mod ledger;
 mod lifecycle;
 mod over_budget;

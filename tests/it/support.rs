@@ -192,6 +192,17 @@ impl Harness {
         .await
     }
 
+    pub async fn admin_post(&self, path: &str) -> Reply {
+        send(
+            &self.client,
+            Method::POST,
+            &format!("{}{path}", self.admin),
+            &[],
+            "",
+        )
+        .await
+    }
+
     /// The value of one metric series, e.g. `crm_proxy_expired_total{route="create"}`.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = String::from_utf8(self.admin_get("/metrics").await.body.to_vec()).unwrap();
@@ -355,8 +366,14 @@ pub struct Served {
 }
 
 impl Served {
+    /// Serves `yaml`; its listeners are put on `127.0.0.1:0` unless it has a `listen` section
+    /// of its own (which must do so).
     pub async fn start(yaml: &str) -> Served {
-        let yaml = format!("listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n{yaml}");
+        let yaml = if yaml.starts_with("listen:") || yaml.contains("\nlisten:") {
+            yaml.to_string()
+        } else {
+            format!("listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n{yaml}")
+        };
         let config = Config::from_yaml(&yaml, None).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
         let listeners = Listeners::bind(&config).await.unwrap();
         let url = format!("http://{}", listeners.data.local_addr().unwrap());

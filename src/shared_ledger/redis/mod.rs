@@ -187,6 +187,7 @@ impl RedisLedger {
         q.released.extend(p.released);
         q.frozen.extend(p.frozen);
         q.observed.extend(p.observed);
+        q.lifted.extend(p.lifted);
     }
 
     pub fn pending(&self) -> Arc<Mutex<Pending>> {
@@ -263,6 +264,17 @@ impl RedisLedger {
                 .released
                 .into_iter()
                 .map(|(q, m)| (keys.add(&format!("q:{}:out", self.quotas[q.0].name)), m))
+                .collect(),
+            lift: p
+                .lifted
+                .iter()
+                .flat_map(|q| {
+                    let name = &self.quotas[q.0].name;
+                    [
+                        keys.add(&format!("q:{name}:frz")),
+                        keys.add(&format!("q:{name}:cap")),
+                    ]
+                })
                 .collect(),
             frz: p
                 .frozen

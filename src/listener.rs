@@ -1,0 +1,464 @@
+//! Client connections: how many may be open, how long a new one has to send its first request,
+//! how long one may sit idle or trickle a request head, HTTP/2 stream limits, and a graceful
+//! stop. A slow or silent client holds its own connection at most, never the listener; when the
+//! process runs out of file descriptors the listener backs off and says so once, not per try.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::config::Listen;
+use crate::response::Body;
+
+/// Connections the admin listener keeps open at once (scrapes, probes, an operator).
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// How long after a graceful close was asked a connection that has not closed is dropped.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// A repeated accept failure or refusal is logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What one listener allows each connection.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    pub max_connections: usize,
+    /// From accept to the first request's complete head, and from the first byte of any later
+    /// head to its end.
+    pub header_timeout: Duration,
+    /// With no request in progress, a connection is closed after this long.
+    pub idle_timeout: Duration,
+    pub h2_max_streams: u32,
+}
+
+impl ConnLimits {
+    pub fn data(l: &Listen) -> ConnLimits {
+        ConnLimits {
+            max_connections: l.max_connections,
+            header_timeout: l.header_timeout,
+            idle_timeout: l.idle_timeout,
+            h2_max_streams: l.h2_max_streams,
+        }
+    }
+
+    pub fn admin(l: &Listen) -> ConnLimits {
+        ConnLimits {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            ..ConnLimits::data(l)
+        }
+    }
+
+    /// The defaults of `listen`, for servers that have no config (the simulated CRM).
+    pub fn standard() -> ConnLimits {
+        ConnLimits {
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            h2_max_streams: 100,
+        }
+    }
+
+    /// Lowers `max_connections` to what `descriptors` (the process's limit) leaves after
+    /// `reserved` for everything else; the new cap, or `None` when it already fit.
+    pub fn fit(&mut self, descriptors: u64, reserved: u64) -> Option<usize> {
+        let room = usize::try_from(descriptors.saturating_sub(reserved)).unwrap_or(usize::MAX);
+        (self.max_connections > room).then(|| {
+            self.max_connections = room.max(1);
+            self.max_connections
+        })
+    }
+}
+
+/// One listener's counters, read at each scrape.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub open: AtomicUsize,
+    /// Connections accepted and closed at once because `max_connections` were open.
+    pub over_cap: AtomicU64,
+    /// Closed for not sending a complete request head in time.
+    pub header_timeouts: AtomicU64,
+    /// Closed after `idle_timeout` without a request.
+    pub idle_closed: AtomicU64,
+    /// `accept` failures (out of file descriptors and the like).
+    pub accept_errors: AtomicU64,
+    failing_since: Mutex<Option<Instant>>,
+}
+
+impl ListenerStats {
+    /// How long `accept` has been failing without a success in between.
+    pub fn accept_failing_for(&self, now: Instant) -> Option<Duration> {
+        let since = *self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.map(|t| now.saturating_duration_since(t))
+    }
+
+    fn accept_result(&self, ok: bool) {
+        let mut since = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (ok, *since) {
+            (true, Some(_)) => *since = None,
+            (false, None) => *since = Some(Instant::now()),
+            _ => {}
+        }
+    }
+}
+
+/// One connection's requests in service and the times its deadlines count from.
+#[derive(Debug)]
+pub struct Activity {
+    base: Instant,
+    active: AtomicUsize,
+    served: AtomicBool,
+    /// Milliseconds after `base` when the last request in service ended (0: accepted).
+    idle_since: AtomicU64,
+    /// Milliseconds after `base` (plus one) when a new head began to arrive; 0: none.
+    head_since: AtomicU64,
+    /// Decided by the first bytes: HTTP/2 frames between requests are not request heads.
+    h2: AtomicBool,
+    first_read: AtomicBool,
+    /// Woken when a deadline may have moved (a request ended, a head began).
+    moved: Notify,
+}
+
+/// A request in service on its connection, until dropped.
+pub struct InService(Arc<Activity>);
+
+impl Drop for InService {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since.store(a.millis(), Relaxed);
+        if a.active.fetch_sub(1, Relaxed) == 1 {
+            a.moved.notify_one();
+        }
+    }
+}
+
+/// Why a connection was closed by the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    Header,
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            base: Instant::now(),
+            active: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            first_read: AtomicBool::new(true),
+            moved: Notify::new(),
+        })
+    }
+
+    fn millis(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    /// Marks a request in service (its head is complete) until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InService {
+        self.active.fetch_add(1, Relaxed);
+        self.served.store(true, Relaxed);
+        self.head_since.store(0, Relaxed);
+        InService(self.clone())
+    }
+
+    fn read(&self, bytes: &[u8]) {
+        if self.first_read.swap(false, Relaxed) {
+            self.h2.store(bytes.starts_with(b"PRI "), Relaxed);
+        }
+        if !self.h2.load(Relaxed)
+            && self.active.load(Relaxed) == 0
+            && self.head_since.load(Relaxed) == 0
+        {
+            self.head_since.store(self.millis() + 1, Relaxed);
+            self.moved.notify_one();
+        }
+    }
+
+    /// When the connection's current deadline passes (none while a request is in service), and
+    /// what it would be closed for.
+    fn deadline(&self, limits: &ConnLimits) -> Option<(Instant, Expired)> {
+        if self.active.load(Relaxed) > 0 {
+            return None;
+        }
+        if !self.served.load(Relaxed) {
+            return Some((self.base + limits.header_timeout, Expired::Header));
+        }
+        let idle = (
+            self.at(self.idle_since.load(Relaxed)) + limits.idle_timeout,
+            Expired::Idle,
+        );
+        match self.head_since.load(Relaxed) {
+            0 => Some(idle),
+            ms => {
+                let head = (self.at(ms - 1) + limits.header_timeout, Expired::Header);
+                Some(if head.0 < idle.0 { head } else { idle })
+            }
+        }
+    }
+}
+
+/// The client's socket, telling its connection's [`Activity`] what arrives.
+struct Watched {
+    io: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && buf.filled().len() > before
+        {
+            self.activity.read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Logs a repeated event at most every [`LOG_EVERY`], with how many were not logged.
+struct Throttled {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Throttled {
+    fn due(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now < t + LOG_EVERY) {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+/// Accepts connections until `stop` completes, then closes the listener, asks every open
+/// connection to finish its requests and close, and waits up to `grace` for them.
+pub async fn accept_loop<F, S>(
+    listener: TcpListener,
+    limits: ConnLimits,
+    stats: Arc<ListenerStats>,
+    make_service: F,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+) where
+    F: Fn(SocketAddr, Arc<Activity>) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // A backstop only: each connection's watch below closes it first.
+        .header_read_timeout(limits.idle_timeout + limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_streams)
+        .keep_alive_interval(Some(limits.idle_timeout.min(Duration::from_secs(30))))
+        .keep_alive_timeout(limits.header_timeout);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (closing_tx, closing) = watch::channel(false);
+    let (done_tx, mut done) = mpsc::channel::<()>(1);
+    let (mut refused_log, mut failed_log) = (
+        Throttled {
+            last: None,
+            unlogged: 0,
+        },
+        Throttled {
+            last: None,
+            unlogged: 0,
+        },
+    );
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        stats.accept_errors.fetch_add(1, Relaxed);
+                        stats.accept_result(false);
+                        if let Some(unlogged) = failed_log.due() {
+                            tracing::warn!(error = %e, repeated = unlogged, "accepting a connection failed; retrying in 100ms (out of file descriptors? see listen.max_connections)");
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                stats.accept_result(true);
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    stats.over_cap.fetch_add(1, Relaxed);
+                    if let Some(unlogged) = refused_log.due() {
+                        tracing::warn!(max_connections = limits.max_connections, repeated = unlogged, "connection refused: max_connections are open");
+                    }
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let activity = Activity::new();
+                let io = Watched { io: stream, activity: activity.clone() };
+                let conn = builder
+                    .serve_connection(TokioIo::new(io), make_service(peer, activity.clone()))
+                    .into_owned();
+                let (limits, stats, closing, done) =
+                    (limits.clone(), stats.clone(), closing.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    stats.open.fetch_add(1, Relaxed);
+                    tokio::pin!(conn);
+                    let close = |c: Pin<&mut _>| auto::Connection::graceful_shutdown(c);
+                    watch_connection(conn, close, &activity, &limits, &stats, closing, peer).await;
+                    stats.open.fetch_sub(1, Relaxed);
+                    drop((slot, done));
+                });
+            }
+            _ = &mut stop => break,
+        }
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    drop(done_tx);
+    if tokio::time::timeout(grace, done.recv()).await.is_err() {
+        tracing::warn!("grace period over; closing connections still open");
+    }
+}
+
+/// Serves one connection until it ends, closing it when a deadline of `limits` passes with no
+/// request in service, or (after its requests finish) when `closing` turns true.
+async fn watch_connection<C, E>(
+    mut conn: Pin<&mut C>,
+    close_gracefully: impl Fn(Pin<&mut C>),
+    activity: &Activity,
+    limits: &ConnLimits,
+    stats: &ListenerStats,
+    mut closing: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut stopping = false;
+    // Set once a close was asked: past it the connection is dropped.
+    let mut give_up: Option<Instant> = None;
+    loop {
+        let wake = match give_up {
+            Some(t) => t,
+            None => activity
+                .deadline(limits)
+                .map_or(Instant::now() + limits.idle_timeout, |(t, _)| t),
+        };
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                return;
+            }
+            _ = activity.moved.notified(), if give_up.is_none() => {}
+            _ = closing.wait_for(|c| *c), if !stopping => {
+                stopping = true;
+                close_gracefully(conn.as_mut());
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if give_up.is_some() {
+                    return;
+                }
+                let Some((at, why)) = activity.deadline(limits) else { continue };
+                if Instant::now() < at {
+                    continue;
+                }
+                match why {
+                    Expired::Header => stats.header_timeouts.fetch_add(1, Relaxed),
+                    Expired::Idle => stats.idle_closed.fetch_add(1, Relaxed),
+                };
+                tracing::debug!(%peer, reason = ?why, "closing a connection");
+                close_gracefully(conn.as_mut());
+                give_up = Some(Instant::now() + CLOSE_WAIT);
+            }
+        }
+    }
+}
+
+/// The process's limit on open file descriptors, raised to its hard limit when `wanted` is
+/// more than the soft one; the limit now in force.
+pub fn raise_descriptor_limit(wanted: u64) -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given, which lives on this stack frame.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur >= wanted || lim.rlim_cur >= lim.rlim_max {
+        return Ok(lim.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: wanted.min(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Ok(lim.rlim_cur);
+    }
+    Ok(raised.rlim_cur)
+}
