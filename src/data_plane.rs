@@ -12,9 +12,11 @@ use hyper::body::Incoming;
 use crate::client::Caller;
 use crate::clock::Time;
 use crate::config::{Class, DEFAULT_ROUTE, KeyPart, OnLimit};
+use crate::credentials;
 use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId};
 use crate::intake::IntakeError;
 use crate::message::{IDEMPOTENCY_KEY, Outbound, prepare_request_headers, strip_hop_by_hop};
+use crate::path;
 use crate::proxy::Proxy;
 use crate::queue::{Accepted, Enter, Parkable, Ticket, WaitEnd};
 use crate::quota::{Demand, Grant};
@@ -47,11 +49,26 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: SocketAddr)
         proxy.metrics.request(DEFAULT_ROUTE, "method_not_allowed");
         return response::method_not_allowed(METHODS);
     }
-    if req.uri().path().starts_with(PROXY_PREFIX) {
-        return own_endpoint(&proxy, &req);
+    // Every spelling of a path counts and waits as one; the request goes on as sent.
+    let canon = match path::canonical(req.uri().path()) {
+        Ok(c) => c,
+        Err(e) => {
+            proxy.metrics.request(DEFAULT_ROUTE, "bad_path");
+            return response::error(&ProxyError::BadPath(e.to_string()));
+        }
+    };
+    if canon.starts_with(PROXY_PREFIX) || canon == PROXY_PREFIX.trim_end_matches('/') {
+        // Ids are read as sent (a canonical form would drop the leading zeros of an all-digit one).
+        let raw = req.uri().path();
+        let path = if raw.starts_with(PROXY_PREFIX) {
+            raw
+        } else {
+            &canon
+        };
+        return own_endpoint(&proxy, &req, path);
     }
-    let route = proxy.routes.classify(req.method(), req.uri().path());
-    match forward(&proxy, route, req, peer).await {
+    let route = proxy.routes.classify(req.method(), &canon);
+    match forward(&proxy, route, req, &canon, peer).await {
         Ok(resp) => resp,
         Err(e) => {
             proxy.metrics.request(&route.name, e.outcome());
@@ -67,6 +84,7 @@ async fn forward(
     p: &Proxy,
     route: &Route,
     req: Request<Incoming>,
+    canon: &str,
     peer: SocketAddr,
 ) -> Result<Response<Body>, ProxyError> {
     let max = p.config.max_body_bytes;
@@ -90,22 +108,31 @@ async fn forward(
     let body = std::mem::take(&mut received.body);
     let _slot = p.intake.slot().await;
     let mut headers = parts.headers;
-    // The credential's fingerprint guards a parked write's status, and may identify the
-    // client or key a quota; nothing else needs it.
-    let fingerprint = (route.parks()
-        || p.clients.needs_fingerprint()
+    // The credential's fingerprint may identify the client or key a quota.
+    let fingerprint = (p.clients.needs_fingerprint()
         || route
             .keyed
             .iter()
             .any(|(_, parts)| parts.contains(&KeyPart::Credential)))
     .then(|| Fingerprint::of(&headers));
+    // Who may read a parked write back: the same credential, or (when it carries none) the
+    // holder of a status token of its own, handed out with the 202.
+    let owner = route
+        .parks()
+        .then(|| match p.credentials.owner(&headers, parts.uri.query()) {
+            Some(fp) => (fp, None),
+            None => {
+                let (token, fp) = credentials::status_token();
+                (fp, Some(token))
+            }
+        });
     let client = p.clients.identify(&Caller {
         headers: &headers,
         source: peer.ip(),
         fingerprint,
     });
     p.metrics.client_request(&p.clients.get(client).name);
-    let keys = keys(p, route, parts.uri.path(), &headers, client, fingerprint);
+    let keys = keys(p, route, canon, &headers, client, fingerprint);
     prepare_request_headers(&mut headers, peer.ip());
     if route.idempotency_key && !headers.contains_key(IDEMPOTENCY_KEY) {
         // Generated once, kept with the request through every resend.
@@ -116,7 +143,7 @@ async fn forward(
         .uri
         .path_and_query()
         .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string());
-    let resource = resource_key(&parts.method, parts.uri.path(), route);
+    let resource = resource_key(&parts.method, canon, route);
     let out = Outbound {
         method: parts.method,
         path_and_query,
@@ -138,7 +165,13 @@ async fn forward(
         };
         return match p.admit(&route.quotas, &keys, &mut grant).await {
             Admission::Granted => {
-                forward_live(p, route, client, out, grant, "forwarded", None).await
+                let call = Call {
+                    route,
+                    client,
+                    keys: &keys,
+                    token: None,
+                };
+                forward_live(p, &call, out, grant, "forwarded", None).await
             }
             Admission::Denied { retry_at, binding } => {
                 Ok(reject(p, route, retry_at, binding, p.clock.now()))
@@ -147,19 +180,27 @@ async fn forward(
     }
     // The client is held at most `max_wait` from here, however many tries it takes.
     let deadline = tokio::time::Instant::now() + route.max_wait;
+    let (owner, token) = owner.expect("computed for parking routes");
+    let token = token.as_deref();
+    let call = Call {
+        route,
+        client,
+        keys: &keys,
+        token,
+    };
     let parkable = Parkable {
         request: out,
-        fingerprint: fingerprint.expect("computed for parking routes"),
+        fingerprint: owner,
         resource,
         client,
-        keys: keys.clone(),
+        keys: keys.to_vec(),
     };
     match p.queue.enter(&p.ledger, route, parkable, now) {
         Enter::Go(ticket, out, grant) => {
             let next = Some((out, grant, "forwarded"));
-            live_write(p, route, client, &keys, ticket, next, deadline).await
+            live_write(p, &call, ticket, next, deadline).await
         }
-        Enter::Parked(ticket) => live_write(p, route, client, &keys, ticket, None, deadline).await,
+        Enter::Parked(ticket) => live_write(p, &call, ticket, None, deadline).await,
         Enter::Full => {
             let retry_at = p
                 .ledger
@@ -177,12 +218,22 @@ async fn forward(
                 p,
                 route,
                 a,
+                token,
                 "write parked; answered 202 at once (no slot within max_wait)",
             )
             .await
         }
         Enter::Refused { retry_at } => Ok(reject(p, route, retry_at, None, now)),
     }
+}
+
+/// A classified request on its way: its route, client, the keys of its keyed quotas, and the
+/// status token a parked write without a credential is read back with.
+struct Call<'a> {
+    route: &'a Route,
+    client: ClientId,
+    keys: &'a [(QuotaId, Arc<str>)],
+    token: Option<&'a str>,
 }
 
 /// A write whose client waits (until `deadline`) on `ticket`: a grant of this process's ledger
@@ -192,13 +243,12 @@ async fn forward(
 /// route, the client gets the over-limit answer.
 async fn live_write(
     p: &Proxy,
-    route: &Route,
-    client: ClientId,
-    keys: &[(QuotaId, Arc<str>)],
+    call: &Call<'_>,
     mut ticket: Ticket,
     mut next: Option<(Outbound, Grant, &'static str)>,
     deadline: tokio::time::Instant,
 ) -> Result<Response<Body>, ProxyError> {
+    let (route, token) = (call.route, call.token);
     loop {
         let (out, mut grant, outcome) = match next.take() {
             Some(granted) => granted,
@@ -207,7 +257,7 @@ async fn live_write(
                 match ticket.wait(left, &p.ledger, p.clock.as_ref()).await {
                     WaitEnd::Granted(out, grant) => (out, grant, "waited"),
                     WaitEnd::Accepted(a) => {
-                        return accepted(p, route, a, "write parked; answered 202").await;
+                        return accepted(p, route, a, token, "write parked; answered 202").await;
                     }
                     WaitEnd::GaveUp { retry_at } => {
                         return Ok(reject(p, route, retry_at, None, p.clock.now()));
@@ -216,9 +266,9 @@ async fn live_write(
                 }
             }
         };
-        match p.admit(&route.quotas, keys, &mut grant).await {
+        match p.admit(&route.quotas, call.keys, &mut grant).await {
             Admission::Granted => {
-                return forward_live(p, route, client, out, grant, outcome, Some(ticket)).await;
+                return forward_live(p, call, out, grant, outcome, Some(ticket)).await;
             }
             Admission::Denied { .. } => {
                 drop(grant);
@@ -278,6 +328,7 @@ async fn accepted(
     p: &Proxy,
     route: &Route,
     a: Accepted,
+    token: Option<&str>,
     why: &str,
 ) -> Result<Response<Body>, ProxyError> {
     if let Err(e) = a.commit.durable().await {
@@ -294,6 +345,7 @@ async fn accepted(
         a.id,
         a.position,
         a.estimated_dispatch_at,
+        token,
     ))
 }
 
@@ -321,13 +373,13 @@ fn reject(
 /// instead of failing the client. Any answer that is not a throttle reaches the client as is.
 async fn forward_live(
     p: &Proxy,
-    route: &Route,
-    client: ClientId,
+    call: &Call<'_>,
     out: Outbound,
     grant: Grant,
     outcome: &'static str,
     mut ticket: Option<Ticket>,
 ) -> Result<Response<Body>, ProxyError> {
+    let (route, client, token) = (call.route, call.client, call.token);
     let parkable = (route.on_limit == OnLimit::Queue && ticket.is_some()).then(|| out.clone());
     let safe = route.resend_safe(&out);
     let started = tokio::time::Instant::now();
@@ -349,7 +401,7 @@ async fn forward_live(
                 && let Some(a) = t.repark(req, true, &p.ledger, now)
             {
                 let why = "the CRM did not answer; write parked for a safe resend";
-                return accepted(p, route, a, why).await;
+                return accepted(p, route, a, token, why).await;
             }
             return Err(ProxyError::Upstream(e));
         }
@@ -393,7 +445,14 @@ async fn forward_live(
         && let (Some(t), Some(req)) = (ticket.as_mut(), parkable)
         && let Some(a) = t.repark(req, false, &p.ledger, now)
     {
-        return accepted(p, route, a, "the CRM throttled a live write; parked it").await;
+        return accepted(
+            p,
+            route,
+            a,
+            token,
+            "the CRM throttled a live write; parked it",
+        )
+        .await;
     }
     drop(ticket);
     p.metrics.request(&route.name, outcome);
@@ -405,8 +464,8 @@ async fn forward_live(
 
 /// `GET /_proxy/requests/{id}` (JSON status) and `GET /_proxy/requests/{id}/response` (the
 /// CRM's stored answer, replayed). Unknown ids and other credentials both get 404.
-fn own_endpoint(p: &Proxy, req: &Request<Incoming>) -> Response<Body> {
-    let rest = &req.uri().path()[PROXY_PREFIX.len()..];
+fn own_endpoint(p: &Proxy, req: &Request<Incoming>, path: &str) -> Response<Body> {
+    let rest = path.get(PROXY_PREFIX.len()..).unwrap_or_default();
     let Some(rest) = rest.strip_prefix("requests/") else {
         return response::not_found();
     };
@@ -420,11 +479,17 @@ fn own_endpoint(p: &Proxy, req: &Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return response::method_not_allowed("GET, HEAD");
     }
+    // The reader proves ownership with the write's status token, or the same credential.
+    let token = req
+        .uri()
+        .query()
+        .and_then(|q| q.split(['&', ';']).find_map(|kv| kv.strip_prefix("token=")));
+    let owner = match token {
+        Some(t) => Some(credentials::token_owner(t)),
+        None => p.credentials.owner(req.headers(), req.uri().query()),
+    };
     let now = p.clock.now();
-    let Some(view) = p
-        .queue
-        .status(id, Fingerprint::of(req.headers()), &p.ledger, now)
-    else {
+    let Some(view) = owner.and_then(|o| p.queue.status(id, o, &p.ledger, now)) else {
         return response::not_found();
     };
     if replay {

@@ -51,7 +51,7 @@ impl PathPattern {
                         "{text:?}: '*' must be a whole segment (use {{name}} to capture part of one)"
                     ));
                 }
-                p => Segment::Literal(p.to_string()),
+                p => Segment::Literal(p.to_ascii_lowercase()),
             };
             segments.push(seg);
         }
@@ -61,7 +61,9 @@ impl PathPattern {
         })
     }
 
-    /// The named parameters this path carries, or `None` when the path does not match.
+    /// The named parameters this path carries, or `None` when the path does not match. Literal
+    /// text matches without regard to ASCII case (patterns are kept lower-case); `path` is meant
+    /// to be in canonical form (`crate::path`), which is lower-case.
     pub fn captures<'p>(&self, path: &'p str) -> Option<Vec<(&str, &'p str)>> {
         let mut caps = Vec::new();
         let rest = path.strip_prefix('/')?;
@@ -133,9 +135,9 @@ fn parse_param(pattern: &str, part: &str) -> Result<Segment, String> {
         return Err(bad());
     }
     Ok(Segment::Param {
-        prefix: part[..open].to_string(),
+        prefix: part[..open].to_ascii_lowercase(),
         name: name.to_string(),
-        suffix: part[close + 1..].to_string(),
+        suffix: part[close + 1..].to_ascii_lowercase(),
     })
 }
 

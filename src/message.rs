@@ -1,5 +1,5 @@
 //! HTTP messages as the proxy keeps and forwards them: a buffered request and response, header
-//! hygiene between hops, `Retry-After`, and which names carry credentials.
+//! hygiene between hops, and `Retry-After`.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -29,6 +29,28 @@ pub struct BufferedResponse {
     pub status: http::StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// Bytes of header names and values (what the queue's byte bound counts for headers).
+pub fn headers_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum()
+}
+
+/// Set on a kept CRM answer whose body was too large to keep (its value: the body's bytes, or
+/// at least as many as were read before giving up); the status and other headers are the CRM's.
+pub const BODY_DROPPED: &str = "crm-proxy-body-dropped";
+
+/// Empties a kept answer's body, marking it with [`BODY_DROPPED`].
+pub fn drop_body(r: &mut BufferedResponse, bytes: u64) {
+    r.body = Bytes::new();
+    r.headers.remove(header::CONTENT_LENGTH);
+    r.headers.insert(
+        HeaderName::from_static(BODY_DROPPED),
+        HeaderValue::from(bytes),
+    );
 }
 
 /// The furthest a `Retry-After` is read to point (the ledger cuts a pause shorter still).
@@ -103,33 +125,6 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, client_ip: IpAddr) {
             .entry(HeaderName::from_static("x-forwarded-host"))
             .or_insert(host);
     }
-}
-
-/// Whether a header or query parameter (lowercase name) carries a credential, whose value never
-/// leaves the proxy in a view: `authorization`, cookies, and any name with `token`, `secret`,
-/// `password`, `api-key`/`api_key`/`apikey` in it (HubSpot's legacy `hapikey` included).
-pub fn is_secret(name: &str) -> bool {
-    matches!(name, "authorization" | "proxy-authorization" | "cookie")
-        || [
-            "token", "secret", "password", "api-key", "api_key", "apikey",
-        ]
-        .iter()
-        .any(|s| name.contains(s))
-}
-
-/// A path and query with the values of credential parameters replaced by `<redacted>`.
-pub fn redact_query(path_and_query: &str) -> String {
-    let Some((path, query)) = path_and_query.split_once('?') else {
-        return path_and_query.to_string();
-    };
-    let params: Vec<String> = query
-        .split('&')
-        .map(|p| match p.split_once('=') {
-            Some((k, _)) if is_secret(&k.to_ascii_lowercase()) => format!("{k}=<redacted>"),
-            _ => p.to_string(),
-        })
-        .collect();
-    format!("{path}?{}", params.join("&"))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::hash::{BuildHasher, RandomState};
 use crate::client::Clients;
 use crate::clock::{SharedClock, Time};
 use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::crm::{Observation, Throttle};
 use crate::ids::QuotaId;
 use crate::intake::Intake;
@@ -57,6 +58,8 @@ pub struct Proxy {
     pub grant_log: Option<Arc<GrantLog>>,
     /// Request bodies being read and requests waiting for a processing slot.
     pub intake: Intake,
+    /// Which request parts carry credentials (owners of parked writes, redaction).
+    pub credentials: Credentials,
     /// Connections of the data and the admin listener.
     pub data_conns: Arc<ListenerStats>,
     pub admin_conns: Arc<ListenerStats>,
@@ -116,6 +119,7 @@ impl Proxy {
         let intake = Intake::new(&config.listen, config.max_body_bytes);
         Ok(Proxy {
             intake,
+            credentials: Credentials::new(&config.credentials),
             data_conns: Arc::default(),
             admin_conns: Arc::default(),
             config: Arc::new(config),

@@ -227,8 +227,18 @@ pub fn over_limit(
 }
 
 /// `202 Accepted`: the proxy now owns delivery of a parked write.
-pub fn accepted(id: EntryId, position: usize, estimated: Time) -> Response<Body> {
-    let location = format!("{PROXY_PREFIX}requests/{id}");
+/// The 202 for a parked write. A write that carries no credential gets a status `token` of its
+/// own, in its `Location` and `status_url` (the only way to read it back).
+pub fn accepted(
+    id: EntryId,
+    position: usize,
+    estimated: Time,
+    token: Option<&str>,
+) -> Response<Body> {
+    let location = match token {
+        Some(t) => format!("{PROXY_PREFIX}requests/{id}?token={t}"),
+        None => format!("{PROXY_PREFIX}requests/{id}"),
+    };
     let mut resp = json_response(
         StatusCode::ACCEPTED,
         &json!({
@@ -236,6 +246,7 @@ pub fn accepted(id: EntryId, position: usize, estimated: Time) -> Response<Body>
             "status": "queued",
             "position": position,
             "estimated_dispatch_at": estimated.to_string(),
+            "status_url": location,
         }),
     );
     resp.headers_mut().insert(

@@ -106,15 +106,30 @@ pub async fn serve(
     }
     // The first requests are decided by the shared ledger when there is one: join it first.
     proxy.shared.start(&proxy.ledger).await;
+    // The tasks the proxy cannot serve without: if one dies (a panic), the process stops with
+    // an error instead of answering 202 for writes nobody would send.
+    let (died_tx, mut died) = tokio::sync::mpsc::unbounded_channel::<String>();
     let shared = {
         let p = proxy.clone();
         let stop = stop_rx.clone();
-        tokio::spawn(async move { p.shared.run(&p.ledger, stop).await })
+        critical("the shared-ledger task", &died_tx, async move {
+            p.shared.run(&p.ledger, stop).await
+        })
     };
     proxy.set_phase(Phase::Ready);
     proxy.metrics.set_up(true);
-    let mut dispatcher = tokio::spawn(dispatch::run(proxy.clone(), stop_rx.clone()));
-    let grant_log = tokio::spawn(keep_grant_log(proxy.clone(), stop_rx.clone()));
+    let mut dispatcher = critical(
+        "the dispatcher",
+        &died_tx,
+        dispatch::run(proxy.clone(), stop_rx.clone()),
+    );
+    let grant_log = critical(
+        "the grant-log task",
+        &died_tx,
+        keep_grant_log(proxy.clone(), stop_rx.clone()),
+    );
+    let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let failed = failure.clone();
 
     let data_proxy = proxy.clone();
     let drain_proxy = proxy.clone();
@@ -134,7 +149,13 @@ pub async fn serve(
             })
         },
         async move {
-            shutdown.await;
+            tokio::select! {
+                _ = shutdown => {}
+                Some(why) = died.recv() => {
+                    tracing::error!("{why}; stopping (the process exits with an error)");
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                }
+            }
             drain_proxy.set_phase(Phase::Stopping);
             drain_proxy.queue.close();
             drain_proxy.metrics.set_up(false);
@@ -183,8 +204,36 @@ pub async fn serve(
         }
     }
     let _ = admin.await;
+    if let Some(why) = failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(why);
+    }
     Ok(Stopped {
         undelivered: undelivered.len(),
+    })
+}
+
+/// Spawns a task the proxy cannot serve without; if it panics, `died` hears why.
+fn critical<F>(
+    name: &'static str,
+    died: &tokio::sync::mpsc::UnboundedSender<String>,
+    task: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let died = died.clone();
+    tokio::spawn(async move {
+        if let Err(e) = tokio::spawn(task).await
+            && e.is_panic()
+        {
+            let panic = e.into_panic();
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let _ = died.send(format!("{name} panicked: {msg}"));
+        }
     })
 }
 
@@ -377,5 +426,26 @@ fn warn_if_open(dir: &std::path::Path) {
             mode = format!("{:o}", meta.permissions().mode() & 0o777),
             "the data directory is readable by other users; it holds request bodies and credentials (chmod 700)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_critical_task_that_panics_is_reported_with_its_message() {
+        let (tx, mut died) = tokio::sync::mpsc::unbounded_channel();
+        let ended = critical("the dispatcher", &tx, async {
+            panic!("window arithmetic overflowed");
+        });
+        ended.await.unwrap();
+        assert_eq!(
+            died.recv().await.as_deref(),
+            Some("the dispatcher panicked: window arithmetic overflowed")
+        );
+        critical("a task", &tx, async {}).await.unwrap();
+        drop(tx);
+        assert_eq!(died.recv().await, None, "a task that ends is not a death");
     }
 }

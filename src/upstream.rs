@@ -4,9 +4,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Request, Response, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -15,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::clock::SharedClock;
 use crate::config::UpstreamConfig;
-use crate::message::{BufferedResponse, Outbound, strip_hop_by_hop};
+use crate::message::{BufferedResponse, Outbound, drop_body, strip_hop_by_hop};
 use crate::tls;
 
 /// Why a request to the CRM produced no response.
@@ -159,7 +159,9 @@ impl UpstreamClient {
             .clone()
     }
 
-    /// Sends a request and reads the whole response (at most `max_body` bytes) within the timeout.
+    /// Sends a request and reads the whole response within the timeout. A body over
+    /// `max_body` bytes is not kept: the answer comes back with its status and headers and an
+    /// empty body marked with [`crate::message::BODY_DROPPED`] (the CRM acted; only its body is lost).
     pub async fn send_buffered(
         &self,
         out: Outbound,
@@ -167,20 +169,44 @@ impl UpstreamClient {
     ) -> Result<BufferedResponse, ForwardError> {
         let started = tokio::time::Instant::now();
         let resp = self.send(out).await?;
-        let (parts, body) = resp.into_parts();
-        let left = self.request_timeout.saturating_sub(started.elapsed());
-        let body = match tokio::time::timeout(left, Limited::new(body, max_body).collect()).await {
-            Err(_) => return Err(ForwardError::Timeout(self.request_timeout)),
-            Ok(Err(e)) => return Err(ForwardError::Io(format!("reading the response: {e}"))),
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
+        let (parts, mut body) = resp.into_parts();
+        let deadline = started + self.request_timeout;
+        let mut kept = BytesMut::new();
+        let mut dropped: Option<u64> = None;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Err(ForwardError::Timeout(self.request_timeout)),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(ForwardError::Io(format!("reading the response: {e}")));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if kept.len() + data.len() > max_body {
+                // Not read further: the connection is dropped with the rest of the body.
+                let declared = parts
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                dropped = Some(declared.unwrap_or((kept.len() + data.len()) as u64));
+                break;
+            }
+            kept.extend_from_slice(&data);
+        }
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
-        Ok(BufferedResponse {
+        let mut answer = BufferedResponse {
             status: parts.status,
             headers,
-            body,
-        })
+            body: kept.freeze(),
+        };
+        if let Some(bytes) = dropped {
+            drop_body(&mut answer, bytes);
+        }
+        Ok(answer)
     }
 }
 

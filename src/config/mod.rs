@@ -37,6 +37,8 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     pub fairness: Fairness,
     pub ledger: LedgerConfig,
+    /// Extra header and query-parameter names (lower-case) that carry credentials.
+    pub credentials: Vec<String>,
 }
 
 /// Environment variable that overrides `ledger.url` (keeps a Redis password out of the file).
@@ -292,6 +294,7 @@ pub struct BatchConfig {
 pub struct QueueConfig {
     pub max_entries: usize,
     pub max_bytes: usize,
+    pub max_results: usize,
     pub ttl: Duration,
     pub result_ttl: Duration,
     pub max_attempts: u32,

@@ -87,6 +87,10 @@ pub struct RawConfig {
     pub fairness: Option<Raw<RawFairness>>,
     /// Where quota counts live: `local` (this process) or `redis` (shared by every replica).
     pub ledger: Option<Raw<RawLedger>>,
+    /// Header and query-parameter names that carry credentials, besides those the proxy knows
+    /// (`Authorization`, cookies, names with `auth`, `key`, `token`, `secret`, ...): redacted in
+    /// every view, and they tell who owns a parked write.
+    pub credentials: Option<Raw<Vec<String>>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -327,8 +331,12 @@ pub struct RawQueue {
     /// Most parked writes held at once (queued, being sent, or failed and kept). A write that
     /// would exceed it gets 503 before acceptance. Default `10000`.
     pub max_entries: Option<Raw<usize>>,
-    /// Most bytes of parked request bodies held at once. Default `256MiB`.
+    /// Most bytes held at once: parked requests and the kept CRM answers of delivered writes
+    /// (the oldest answers make room for new parked writes). Default `256MiB`.
     pub max_bytes: Option<Raw<NumberOrText>>,
+    /// Most delivered writes whose CRM answer is kept for their client (`result_ttl`); beyond
+    /// it the oldest is dropped early. Default `10000`.
+    pub max_results: Option<Raw<usize>>,
     /// A parked write not sent within this time is dropped as `expired` (counted). Default `24h`.
     pub ttl: Option<Raw<String>>,
     /// How long a finished write's status and CRM response stay readable. Default `1h`.

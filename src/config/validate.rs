@@ -41,6 +41,7 @@ const TOP_FIELDS: &[&str] = &[
     "queue",
     "shutdown_grace",
     "ledger",
+    "credentials",
 ];
 const LISTEN_FIELDS: &[&str] = &[
     "data",
@@ -111,6 +112,7 @@ const BATCH_FIELDS: &[&str] = &["max_size", "max_linger"];
 const QUEUE_FIELDS: &[&str] = &[
     "max_entries",
     "max_bytes",
+    "max_results",
     "ttl",
     "result_ttl",
     "max_attempts",
@@ -341,6 +343,22 @@ impl Validator {
         let clients = self.clients(raw.clients, &quota_list);
         let fairness = self.fairness(raw.fairness);
         let ledger = self.ledger(raw.ledger, redis_override);
+        let credentials = self
+            .take("credentials", raw.credentials)
+            .unwrap_or_default();
+        for (i, name) in credentials.iter().enumerate() {
+            let token = !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !token {
+                self.err(
+                    format!("credentials[{i}]"),
+                    format!("{name:?} must be a header or parameter name: 1-128 letters, digits, '-', '_' or '.'"),
+                );
+            }
+        }
         // A key part from a path must be a parameter of every route that consumes the quota.
         for (i, q) in &quotas {
             for part in &q.key {
@@ -437,6 +455,7 @@ impl Validator {
             clients,
             fairness,
             ledger: ledger?,
+            credentials: credentials.iter().map(|n| n.to_ascii_lowercase()).collect(),
         })
     }
 
@@ -928,6 +947,7 @@ impl Validator {
         self.unknown("queue", &raw.unknown, QUEUE_FIELDS);
         let max_entries = self.count("queue.max_entries", raw.max_entries, 10_000, ENTRIES);
         let max_bytes = self.size("queue.max_bytes", raw.max_bytes, 256 << 20, TIB);
+        let max_results = self.count("queue.max_results", raw.max_results, 10_000, ENTRIES);
         let ttl = self.duration_in("queue.ttl", raw.ttl, Duration::from_secs(86_400), TTL);
         let result_ttl = self.duration_in(
             "queue.result_ttl",
@@ -988,6 +1008,7 @@ impl Validator {
         Some(QueueConfig {
             max_entries,
             max_bytes: usize::try_from(max_bytes).ok()?,
+            max_results,
             ttl,
             result_ttl,
             max_attempts,

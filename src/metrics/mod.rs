@@ -85,6 +85,7 @@ pub struct Metrics {
     ledger_fallback_seconds: prometheus::Counter,
     ledger_replicas: IntGauge,
     pauses_capped: IntCounterVec,
+    results_evicted: prometheus::IntCounter,
     connections: IntGaugeVec,
     connections_closed: IntCounterVec,
     accept_errors: IntCounterVec,
@@ -146,6 +147,11 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[route])
             .observe(seconds);
+    }
+
+    /// A delivered write's kept answer evicted before `result_ttl` to make room.
+    pub fn result_evicted(&self) {
+        self.results_evicted.inc();
     }
 
     /// A CRM pause or reset cut to the quota's limit (`upstream.max_pause`, its window).

@@ -362,6 +362,13 @@ impl Metrics {
             client_oldest.with_label_values(&[c]);
         }
 
+        let results_evicted = register(
+            r,
+            prometheus::IntCounter::new(
+                "crm_proxy_results_evicted_total",
+                "Delivered writes whose kept CRM answer was dropped before queue.result_ttl to make room for parked writes (queue.max_entries, queue.max_bytes).",
+            ),
+        );
         let pauses_capped = counter(
             r,
             "crm_proxy_pauses_capped_total",
@@ -482,6 +489,7 @@ impl Metrics {
             ledger_fallback_seconds,
             ledger_replicas,
             pauses_capped,
+            results_evicted,
             connections,
             connections_closed,
             accept_errors,

@@ -12,7 +12,7 @@ use super::{Accepted, Enter, Parkable, Queue};
 use crate::clock::{Clock, Time};
 use crate::config::OnLimit;
 use crate::ids::EntryId;
-use crate::message::Outbound;
+use crate::message::{Outbound, headers_bytes};
 use crate::quota::{Demand, Grant, Ledger};
 use crate::route::Route;
 use crate::store::Record;
@@ -31,11 +31,7 @@ pub enum WaitEnd {
 
 /// Approximate memory of a request's headers and target (what the byte bound counts besides the body).
 pub(super) fn header_bytes(r: &Outbound) -> usize {
-    r.path_and_query.len()
-        + r.headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len())
-            .sum::<usize>()
+    r.path_and_query.len() + headers_bytes(&r.headers)
 }
 
 impl Queue {
@@ -69,11 +65,7 @@ impl Queue {
             return Enter::Closed;
         }
         let bytes = parkable.request.body.len() + header_bytes(&parkable.request);
-        let counts = book.counts();
-        if granted.is_none()
-            && (counts.held + 1 > self.cfg.max_entries
-                || counts.held_bytes + bytes > self.cfg.max_bytes)
-        {
+        if granted.is_none() && !self.make_room(book, 1, bytes) {
             return Enter::Full;
         }
         book.seq += 1;
@@ -241,12 +233,8 @@ impl Queue {
         let mut book = self.lock();
         let book = &mut *book;
         let e = book.get(&ticket.id)?;
-        let counts = book.counts();
-        if !matches!(e.state(), State::Live)
-            || book.closed
-            || counts.held + 1 > self.cfg.max_entries
-            || counts.held_bytes + e.bytes > self.cfg.max_bytes
-        {
+        let bytes = e.bytes;
+        if !matches!(e.state(), State::Live) || book.closed || !self.make_room(book, 1, bytes) {
             return None;
         }
         let e = book.get_mut(&ticket.id).expect("present");

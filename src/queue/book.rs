@@ -12,6 +12,7 @@ use super::jobs::{Job, Pending};
 use crate::clock::Time;
 use crate::crm::zendesk_batch::BatchKind;
 use crate::ids::{ClientId, EntryId, Fingerprint, LaneId, QuotaId, RouteId};
+use crate::message::{BufferedResponse, headers_bytes};
 
 /// Debug builds recount the aggregates after every change while the book is at most this big
 /// (beyond it the check would cost more than everything it checks).
@@ -101,9 +102,13 @@ pub(super) struct ClientQueue {
 /// The aggregates scrapes read instead of walking the entries.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct Counts {
-    /// Entries holding a request, and their bytes: what the bounds limit.
+    /// Entries holding a request, and their bytes.
     pub held: usize,
     pub held_bytes: usize,
+    /// Delivered writes whose CRM answer is kept for their client, and its bytes. The bounds
+    /// (`max_entries`, `max_bytes`) limit these and the held ones together.
+    pub done: usize,
+    pub done_bytes: usize,
     /// Entries the proxy is sending now (alone or in a batch).
     pub dispatching: usize,
     pub failed: usize,
@@ -272,6 +277,10 @@ impl Book {
                 c.held_bytes += e.bytes;
             }
             match e.state() {
+                State::Done(resp) => {
+                    c.done += 1;
+                    c.done_bytes += response_bytes(resp);
+                }
                 State::Dispatching => c.dispatching += 1,
                 State::Failed(..) => c.failed += 1,
                 State::Expired => c.expired += 1,
@@ -326,6 +335,11 @@ impl Book {
     }
 }
 
+/// What a kept CRM answer costs the bounds: its body, header names and values, and its status.
+pub(super) fn response_bytes(r: &BufferedResponse) -> usize {
+    r.body.len() + headers_bytes(&r.headers) + 3
+}
+
 /// Adds (`add`) or removes an entry's share of the aggregates.
 fn account(c: &mut Counts, dead: &mut BTreeSet<(Time, EntryId)>, e: &Entry, add: bool) {
     let step = |n: &mut usize, by: usize| {
@@ -340,6 +354,10 @@ fn account(c: &mut Counts, dead: &mut BTreeSet<(Time, EntryId)>, e: &Entry, add:
         step(&mut c.held_bytes, e.bytes);
     }
     match e.state() {
+        State::Done(resp) => {
+            step(&mut c.done, 1);
+            step(&mut c.done_bytes, response_bytes(resp));
+        }
         State::Dispatching => step(&mut c.dispatching, 1),
         State::Failed(..) => step(&mut c.failed, 1),
         State::Expired => step(&mut c.expired, 1),

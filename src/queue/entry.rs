@@ -7,7 +7,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use tokio::sync::oneshot;
 
-use crate::message::{BufferedResponse, Outbound, is_secret, redact_query};
+use crate::credentials::{Credentials, is_secret_name};
+use crate::message::{BufferedResponse, Outbound};
 use crate::quota::Grant;
 use crate::status::{FailReason, Status};
 
@@ -130,7 +131,7 @@ impl Kept {
             ) else {
                 continue; // cannot happen: both were valid when kept
             };
-            value.set_sensitive(is_secret(name.as_str()));
+            value.set_sensitive(is_secret_name(&name));
             headers.append(name, value);
         }
         let (method, path_and_query) = self.request_line();
@@ -150,7 +151,10 @@ impl fmt::Debug for Kept {
         let (method, path_and_query) = self.request_line();
         f.debug_struct("Kept")
             .field("method", &method)
-            .field("path_and_query", &redact_query(path_and_query))
+            .field(
+                "path_and_query",
+                &Credentials::default().query(path_and_query),
+            )
             .field("bytes", &self.data.len())
             .finish()
     }

@@ -1,12 +1,13 @@
 //! A parked write's life after admission: what an attempt's outcome does to it, its TTL, the
 //! purge of finished results, and the operator's retry and discard of dead letters.
 
-use super::book::Book;
+use super::book::{Book, Counts, response_bytes};
 use super::entry::{Owner, State};
 use super::persistence::stored_response;
 use super::{OpError, Outcome, Queue, earliest};
 use crate::clock::Time;
 use crate::ids::EntryId;
+use crate::message::drop_body;
 use crate::store::{Commit, Record};
 
 impl Queue {
@@ -76,6 +77,47 @@ impl Queue {
         next
     }
 
+    /// Whether `entries` more parked writes of `bytes` more bytes fit `max_entries` and
+    /// `max_bytes` (which counts kept answers too), after evicting the oldest kept answers of
+    /// delivered writes as needed: a parked write always has priority over a result.
+    pub(super) fn make_room(&self, book: &mut Book, entries: usize, bytes: usize) -> bool {
+        if book.counts().held + entries > self.cfg.max_entries {
+            return false;
+        }
+        self.evict_results_until(book, |c| {
+            c.held_bytes + c.done_bytes + bytes <= self.cfg.max_bytes
+        })
+    }
+
+    /// Room for one more kept answer of `bytes` more bytes: within `max_results` and
+    /// `max_bytes`, evicting the oldest kept answers as needed.
+    fn room_for_result(&self, book: &mut Book, bytes: usize) -> bool {
+        self.evict_results_until(book, |c| {
+            c.done < self.cfg.max_results
+                && c.held_bytes + c.done_bytes + bytes <= self.cfg.max_bytes
+        })
+    }
+
+    /// Evicts kept answers, oldest first, until `fits` holds; whether it does.
+    fn evict_results_until(&self, book: &mut Book, fits: impl Fn(&Counts) -> bool) -> bool {
+        loop {
+            if fits(book.counts()) {
+                return true;
+            }
+            let Some((_, id)) = book.finished.pop_front() else {
+                return false;
+            };
+            if book
+                .get(&id)
+                .is_some_and(|e| matches!(e.state(), State::Done(_)))
+            {
+                book.remove(&id);
+                self.log(|| Record::Removed { id: id.as_u128() });
+                self.metrics.result_evicted();
+            }
+        }
+    }
+
     /// Records the end of one attempt of a proxy-owned entry.
     pub fn complete(&self, id: EntryId, outcome: Outcome, now: Time) {
         let mut guard = self.lock();
@@ -101,7 +143,17 @@ impl Queue {
         // Outcomes are logged without waiting: if one is lost, recovery finds the write still
         // marked as being sent and treats it as possibly applied.
         match outcome {
-            Outcome::Done(resp) => {
+            Outcome::Done(mut resp) => {
+                // The answer replaces the request in the bounds: older results make room for
+                // it, and when even that is not enough its body is dropped (status and headers
+                // kept, marked).
+                let request = e.bytes;
+                let needed = response_bytes(&resp).saturating_sub(request);
+                if !self.room_for_result(book, needed) {
+                    let len = resp.body.len() as u64;
+                    drop_body(&mut resp, len);
+                    tracing::warn!(request_id = %id, route, "the CRM's answer to a parked write does not fit queue.max_bytes; kept without its body");
+                }
                 self.log(|| Record::Done {
                     id: uid,
                     at: now.as_nanos(),

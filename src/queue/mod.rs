@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 
 use crate::clock::Time;
 use crate::config::{ClientConfig, Config, QueueConfig};
+use crate::credentials::Credentials;
 use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId, RouteId};
 use crate::message::{BufferedResponse, Outbound};
 use crate::metrics::Metrics;
@@ -143,9 +144,12 @@ pub struct LaneStatus {
 /// Totals for `/status` and metrics.
 #[derive(Debug, Serialize)]
 pub struct QueueStatus {
-    /// Entries holding a request: queued, being sent, or failed and kept.
+    /// Entries holding a request: queued, being sent, or failed and kept (`max_entries`).
     pub entries: usize,
+    /// Bytes of those requests and of the kept answers of delivered writes (`max_bytes`).
     pub bytes: usize,
+    /// Delivered writes whose CRM answer is kept (evicted oldest first when room is needed).
+    pub results: usize,
     pub queued: usize,
     pub dispatching: usize,
     pub failed: usize,
@@ -193,6 +197,8 @@ pub struct Queue {
     /// for microseconds; scrapes read running aggregates under it, never every entry.
     book: Mutex<Book>,
     wake: Notify,
+    /// What is redacted in views of requests and answers.
+    credentials: Credentials,
 }
 
 impl Queue {
@@ -215,6 +221,7 @@ impl Queue {
             board,
             store,
             wake: Notify::new(),
+            credentials: Credentials::new(&config.credentials),
         }
     }
 

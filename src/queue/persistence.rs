@@ -72,8 +72,9 @@ impl Queue {
                 tracing::error!(request_id = %EntryId::from_u128(s.id), "a logged write has an unreadable request; skipped");
                 continue;
             };
-            let path = request.path_and_query.split('?').next().unwrap_or_default();
-            let route = self.routes.find(&s.route, &request.method, path);
+            let raw = request.path_and_query.split('?').next().unwrap_or_default();
+            let path = crate::path::canonical(raw).unwrap_or_else(|_| raw.to_string());
+            let route = self.routes.find(&s.route, &request.method, &path);
             let client = self
                 .clients
                 .iter()

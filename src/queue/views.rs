@@ -8,8 +8,9 @@ use super::book::Entry;
 use super::entry::{Kept, Owner, State};
 use super::{LaneStatus, Queue, QueueStatus};
 use crate::clock::Time;
+use crate::credentials::Credentials;
 use crate::ids::{EntryId, Fingerprint, LaneId};
-use crate::message::{BufferedResponse, is_secret, redact_query};
+use crate::message::BufferedResponse;
 use crate::quota::Ledger;
 use crate::status::{FailReason, Status};
 
@@ -54,17 +55,9 @@ pub struct ResponseView {
 }
 
 impl ResponseView {
-    pub fn of(r: &BufferedResponse) -> ResponseView {
-        let headers = r
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
+    /// The answer with its credential headers (`Set-Cookie`, tokens) redacted.
+    pub fn of(r: &BufferedResponse, creds: &Credentials) -> ResponseView {
+        let headers = creds.headers(&r.headers);
         let (body, body_base64) = match std::str::from_utf8(&r.body) {
             Ok(text) => (Some(text.to_string()), None),
             Err(_) => (None, Some(base64(&r.body))),
@@ -132,7 +125,7 @@ pub struct EntryDetail {
 pub struct RequestView {
     pub method: String,
     pub path_and_query: String,
-    /// Header values; credentials (see [`is_secret`]) show as `<redacted>`.
+    /// Header values; credentials (see [`Credentials`]) show as `<redacted>`.
     pub headers: Vec<(String, String)>,
     pub body_bytes: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -140,23 +133,12 @@ pub struct RequestView {
 }
 
 impl RequestView {
-    pub fn of(r: &Kept) -> RequestView {
+    pub fn of(r: &Kept, creds: &Credentials) -> RequestView {
         let r = &r.outbound();
         RequestView {
             method: r.method.to_string(),
-            path_and_query: redact_query(&r.path_and_query),
-            headers: r
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    let value = if is_secret(k.as_str()) {
-                        "<redacted>".to_string()
-                    } else {
-                        String::from_utf8_lossy(v.as_bytes()).into_owned()
-                    };
-                    (k.to_string(), value)
-                })
-                .collect(),
+            path_and_query: creds.query(&r.path_and_query),
+            headers: creds.headers(&r.headers),
             body_bytes: r.body.len(),
             body: std::str::from_utf8(&r.body).ok().map(str::to_string),
         }
@@ -199,7 +181,9 @@ impl Queue {
             estimated_dispatch_at: queued.map(|(_, eta)| eta.to_string()),
             reason,
             error,
-            response: stored.as_ref().map(ResponseView::of),
+            response: stored
+                .as_ref()
+                .map(|r| ResponseView::of(r, &self.credentials)),
             stored,
         })
     }
@@ -232,7 +216,8 @@ impl Queue {
         let counts = book.counts();
         QueueStatus {
             entries: counts.held,
-            bytes: counts.held_bytes,
+            bytes: counts.held_bytes + counts.done_bytes,
+            results: counts.done,
             queued: book.queued(),
             dispatching: counts.dispatching,
             failed: counts.failed,
@@ -285,9 +270,9 @@ impl Queue {
             .filter(|e| !matches!(e.state(), State::Queued(Owner::Client(_)) | State::Live))?;
         Some(EntryDetail {
             summary: self.summary(e),
-            request: e.request().map(RequestView::of),
+            request: e.request().map(|r| RequestView::of(r, &self.credentials)),
             response: match e.state() {
-                State::Done(r) => Some(ResponseView::of(r)),
+                State::Done(r) => Some(ResponseView::of(r, &self.credentials)),
                 _ => None,
             },
         })

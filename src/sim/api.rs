@@ -28,6 +28,11 @@ pub(super) async fn route(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> 
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    // A test or benchmark asks for a large answer (a CRM that returns big records).
+    let pad = req
+        .headers()
+        .get("x-sim-answer-pad")
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     let trimmed = path.trim_end_matches(".json");
     let segments: Vec<&str> = trimmed.trim_start_matches('/').split('/').collect();
     let body = req
@@ -55,8 +60,11 @@ pub(super) async fn route(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> 
                 t["external_id"].as_str(),
                 idempotency_key.as_deref(),
             );
-            let mut resp =
-                response::json_response(StatusCode::CREATED, &json!({ "ticket": ticket }));
+            let mut answer = json!({ "ticket": ticket });
+            if let Some(n) = pad {
+                answer["pad"] = Value::String("x".repeat(n));
+            }
+            let mut resp = response::json_response(StatusCode::CREATED, &answer);
             if let Ok(loc) = HeaderValue::from_str(&format!("/api/v2/tickets/{}.json", ticket.id)) {
                 resp.headers_mut().insert(header::LOCATION, loc);
             }

@@ -368,3 +368,53 @@ async fn buffered_request_bytes_stay_within_their_budget() {
     let r = h.call(Method::POST, "/echo/next", "y".repeat(100)).await;
     assert_eq!(r.status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_ticket_counts_against_that_ticket() {
+    let h = Harness::start(
+        roomy(),
+        "upstream: { url: \"{upstream}\" }\n\
+         quotas:\n  - { name: minute, limit: 1000, window: 1m }\n  \
+           - { name: per-ticket, limit: 3, window: 10m, scope: route, key: [\"path:id\"] }\n\
+         routes:\n  - { name: update, methods: [PUT], path: \"/api/v2/tickets/{id}.json\", quotas: [per-ticket], on_limit: queue, max_wait: 0s }\n",
+    )
+    .await;
+    for subject in ["one"] {
+        let url = format!("{}/api/v2/tickets.json", h.sim.url());
+        let r = send(&h.client, Method::POST, &url, &[], ticket_body(subject)).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let body = r#"{"ticket":{"comment":{"body":"x"}}}"#;
+    for _ in 0..3 {
+        let r = h.call(Method::PUT, "/api/v2/tickets/1.json", body).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+    for spelling in [
+        "/api/v2/tickets/1.json",
+        "/api/v2/tickets/%31.json",
+        "/api/v2/tickets/01.json",
+        "//api/v2//tickets/1.json",
+        "/api/v2/./tickets/1.json",
+        "/api/v2/users/../tickets/1.json",
+        "/api/v2/tickets/1.json/",
+        "/api/v2/tickets/1.json;x",
+        "/API/V2/tickets/1.json",
+    ] {
+        let r = h.call(Method::PUT, spelling, body).await;
+        assert_eq!(
+            r.status,
+            StatusCode::ACCEPTED,
+            "{spelling}: parked, not forwarded"
+        );
+    }
+    assert_eq!(
+        h.sim.stats().calls,
+        1 + 3,
+        "only the first three updates reached the CRM"
+    );
+    // A path whose escapes would change its structure is refused, not guessed at.
+    let r = h.call(Method::PUT, "/api/v2/tickets%2F1.json", body).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["error"], "bad_path");
+    assert_eq!(h.sim.stats().calls, 1 + 3);
+}

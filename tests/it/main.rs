@@ -2,8 +2,10 @@
 
 mod acceptance;
 mod batching;
+mod bounds;
 mod careless_crm;
 mod cli;
+mod config_fuzz;
 mod crm_truth;
 mod durability;
 mod fairness;

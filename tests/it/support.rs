@@ -334,6 +334,10 @@ impl Process {
         self.log.lock().unwrap().clone()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` (e.g. "KILL", "TERM") and waits for the exit; returns it with the log.
     pub fn signal(mut self, signal: &str) -> (std::process::ExitStatus, Vec<String>) {
         let ok = std::process::Command::new("kill")
