@@ -8,6 +8,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use crm_quota_proxy::clock::{Clock, ManualClock};
 use crm_quota_proxy::config::Config;
 use crm_quota_proxy::ids::{ClientId, Fingerprint};
+use crm_quota_proxy::live::Live;
 use crm_quota_proxy::message::{BufferedResponse, Outbound};
 use crm_quota_proxy::metrics::Metrics;
 use crm_quota_proxy::queue::{Enter, Outcome, Parkable, Queue, Step, WaitEnd};
@@ -29,12 +30,13 @@ fn setup() -> Setup {
     let yaml = "upstream: { url: http://crm.test }\nquotas:\n  - { name: w, limit: 1, window: 1s, margin: 0s }\nroutes:\n  - { name: create, methods: [POST], path: /api/v2/tickets.json }\n";
     let config = Config::from_yaml(yaml, None).unwrap();
     let clock = ManualClock::at("2026-06-01T00:00:00Z");
-    let routes = Arc::new(RouteTable::new(&config));
+    let table = Arc::new(Live::new(RouteTable::new(&config)));
+    let routes = table.get();
     let metrics = Arc::new(Metrics::new(&routes.names(), &["w"], &[], &["default"]));
     let ledger = Ledger::for_config(&config, clock.now());
     let queue = Arc::new(Queue::new(
         &config,
-        routes.clone(),
+        table,
         metrics,
         ledger.board(),
         Store::memory(),
@@ -133,13 +135,14 @@ fn scheduler_setup(lanes: usize, per_lane: usize) -> Setup {
     }
     let config = Config::from_yaml(&yaml, None).unwrap();
     let clock = ManualClock::at("2026-06-01T00:00:00Z");
-    let routes = Arc::new(RouteTable::new(&config));
+    let table = Arc::new(Live::new(RouteTable::new(&config)));
+    let routes = table.get();
     let names: Vec<&str> = config.clients.iter().map(|c| c.name.as_str()).collect();
     let metrics = Arc::new(Metrics::new(&routes.names(), &["w"], &[], &names));
     let ledger = Ledger::for_config(&config, clock.now());
     let queue = Arc::new(Queue::new(
         &config,
-        routes.clone(),
+        table,
         metrics,
         ledger.board(),
         Store::memory(),

@@ -7,7 +7,7 @@ use http::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
 use crate::ids::EntryId;
-use crate::proxy::{ClientView, KeysView, Phase, Proxy};
+use crate::proxy::{ClientView, KeysView, Loaded, Phase, Proxy};
 use crate::queue::{OpError, QueueStatus};
 use crate::quota::QuotaStatus;
 use crate::response::{self, Body};
@@ -28,6 +28,8 @@ struct Status {
     queue: QueueStatus,
     /// Where grants are decided: this process, or the ledger the replicas share.
     ledger: LedgerView,
+    /// The config in force: its file's SHA-256 and when it was loaded.
+    config: Loaded,
 }
 
 pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
@@ -37,6 +39,21 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
     }
     if let Some(rest) = path.strip_prefix("/quotas/") {
         return quota_action(&proxy, req.method(), rest);
+    }
+    if path == "/reload" {
+        if req.method() != Method::POST {
+            return response::method_not_allowed("POST");
+        }
+        let p = proxy.clone();
+        let report = tokio::task::spawn_blocking(move || p.reload_from_file())
+            .await
+            .expect("the reload does not panic");
+        let status = if report.result == "invalid" {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::OK
+        };
+        return response::json_response(status, &report);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return response::method_not_allowed("GET, HEAD");
@@ -70,12 +87,13 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
                 version: env!("CARGO_PKG_VERSION"),
                 ready: proxy.is_ready(),
                 now: now.to_string(),
-                upstream: proxy.upstream.health(),
+                upstream: proxy.upstream().health(),
                 quotas: proxy.ledger.snapshot(now),
                 keyed_quotas: proxy.keys_views(),
                 clients: proxy.client_views(&queue, now),
                 queue,
                 ledger: proxy.shared.view(),
+                config: (*proxy.loaded()).clone(),
             };
             response::json_response(StatusCode::OK, &status)
         }
@@ -90,7 +108,7 @@ fn quota_action(proxy: &Proxy, method: &Method, rest: &str) -> Response<Body> {
     let Some((name, "resume")) = rest.split_once('/') else {
         return response::not_found();
     };
-    let Some(q) = proxy.config.quotas.iter().position(|c| c.name == name) else {
+    let Some(q) = proxy.config().quotas.iter().position(|c| c.name == name) else {
         return response::not_found();
     };
     if method != Method::POST {

@@ -67,7 +67,8 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: SocketAddr)
         };
         return own_endpoint(&proxy, &req, path);
     }
-    let route = proxy.routes.classify(req.method(), &canon);
+    let routes = proxy.routes();
+    let route = routes.classify(req.method(), &canon);
     match forward(&proxy, route, req, &canon, peer).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -87,7 +88,7 @@ async fn forward(
     canon: &str,
     peer: SocketAddr,
 ) -> Result<Response<Body>, ProxyError> {
-    let max = p.config.max_body_bytes;
+    let max = p.config().max_body_bytes;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -99,8 +100,8 @@ async fn forward(
         IntakeError::TooLarge => ProxyError::TooLarge { limit: max },
         IntakeError::TimedOut => ProxyError::BodyTimeout(format!(
             "listen.body_timeout {} plus 1s per {} bytes",
-            format_duration(p.config.listen.body_timeout),
-            p.config.listen.body_min_rate
+            format_duration(p.config().listen.body_timeout),
+            p.config().listen.body_min_rate
         )),
         IntakeError::Busy => ProxyError::Busy { retry_after: 1 },
         IntakeError::Broken(e) => ProxyError::BadBody(e),
@@ -109,7 +110,7 @@ async fn forward(
     let _slot = p.intake.slot().await;
     let mut headers = parts.headers;
     // The credential's fingerprint may identify the client or key a quota.
-    let fingerprint = (p.clients.needs_fingerprint()
+    let fingerprint = (p.clients().needs_fingerprint()
         || route
             .keyed
             .iter()
@@ -126,12 +127,12 @@ async fn forward(
                 (fp, Some(token))
             }
         });
-    let client = p.clients.identify(&Caller {
+    let client = p.clients().identify(&Caller {
         headers: &headers,
         source: peer.ip(),
         fingerprint,
     });
-    p.metrics.client_request(&p.clients.get(client).name);
+    p.metrics.client_request(&p.clients().get(client).name);
     let keys = keys(p, route, canon, &headers, client, fingerprint);
     prepare_request_headers(&mut headers, peer.ip());
     if route.idempotency_key && !headers.contains_key(IDEMPOTENCY_KEY) {
@@ -304,7 +305,7 @@ fn keys(
             let key: Vec<String> = parts
                 .iter()
                 .map(|part| match part {
-                    KeyPart::Client => p.clients.get(client).name.clone(),
+                    KeyPart::Client => p.clients().get(client).name.clone(),
                     KeyPart::Credential => fingerprint.map(|f| f.to_hex()).unwrap_or_default(),
                     KeyPart::Path(param) => captures
                         .iter()
@@ -335,7 +336,7 @@ async fn accepted(
         p.queue.settle(a.id, false);
         tracing::error!(request_id = %a.id, route = %route.name, error = %e, "cannot store a parked write; answering 503");
         return Err(ProxyError::NotStored {
-            retry_after: p.config.upstream.retry_after_default.as_secs().max(1),
+            retry_after: p.config().upstream.retry_after_default.as_secs().max(1),
         });
     }
     p.queue.settle(a.id, true);
@@ -362,7 +363,7 @@ fn reject(
     // When the decision came from the queue, the binding quota is the one with least left.
     let binding = binding.or_else(|| usage.first().map(|u| u.quota));
     let quota = binding.map(|q| p.ledger.config(q));
-    let mut resp = response::over_limit(p.config.upstream.crm, retry_at, now, quota);
+    let mut resp = response::over_limit(p.config().upstream.crm, retry_at, now, quota.as_deref());
     response::add_rate_limit_headers(resp.headers_mut(), &p.ledger, &usage, now);
     resp
 }
@@ -383,8 +384,8 @@ async fn forward_live(
     let parkable = (route.on_limit == OnLimit::Queue && ticket.is_some()).then(|| out.clone());
     let safe = route.resend_safe(&out);
     let started = tokio::time::Instant::now();
-    p.metrics.client_call(&p.clients.get(client).name);
-    let result = p.upstream.send(out).await;
+    p.metrics.client_call(&p.clients().get(client).name);
+    let result = p.upstream().send(out).await;
     let now = p.clock.now();
     // A live request is its write's first attempt.
     let attempt = Some(1);
@@ -409,10 +410,13 @@ async fn forward_live(
     p.metrics
         .upstream_response(&route.name, resp.status(), started.elapsed().as_secs_f64());
     let (mut parts, body) = resp.into_parts();
-    let crm = p.config.upstream.crm;
+    let crm = p.config().upstream.crm;
     let (body, read): (Body, Option<Bytes>) = if crm.needs_body(parts.status) {
         // Small error bodies (a Salesforce 403, a HubSpot 429) say whether it is a throttle.
-        match Limited::new(body, p.config.max_body_bytes).collect().await {
+        match Limited::new(body, p.config().max_body_bytes)
+            .collect()
+            .await
+        {
             Ok(c) => {
                 let bytes = c.to_bytes();
                 (response::full(bytes.clone()), Some(bytes))

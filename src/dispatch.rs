@@ -93,8 +93,8 @@ async fn send(
 ) -> Result<BufferedResponse, ForwardError> {
     let started = tokio::time::Instant::now();
     let result = proxy
-        .upstream
-        .send_buffered(request, proxy.config.max_body_bytes)
+        .upstream()
+        .send_buffered(request, proxy.config().max_body_bytes)
         .await;
     match &result {
         Ok(resp) => proxy.metrics.upstream_response(
@@ -192,7 +192,8 @@ fn dead_letter_error(reason: FailReason, error: &str, attempt: u32, in_batch: bo
 
 /// One attempt at sending a proxy-owned write; the outcome goes back to the queue.
 async fn deliver(proxy: Arc<Proxy>, d: Dispatch) {
-    let route = proxy.routes.get(d.route);
+    let routes = proxy.routes();
+    let route = routes.get(d.route);
     // The log must say "being sent" before the CRM can see it, so a crash is never mistaken
     // for "not sent yet" (which could send a non-idempotent write twice).
     if let Err(e) = d.commit.durable().await {
@@ -217,7 +218,9 @@ async fn deliver(proxy: Arc<Proxy>, d: Dispatch) {
     }
     let safe = route.resend_safe(&d.request);
     let keyed = d.request.headers.contains_key(IDEMPOTENCY_KEY);
-    proxy.metrics.client_call(&proxy.clients.get(d.client).name);
+    proxy
+        .metrics
+        .client_call(&proxy.clients().get(d.client).name);
     let result = send(&proxy, route, d.request).await;
     let now = proxy.clock.now();
     let sent = Sent::read(&proxy, route, &grant, result, now);
@@ -240,7 +243,8 @@ async fn deliver(proxy: Arc<Proxy>, d: Dispatch) {
 /// write gets the verdict on the call, under the batch's resend rule: a batch call carries no
 /// per-item idempotency key, so an unknown outcome is resent only with `retry_ambiguous`.
 async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
-    let route = proxy.routes.get(b.route);
+    let routes = proxy.routes();
+    let route = routes.get(b.route);
     if let Err(e) = b.commit.durable().await {
         let now = proxy.clock.now();
         let each = b
@@ -271,7 +275,9 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
             .complete_batch(b.batch, BatchOutcome::Each(each), now);
         return;
     }
-    proxy.metrics.client_call(&proxy.clients.get(b.client).name);
+    proxy
+        .metrics
+        .client_call(&proxy.clients().get(b.client).name);
     let result = send(&proxy, route, b.request).await;
     let now = proxy.clock.now();
     // Each write gets the verdict on the call as its own attempt.
@@ -349,7 +355,8 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
 /// One poll of job statuses. A failed or throttled poll is simply asked again later; a job the
 /// CRM answers 404 for (single poll) or leaves out (`show_many`) is unknown to it.
 async fn deliver_poll(proxy: Arc<Proxy>, p: PollDispatch) {
-    let route = proxy.routes.get(p.route);
+    let routes = proxy.routes();
+    let route = routes.get(p.route);
     let single = p.jobs.len() == 1;
     let mut grant = p.grant;
     if let Admission::Denied { retry_at, .. } = proxy.admit(&route.quotas, &[], &mut grant).await {

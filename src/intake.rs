@@ -38,9 +38,10 @@ pub struct Received {
 pub struct Intake {
     budget: Arc<Semaphore>,
     slots: Arc<Semaphore>,
-    max_body: usize,
-    body_timeout: Duration,
-    min_rate: u64,
+    /// `max_body_bytes`, `listen.body_timeout` (ms) and `listen.body_min_rate`: a reload sets them.
+    max_body: AtomicUsize,
+    body_timeout_ms: AtomicU64,
+    min_rate: AtomicU64,
     base: Instant,
     /// Requests waiting for a slot.
     waiting: AtomicUsize,
@@ -59,13 +60,21 @@ impl Intake {
         Intake {
             budget: Arc::new(Semaphore::new(budget)),
             slots: Arc::new(Semaphore::new(listen.max_concurrent_requests)),
-            max_body,
-            body_timeout: listen.body_timeout,
-            min_rate: listen.body_min_rate.max(1),
+            max_body: AtomicUsize::new(max_body),
+            body_timeout_ms: AtomicU64::new(listen.body_timeout.as_millis() as u64),
+            min_rate: AtomicU64::new(listen.body_min_rate.max(1)),
             base: Instant::now(),
             waiting: AtomicUsize::new(0),
             last_slot: AtomicU64::new(0),
         }
+    }
+
+    /// Takes a reloaded config's body limits (the slots and the budget keep their sizes).
+    pub fn set_limits(&self, listen: &Listen, max_body: usize) {
+        self.max_body.store(max_body, Relaxed);
+        self.body_timeout_ms
+            .store(listen.body_timeout.as_millis() as u64, Relaxed);
+        self.min_rate.store(listen.body_min_rate.max(1), Relaxed);
     }
 
     /// Reads a request body whole: at most `max_body` bytes, within `body_timeout` plus one
@@ -75,7 +84,10 @@ impl Intake {
         mut body: Incoming,
         declared: Option<u64>,
     ) -> Result<Received, IntakeError> {
-        if declared.is_some_and(|n| n > self.max_body as u64) {
+        let max_body = self.max_body.load(Relaxed);
+        let body_timeout = Duration::from_millis(self.body_timeout_ms.load(Relaxed));
+        let min_rate = self.min_rate.load(Relaxed);
+        if declared.is_some_and(|n| n > max_body as u64) {
             return Err(IntakeError::TooLarge);
         }
         if body.is_end_stream() {
@@ -88,9 +100,8 @@ impl Intake {
         let mut buf = BytesMut::new();
         let mut held: Option<OwnedSemaphorePermit> = None;
         loop {
-            let deadline = start
-                + self.body_timeout
-                + Duration::from_secs_f64(buf.len() as f64 / self.min_rate as f64);
+            let deadline =
+                start + body_timeout + Duration::from_secs_f64(buf.len() as f64 / min_rate as f64);
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => return Err(IntakeError::TimedOut),
                 Ok(None) => break,
@@ -100,7 +111,7 @@ impl Intake {
             let Ok(data) = frame.into_data() else {
                 continue; // trailers: nothing to keep
             };
-            if buf.len() + data.len() > self.max_body {
+            if buf.len() + data.len() > max_body {
                 return Err(IntakeError::TooLarge);
             }
             if data.is_empty() {

@@ -11,10 +11,14 @@ use crm_quota_proxy::clock::SystemClock;
 use crm_quota_proxy::config::Config;
 use crm_quota_proxy::demo::{self, DemoOptions};
 use crm_quota_proxy::ids::{EntryId, Fingerprint};
+use crm_quota_proxy::proxy::Proxy;
 use crm_quota_proxy::queue::OpError;
+use crm_quota_proxy::server::{Control, Failure, serve_with};
 use crm_quota_proxy::status::Status;
+use crm_quota_proxy::store::Store;
 use crm_quota_proxy::units::parse_duration;
-use crm_quota_proxy::{Listeners, open, serve};
+use crm_quota_proxy::{Listeners, open};
+use std::io::Write as _;
 
 /// Exit status for an invalid config (sysexits EX_USAGE... EX_DATAERR is 65; 64 is what ops expect here).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -62,6 +66,10 @@ enum Command {
     Check {
         #[command(flatten)]
         config: ConfigPath,
+        /// Also check what `run` would need on this machine: the data directory can be created
+        /// and written, and the listen addresses are free (exit 74 or 75 when not).
+        #[arg(long)]
+        runtime: bool,
     },
     /// Inspect and mend the parked writes in a stopped proxy's data directory (`store: disk`).
     /// While the proxy runs, use its admin endpoints under `/requests` instead.
@@ -105,7 +113,8 @@ enum QueueAction {
     Discard { id: EntryId },
 }
 
-/// The `queue` subcommand on a stopped proxy's data directory.
+/// The `queue` subcommand on a data directory: `list` and `show` read it without changing
+/// anything; `retry` and `discard` open it as a start would (refused while a proxy holds it).
 async fn queue_command(config: Config, action: QueueAction) -> anyhow::Result<ExitCode> {
     let admin = config.listen.admin;
     let Some(dir) = config.queue.data_dir.clone() else {
@@ -113,48 +122,51 @@ async fn queue_command(config: Config, action: QueueAction) -> anyhow::Result<Ex
             "queue.store is memory: parked writes live only in the running proxy; use http://{admin}/requests"
         );
     };
-    let proxy = open(config, SystemClock::shared()).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}\nwhile the proxy runs, use its admin endpoints: http://{admin}/requests"
-        )
-    })?;
-    let queue = &proxy.queue;
-    let (id, commit) = match action {
-        QueueAction::List { status } => {
-            let list = queue.list(status);
-            println!(
-                "{:<32}  {:<11}  {:<20}  {:<12}  {:>8}  {:<30}  ERROR",
-                "ID", "STATUS", "ROUTE", "CLIENT", "ATTEMPTS", "CREATED"
+    if let QueueAction::List { .. } | QueueAction::Show { .. } = action {
+        let recovered = Store::inspect(&dir).map_err(Failure::from)?;
+        for q in &recovered.quarantined {
+            eprintln!(
+                "warning: {} damaged bytes at offset {} of the log would be quarantined at the next start",
+                q.bytes, q.offset
             );
-            for e in &list {
-                println!(
-                    "{:<32}  {:<11}  {:<20}  {:<12}  {:>8}  {:<30}  {}",
-                    e.id,
-                    e.status.name(),
-                    e.route,
-                    e.client,
-                    e.attempts,
-                    e.created_at,
-                    e.error.as_deref().unwrap_or_default()
-                );
-            }
-            eprintln!("{} parked writes in {}", list.len(), dir.display());
-            return Ok(ExitCode::SUCCESS);
         }
-        QueueAction::Show { id } => {
-            return match queue.inspect(id) {
-                Some(detail) => {
-                    println!("{}", serde_json::to_string_pretty(&detail)?);
-                    Ok(ExitCode::SUCCESS)
-                }
+        let clock = SystemClock::shared();
+        let proxy =
+            Proxy::new(config, clock.clone(), Store::memory()).map_err(anyhow::Error::msg)?;
+        proxy.queue.restore(recovered.entries, clock.now());
+        let mut out = std::io::stdout().lock();
+        let shown = match action {
+            QueueAction::List { status } => list(&mut out, &proxy.queue.list(status), &dir),
+            QueueAction::Show { id } => match proxy.queue.inspect(id) {
+                Some(detail) => writeln!(out, "{}", serde_json::to_string_pretty(&detail)?),
                 None => {
                     eprintln!("{id}: {}", OpError::NotFound);
-                    Ok(ExitCode::FAILURE)
+                    return Ok(ExitCode::FAILURE);
                 }
-            };
+            },
+            _ => unreachable!("matched above"),
+        };
+        // A reader that went away (`| head`) is not an error.
+        return match shown {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+            _ => Ok(ExitCode::SUCCESS),
+        };
+    }
+    let proxy = match open(config, SystemClock::shared()) {
+        Ok(p) => p,
+        Err(Failure::InUse(why)) => {
+            return Err(Failure::InUse(format!(
+                "{why}\nwhile the proxy runs, use its admin endpoints: http://{admin}/requests"
+            ))
+            .into());
         }
+        Err(f) => return Err(f.into()),
+    };
+    let queue = &proxy.queue;
+    let (id, commit) = match action {
         QueueAction::Retry { id } => (id, queue.retry(id, proxy.clock.now())),
         QueueAction::Discard { id } => (id, queue.discard(id)),
+        QueueAction::List { .. } | QueueAction::Show { .. } => unreachable!("handled above"),
     };
     match commit {
         Ok(commit) => {
@@ -173,16 +185,84 @@ async fn queue_command(config: Config, action: QueueAction) -> anyhow::Result<Ex
     }
 }
 
-fn init_tracing(format: LogFormat, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+/// The `queue list` table.
+fn list(
+    out: &mut impl std::io::Write,
+    list: &[crm_quota_proxy::queue::EntrySummary],
+    dir: &Path,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<32}  {:<11}  {:<20}  {:<12}  {:>8}  {:<30}  ERROR",
+        "ID", "STATUS", "ROUTE", "CLIENT", "ATTEMPTS", "CREATED"
+    )?;
+    for e in list {
+        writeln!(
+            out,
+            "{:<32}  {:<11}  {:<20}  {:<12}  {:>8}  {:<30}  {}",
+            e.id,
+            e.status.name(),
+            e.route,
+            e.client,
+            e.attempts,
+            e.created_at,
+            e.error.as_deref().unwrap_or_default()
+        )?;
+    }
+    eprintln!("{} parked writes in {}", list.len(), dir.display());
+    Ok(())
+}
+
+/// Sets up logging; the handle changes the level filter while running (`log_level` on reload).
+/// `RUST_LOG`, when set, wins over the config.
+fn init_tracing(format: LogFormat, default_level: &str) -> LogLevel {
+    use tracing_subscriber::prelude::*;
+    let from_env = std::env::var("RUST_LOG").ok();
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(from_env.as_deref().unwrap_or(default_level))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let ansi = std::io::stderr().is_terminal();
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+    }
+    LogLevel {
+        handle,
+        pinned: from_env.is_some(),
+    }
+}
+
+/// The running process's log level filter.
+struct LogLevel {
+    handle: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    /// `RUST_LOG` was set: the config's level does not apply.
+    pinned: bool,
+}
+
+impl LogLevel {
+    fn set(&self, level: &str) -> Result<(), String> {
+        if self.pinned {
+            return Ok(());
+        }
+        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        self.handle.reload(filter).map_err(|e| e.to_string())
     }
 }
 
@@ -200,35 +280,160 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+/// `run`: serves until SIGTERM, SIGINT or SIGQUIT; SIGHUP reloads the config; SIGUSR1 and
+/// SIGUSR2 are logged and ignored (no signal ends the process silently). The exit status says
+/// how it ended (see the README's exit codes).
+async fn run(format: LogFormat, path: &Path) -> ExitCode {
+    let log_level = init_tracing(format, "info");
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            tracing::error!(
+                config = %path.display(),
+                problems = errors.0.len(),
+                "invalid config; not starting"
+            );
+            for e in &errors.0 {
+                tracing::error!(field = %e.path, "{}", e.message);
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG);
         }
+    };
+    if let Err(e) = log_level.set(&config.log_level) {
+        tracing::warn!(error = %e, "log_level not applied");
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    let listeners = match Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(f) => return failed(&f),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<&'static str>();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let signals = tokio::spawn(signals(stop_tx, reload_tx));
+    let control = Control {
+        config_path: Some(path.to_path_buf()),
+        reload: Some(reload_rx),
+        log_level: Some(Box::new(move |level: &str| log_level.set(level))),
+    };
+    let shutdown = async move {
+        if let Ok(name) = stop_rx.await {
+            tracing::info!(signal = name, "received; stopping");
+        }
+    };
+    let result = serve_with(config, listeners, SystemClock::shared(), shutdown, control).await;
+    signals.abort();
+    match result {
+        Ok(stopped) if stopped.undelivered > 0 && !stopped.kept => {
+            tracing::error!(
+                lost = stopped.undelivered,
+                "exited with accepted writes lost (the memory store keeps nothing); exit status 1"
+            );
+            ExitCode::from(1)
+        }
+        Ok(stopped) => {
+            tracing::info!(
+                undelivered = stopped.undelivered,
+                "exited{}",
+                if stopped.undelivered > 0 {
+                    "; the undelivered writes are kept in the data directory and sent after the next start"
+                } else {
+                    ""
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(f) => failed(&f),
+    }
+}
+
+/// What `check --runtime` verifies besides the file: the data directory and the ports.
+async fn check_runtime(config: &Config) -> Result<(), Failure> {
+    if let Some(dir) = &config.queue.data_dir {
+        Store::check_dir(dir)?;
+    }
+    Listeners::bind(config).await.map(drop)
+}
+
+/// Logs a failure (in the chosen log format) and turns it into the exit status of its class.
+fn failed(f: &Failure) -> ExitCode {
+    tracing::error!(exit_status = f.exit_code(), "{f}");
+    ExitCode::from(f.exit_code())
+}
+
+/// Turns signals into a stop (TERM, INT, QUIT) or a reload (HUP); logs the ones it ignores.
+async fn signals(
+    stop: tokio::sync::oneshot::Sender<&'static str>,
+    reload: tokio::sync::mpsc::UnboundedSender<()>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind| signal(kind).expect("installing a signal handler");
+    let mut term = listen(SignalKind::terminate());
+    let mut int = listen(SignalKind::interrupt());
+    let mut quit = listen(SignalKind::quit());
+    let mut hup = listen(SignalKind::hangup());
+    let mut usr1 = listen(SignalKind::user_defined1());
+    let mut usr2 = listen(SignalKind::user_defined2());
+    let name = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = quit.recv() => break "SIGQUIT",
+            _ = hup.recv() => {
+                tracing::info!(signal = "SIGHUP", "received; reloading the config");
+                let _ = reload.send(());
+            }
+            _ = usr1.recv() => tracing::warn!(signal = "SIGUSR1", "received and ignored"),
+            _ = usr2.recv() => tracing::warn!(signal = "SIGUSR2", "received and ignored"),
+        }
+    };
+    let _ = stop.send(name);
+    // Later signals while stopping are noted, not obeyed twice.
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = quit.recv() => {}
+            _ = hup.recv() => {}
+        }
+        tracing::warn!("a signal arrived while stopping; still stopping");
+    }
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
+    match command(cli).await {
+        Ok(code) => code,
+        // Expected failures print their message (never a backtrace) and the status of their
+        // class; anything else is 1.
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(e.downcast_ref::<Failure>().map_or(1, Failure::exit_code))
+        }
+    }
+}
+
+async fn command(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check {
             config: ConfigPath { path: config },
+            runtime,
         } => match load(&config) {
             Ok(c) => {
+                if runtime && let Err(f) = check_runtime(&c).await {
+                    eprintln!("{}: {f}", config.display());
+                    return Ok(ExitCode::from(f.exit_code()));
+                }
                 println!(
-                    "{}: valid ({} quotas, {} routes, upstream {})",
+                    "{}: valid ({} quotas, {} routes, upstream {}){}",
                     config.display(),
                     c.quotas.len(),
                     c.routes.len(),
-                    c.upstream.url
+                    c.upstream.url,
+                    if runtime {
+                        "; data directory and listen addresses usable"
+                    } else {
+                        ""
+                    }
                 );
                 Ok(ExitCode::SUCCESS)
             }
@@ -236,21 +441,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         },
         Command::Run {
             config: ConfigPath { path },
-        } => {
-            init_tracing(cli.log_format, "info");
-            let config = match load(&path) {
-                Ok(c) => c,
-                Err(code) => return Ok(code),
-            };
-            let listeners = Listeners::bind(&config).await.with_context(|| {
-                format!("binding {} and {}", config.listen.data, config.listen.admin)
-            })?;
-            let stopped = serve(config, listeners, SystemClock::shared(), shutdown_signal())
-                .await
-                .map_err(anyhow::Error::msg)?;
-            tracing::info!(undelivered = stopped.undelivered, "exited");
-            Ok(ExitCode::SUCCESS)
-        }
+        } => Ok(run(cli.log_format, &path).await),
         Command::Queue {
             config: ConfigPath { path: config },
             action,

@@ -17,6 +17,7 @@ use crate::crm::{Observation, Throttle};
 use crate::ids::QuotaId;
 use crate::intake::Intake;
 use crate::listener::ListenerStats;
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueStatus};
 use crate::quota::{Grant, Ledger, PauseBounds};
@@ -25,6 +26,31 @@ use crate::shared_ledger::{Admission, SharedLedger};
 use crate::store::{GrantLog, Store};
 use crate::upstream::UpstreamClient;
 use crate::verdict::{self, Attempt, Policy, Verdict};
+use ring::digest;
+use std::path::{Path, PathBuf};
+
+/// Sets the log filter of the running process.
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Where a reload reads the config from, and how it sets the log level.
+pub struct Reloader {
+    pub path: PathBuf,
+    pub log_level: Option<SetLogLevel>,
+}
+
+/// The config in force: the hash of the file it came from and when it was loaded.
+#[derive(Debug, Clone, Serialize)]
+pub struct Loaded {
+    pub sha256: Option<String>,
+    pub loaded_at: String,
+}
+
+/// The SHA-256 of a config file, hex.
+pub fn file_hash(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let d = digest::digest(&digest::SHA256, &bytes);
+    Some(d.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
 
 /// A number in `[0, 1]` for backoff jitter: spread, not secret, so no system call is spent on it
 /// (each `RandomState` hashes with fresh keys).
@@ -44,14 +70,16 @@ pub enum Phase {
 
 /// Everything the data plane, the dispatcher and the admin endpoints share.
 pub struct Proxy {
-    pub config: Arc<Config>,
+    /// The config in force (a reload replaces it; see [`Proxy::config`]).
+    config: Live<Config>,
     pub clock: SharedClock,
     pub ledger: Ledger,
-    pub routes: Arc<RouteTable>,
+    /// Shared with the queue.
+    routes: Arc<Live<RouteTable>>,
     pub queue: Arc<Queue>,
-    pub upstream: UpstreamClient,
+    upstream: Live<UpstreamClient>,
     pub metrics: Arc<Metrics>,
-    pub clients: Clients,
+    clients: Live<Clients>,
     /// Where grants are decided: this process alone, or a ledger every replica shares.
     pub shared: SharedLedger,
     /// Where the local ledger's grants are kept across restarts (disk store, local ledger).
@@ -65,6 +93,10 @@ pub struct Proxy {
     pub admin_conns: Arc<ListenerStats>,
     /// Starting (the queue is being restored), ready, or stopping: `/readyz` answers it.
     phase: AtomicU8,
+    /// Where a reload reads the config (set when started from a file).
+    reloader: std::sync::OnceLock<Reloader>,
+    /// The config in force: its file's hash and when it was loaded.
+    loaded: Live<Loaded>,
 }
 
 /// One client's state for metrics and `/status`.
@@ -97,7 +129,7 @@ impl Proxy {
     /// A proxy keeping its parked writes in `store` (opened by the caller: see [`crate::serve`]).
     pub fn new(config: Config, clock: SharedClock, store: Store) -> Result<Proxy, String> {
         let upstream = UpstreamClient::new(&config.upstream, clock.clone())?;
-        let routes = Arc::new(RouteTable::new(&config));
+        let routes = RouteTable::new(&config);
         let quota_names: Vec<&str> = config.quotas.iter().map(|q| q.name.as_str()).collect();
         let lane_names: Vec<&str> = routes.lanes().iter().map(|l| l.name.as_str()).collect();
         let clients = Clients::new(config.clients.clone());
@@ -107,8 +139,10 @@ impl Proxy {
             &lane_names,
             &clients.names(),
         ));
-        let ledger = Ledger::for_config(&config, clock.now());
+        let now = clock.now();
+        let ledger = Ledger::for_config(&config, now);
         let shared = SharedLedger::new(&config, clock.clone(), metrics.clone())?;
+        let routes = Arc::new(Live::new(routes));
         let queue = Arc::new(Queue::new(
             &config,
             routes.clone(),
@@ -122,18 +156,83 @@ impl Proxy {
             credentials: Credentials::new(&config.credentials),
             data_conns: Arc::default(),
             admin_conns: Arc::default(),
-            config: Arc::new(config),
+            config: Live::new(config),
             clock,
             ledger,
             routes,
             queue,
-            upstream,
+            upstream: Live::new(upstream),
             metrics,
-            clients,
+            clients: Live::new(clients),
             shared,
             grant_log: None,
             phase: AtomicU8::new(Phase::Starting as u8),
+            reloader: std::sync::OnceLock::new(),
+            loaded: Live::new(Loaded {
+                sha256: None,
+                loaded_at: now.to_string(),
+            }),
         })
+    }
+
+    /// Makes `POST /reload` and SIGHUP read `reloader`'s file (once, at start).
+    pub fn set_reloader(&self, reloader: Reloader) {
+        if let Some(hash) = file_hash(&reloader.path) {
+            self.loaded.set(Loaded {
+                sha256: Some(hash),
+                loaded_at: self.clock.now().to_string(),
+            });
+        }
+        let _ = self.reloader.set(reloader);
+    }
+
+    pub(crate) fn reloader(&self) -> Option<&Reloader> {
+        self.reloader.get()
+    }
+
+    /// The config in force: its file's hash and when it was loaded.
+    pub fn loaded(&self) -> Arc<Loaded> {
+        self.loaded.get()
+    }
+
+    pub(crate) fn set_config(&self, config: Config, sha256: Option<String>) {
+        self.config.set(config);
+        self.loaded.set(Loaded {
+            sha256,
+            loaded_at: self.clock.now().to_string(),
+        });
+    }
+
+    pub(crate) fn set_routes(&self, routes: RouteTable) {
+        self.routes.set(routes);
+    }
+
+    pub(crate) fn set_clients(&self, clients: Clients) {
+        self.clients.set(clients);
+    }
+
+    pub(crate) fn set_upstream(&self, upstream: UpstreamClient) {
+        self.upstream.set(upstream);
+    }
+
+    /// The config in force; a reload replaces it for later callers.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
+
+    /// The route table in force.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.routes.get()
+    }
+
+    /// The client to the CRM in force.
+    pub fn upstream(&self) -> Arc<UpstreamClient> {
+        self.upstream.get()
+    }
+
+    /// The configured clients in force.
+    pub fn clients(&self) -> Arc<Clients> {
+        self.clients.get()
     }
 
     /// Why the data plane is not moving, for `/healthz`: every processing slot held for longer
@@ -141,7 +240,7 @@ impl Proxy {
     /// plus 10 s), or the data listener unable to accept for 10 s.
     pub fn stuck(&self) -> Option<String> {
         let now = tokio::time::Instant::now();
-        let c = &self.config;
+        let c = &self.config();
         let longest = c
             .routes
             .iter()
@@ -197,7 +296,7 @@ impl Proxy {
         body: &[u8],
         now: Time,
     ) -> Option<Throttle> {
-        let crm = self.config.upstream.crm;
+        let crm = self.config().upstream.crm;
         let mut observations = crm.observe(headers, now, &mut |h| self.metrics.header_error(h));
         self.bound_resets(&mut observations, now);
         for (q, remaining, limit) in self.ledger.observe(&observations, grant, now).reported {
@@ -224,11 +323,11 @@ impl Proxy {
                 .iter()
                 .map(|&q| self.ledger.window_end(q, now))
                 .max()
-                .unwrap_or(now + self.config.upstream.retry_after_default)
+                .unwrap_or(now + self.config().upstream.retry_after_default)
         });
         let bounds = PauseBounds {
-            min: self.config.upstream.min_pause,
-            max: self.config.upstream.max_pause,
+            min: self.config().upstream.min_pause,
+            max: self.config().upstream.max_pause,
         };
         let paused = self.ledger.pause(&quotas, until, now, bounds);
         for p in &paused {
@@ -257,7 +356,7 @@ impl Proxy {
                 .iter()
                 .map(|&q| {
                     self.ledger
-                        .pause_limit(q, now, self.config.upstream.max_pause)
+                        .pause_limit(q, now, self.config().upstream.max_pause)
                 })
                 .min()
             else {
@@ -332,8 +431,8 @@ impl Proxy {
     ) -> Verdict {
         let policy = Policy {
             resend_safe,
-            retry_status: &self.config.upstream.retry_status,
-            attempts: attempt.map(|n| (n, self.config.queue.max_attempts)),
+            retry_status: &self.config().upstream.retry_status,
+            attempts: attempt.map(|n| (n, self.config().queue.max_attempts)),
             backoff: self.backoff(attempt.unwrap_or(1)),
             now,
         };
@@ -342,14 +441,14 @@ impl Proxy {
 
     /// The wait after attempt `attempt` before the next: doubled per attempt, capped, jittered.
     pub fn backoff(&self, attempt: u32) -> std::time::Duration {
-        let q = &self.config.queue;
+        let q = &self.config().queue;
         verdict::backoff(q.backoff_initial, q.backoff_max, attempt, jitter())
     }
 
     /// Each client's use of the quotas and its parked writes, for `/status` and metrics.
     pub fn client_views(&self, queue: &QueueStatus, now: Time) -> Vec<ClientView> {
         let uses = self.ledger.client_use(now);
-        self.clients
+        self.clients()
             .all()
             .iter()
             .enumerate()
@@ -359,7 +458,7 @@ impl Proxy {
                     name: cfg.name.clone(),
                     weight: cfg.weight,
                     quotas: self
-                        .config
+                        .config()
                         .quotas
                         .iter()
                         .enumerate()
@@ -418,7 +517,10 @@ impl Proxy {
                 c.accept_errors.load(Relaxed),
             );
         }
-        m.set_request_bytes_buffered(self.intake.buffered(self.config.listen.max_buffered_bytes));
+        m.set_request_bytes_buffered(
+            self.intake
+                .buffered(self.config().listen.max_buffered_bytes),
+        );
         let queue = self.queue.snapshot(now);
         // The queue keeps a lane per (client, quotas); the metric is per quota set.
         let mut by_name: Vec<(&str, usize, f64)> = Vec::new();

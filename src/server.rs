@@ -21,9 +21,10 @@ use crate::data_plane;
 use crate::dispatch;
 use crate::ids::QuotaId;
 use crate::listener::{ConnLimits, accept_loop, raise_descriptor_limit};
-use crate::proxy::{Phase, Proxy};
-use crate::quota::window::Shadow;
-use crate::store::{GrantLog, LoggedGrant, Recovered, Store};
+use crate::proxy::{Phase, Proxy, Reloader, SetLogLevel};
+use crate::quota::shadow_grants;
+use crate::store::{GrantLog, LoggedGrant, Recovered, Store, StoreError};
+use std::path::PathBuf;
 
 /// The two sockets the proxy serves: client traffic and admin.
 pub struct Listeners {
@@ -32,12 +33,28 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+    /// Binds both listeners; a failure names the listener, its address and the fix.
+    pub async fn bind(config: &Config) -> Result<Listeners, Failure> {
         Ok(Listeners {
-            data: TcpListener::bind(config.listen.data).await?,
-            admin: TcpListener::bind(config.listen.admin).await?,
+            data: bind("listen.data", config.listen.data).await?,
+            admin: bind("listen.admin", config.listen.admin).await?,
         })
     }
+}
+
+async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, Failure> {
+    TcpListener::bind(addr).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => Failure::InUse(format!(
+            "{key}: {addr} is already in use by another process; stop it or choose another port"
+        )),
+        std::io::ErrorKind::PermissionDenied => Failure::Io(format!(
+            "{key}: not allowed to listen on {addr} (ports below 1024 need privileges); choose a port above 1023"
+        )),
+        std::io::ErrorKind::AddrNotAvailable => Failure::Io(format!(
+            "{key}: {addr} is not an address of this host; use 0.0.0.0 or one of its addresses"
+        )),
+        _ => Failure::Io(format!("{key}: cannot listen on {addr}: {e}")),
+    })
 }
 
 /// What was left when the proxy stopped.
@@ -45,22 +62,102 @@ impl Listeners {
 pub struct Stopped {
     /// Parked writes the proxy had accepted (202) but not delivered.
     pub undelivered: usize,
+    /// Whether those are kept in the disk store (sent after the next start) or lost.
+    pub kept: bool,
 }
 
-/// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish and
-/// parked writes drain for up to `shutdown_grace`, and reports what was left undelivered.
+/// Why the proxy could not start or had to stop, by the class an operator acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Something else holds what the proxy needs: its data directory, a listen address.
+    InUse(String),
+    /// The system refused: a file or directory, a permission, an unsafe data directory.
+    Io(String),
+    /// The proxy itself failed (a task it cannot serve without panicked).
+    Internal(String),
+}
+
+impl Failure {
+    /// The process's exit status for this failure (sysexits: 75 temporary, 74 I/O, 70 software).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::InUse(_) => 75,
+            Failure::Io(_) => 74,
+            Failure::Internal(_) => 70,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::InUse(m) | Failure::Io(m) | Failure::Internal(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        let msg = format!("queue.data_dir: {e}");
+        match e {
+            StoreError::Locked(_) => Failure::InUse(format!(
+                "{msg}; stop the other process, or give this one its own data_dir"
+            )),
+            _ => Failure::Io(msg),
+        }
+    }
+}
+
+/// How a running proxy is steered besides its shutdown: where its config file is (for reloads
+/// and the hash `/status` shows), the reload requests (SIGHUP), and how to set the log level.
+#[derive(Default)]
+pub struct Control {
+    pub config_path: Option<PathBuf>,
+    pub reload: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    pub log_level: Option<SetLogLevel>,
+}
+
+/// [`serve_with`] without a config file, reloads or log level control (tests, the demo).
 pub async fn serve(
     config: Config,
     listeners: Listeners,
     clock: SharedClock,
     shutdown: impl Future<Output = ()>,
-) -> Result<Stopped, String> {
+) -> Result<Stopped, Failure> {
+    serve_with(config, listeners, clock, shutdown, Control::default()).await
+}
+
+/// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish and
+/// parked writes drain for up to `shutdown_grace`, and reports what was left undelivered.
+pub async fn serve_with(
+    config: Config,
+    listeners: Listeners,
+    clock: SharedClock,
+    shutdown: impl Future<Output = ()>,
+    control: Control,
+) -> Result<Stopped, Failure> {
     let grace = config.shutdown_grace;
     let data_dir = config.queue.data_dir.clone();
     let data_limits = fit_connections(&config);
     let admin_limits = ConnLimits::admin(&config.listen);
     let (proxy, recovered) = prepare(config, clock)?;
+    if let Some(path) = control.config_path {
+        proxy.set_reloader(Reloader {
+            path,
+            log_level: control.log_level,
+        });
+    }
     let proxy = Arc::new(proxy);
+    if let Some(mut requests) = control.reload {
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            while requests.recv().await.is_some() {
+                p.reload_from_file();
+            }
+        });
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let admin_proxy = proxy.clone();
@@ -91,15 +188,15 @@ pub async fn serve(
         let p = proxy.clone();
         tokio::task::spawn_blocking(move || restore(&p, recovered, &dir))
             .await
-            .map_err(|e| format!("restoring the queue failed: {e}"))?;
+            .map_err(|e| Failure::Internal(format!("restoring the queue failed: {e}")))?;
     }
     if let (Ok(data), Ok(admin)) = (listeners.data.local_addr(), admin_addr) {
         tracing::info!(
             %data,
             %admin,
-            upstream = %proxy.config.upstream.url,
-            quotas = proxy.config.quotas.len(),
-            routes = proxy.config.routes.len(),
+            upstream = %proxy.config().upstream.url,
+            quotas = proxy.config().quotas.len(),
+            routes = proxy.config().routes.len(),
             store = if data_dir.is_some() { "disk" } else { "memory" },
             "crm-quota-proxy listening"
         );
@@ -205,10 +302,11 @@ pub async fn serve(
     }
     let _ = admin.await;
     if let Some(why) = failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        return Err(why);
+        return Err(Failure::Internal(why));
     }
     Ok(Stopped {
         undelivered: undelivered.len(),
+        kept: data_dir.is_some(),
     })
 }
 
@@ -268,7 +366,7 @@ fn fit_connections(config: &Config) -> ConnLimits {
 
 /// The proxy as it starts, not yet serving: its config's store opened (the data directory
 /// locked) and its queue rebuilt from the log.
-pub fn open(config: Config, clock: SharedClock) -> Result<Proxy, String> {
+pub fn open(config: Config, clock: SharedClock) -> Result<Proxy, Failure> {
     let (proxy, recovered) = prepare(config, clock)?;
     if let Some((recovered, dir)) = recovered {
         restore(&proxy, recovered, &dir);
@@ -280,21 +378,21 @@ pub fn open(config: Config, clock: SharedClock) -> Result<Proxy, String> {
 type Pending = Option<(Recovered, std::path::PathBuf)>;
 
 /// The proxy with its config's store opened (the data directory locked), and what the log held.
-fn prepare(config: Config, clock: SharedClock) -> Result<(Proxy, Pending), String> {
+fn prepare(config: Config, clock: SharedClock) -> Result<(Proxy, Pending), Failure> {
     let Some(dir) = config.queue.data_dir.clone() else {
-        return Ok((Proxy::new(config, clock, Store::memory())?, None));
+        let proxy = Proxy::new(config, clock, Store::memory()).map_err(Failure::Io)?;
+        return Ok((proxy, None));
     };
-    let (store, recovered) = Store::open(&dir).map_err(|e| e.to_string())?;
-    warn_if_open(&dir);
-    let mut proxy = Proxy::new(config, clock, store)?;
-    if proxy.config.ledger == LedgerConfig::Local {
+    let (store, recovered) = Store::open(&dir)?;
+    let mut proxy = Proxy::new(config, clock, store).map_err(Failure::Io)?;
+    if proxy.config().ledger == LedgerConfig::Local {
         // The local ledger keeps its grants in the data directory too, so a restart knows what
         // the windows still open had spent.
-        let (log, logged) = GrantLog::open(&dir).map_err(|e| e.to_string())?;
+        let (log, logged) = GrantLog::open(&dir)?;
         let grants: Vec<_> = logged
             .iter()
             .filter_map(|(name, at, n)| {
-                let q = proxy.config.quotas.iter().position(|c| &c.name == name)?;
+                let q = proxy.config().quotas.iter().position(|c| &c.name == name)?;
                 Some((QuotaId(q), Time::from_nanos(*at), *n))
             })
             .collect();
@@ -327,7 +425,7 @@ async fn keep_grant_log(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(GRANT_LOG_EVERY) => false,
             _ = stop.changed() => true,
         } || *stop.borrow();
-        let names = |q: QuotaId| proxy.config.quotas[q.0].name.clone();
+        let names = |q: QuotaId| proxy.config().quotas[q.0].name.clone();
         let batch: Vec<LoggedGrant> = proxy
             .ledger
             .take_journal()
@@ -361,25 +459,15 @@ async fn keep_grant_log(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
 /// What the open windows count, as grant log entries.
 fn open_window_grants(proxy: &Proxy) -> Vec<LoggedGrant> {
     let now = proxy.clock.now();
+    let configs = proxy.ledger.configs();
     let mut out = Vec::new();
     for (q, shadow) in proxy.ledger.shadow(now) {
-        let name = &proxy.config.quotas[q.0].name;
-        match shadow {
-            Shadow::Times(times) => {
-                out.extend(times.into_iter().map(|t| (name.clone(), t.as_nanos(), 1)));
-            }
-            Shadow::Count { start, count, .. } if count > 0 => {
-                out.push((name.clone(), start.as_nanos(), count));
-            }
-            Shadow::Count { .. } => {}
-            Shadow::Buckets { width, counts } => {
-                out.extend(
-                    counts
-                        .into_iter()
-                        .map(|(b, n)| (name.clone(), b.saturating_mul(width), n)),
-                );
-            }
-        }
+        let name = &configs[q.0].name;
+        out.extend(
+            shadow_grants(shadow, now)
+                .into_iter()
+                .map(|(t, n)| (name.clone(), t.as_nanos(), n)),
+        );
     }
     out
 }
@@ -387,13 +475,33 @@ fn open_window_grants(proxy: &Proxy) -> Vec<LoggedGrant> {
 /// Rebuilds the queue from the log and says what it found.
 fn restore(proxy: &Proxy, recovered: Recovered, dir: &std::path::Path) {
     if recovered.discarded_bytes > 0 {
-        tracing::error!(
+        tracing::warn!(
             bytes = recovered.discarded_bytes,
             data_dir = %dir.display(),
-            "the parked-write log ended in a torn or corrupt record (a crash mid-write); cut it off. \
-             A write in it was never answered 202, so its client saw an error and nothing accepted is lost"
+            "the parked-write log ended in a torn record (a crash mid-write, or zeros a power loss \
+             left); cut it off. A write in it was never answered 202"
         );
     }
+    if recovered.upgraded {
+        tracing::info!(data_dir = %dir.display(), "rewrote the parked-write log in the current format");
+    }
+    let id = |i: Option<u128>| i.map_or("none".to_string(), |i| format!("{i:032x}"));
+    for q in &recovered.quarantined {
+        tracing::error!(
+            offset = q.offset,
+            bytes = q.bytes,
+            after_request = %id(q.after),
+            before_request = %id(q.before),
+            quarantine = %dir.join(crate::store::QUARANTINE_FILE).display(),
+            "a damaged stretch of the parked-write log was skipped and moved to the quarantine file; \
+             the records around it were kept. A write whose records were in it may be missing: check \
+             the requests named"
+        );
+    }
+    proxy.metrics.set_quarantined(
+        recovered.quarantined.len() as u64,
+        recovered.quarantined.iter().map(|q| q.bytes).sum(),
+    );
     let started = std::time::Instant::now();
     let report = proxy.queue.restore(recovered.entries, proxy.clock.now());
     tracing::info!(
@@ -411,20 +519,6 @@ fn restore(proxy: &Proxy, recovered: Recovered, dir: &std::path::Path) {
             count = report.ambiguous,
             "writes that were being sent when the proxy stopped, with no safe way to resend, are \
              marked failed (ambiguous): check the CRM, then retry or discard each"
-        );
-    }
-}
-
-/// Warns when the data directory can be read by others: it holds request bodies and credentials.
-fn warn_if_open(dir: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(dir)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(
-            data_dir = %dir.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "the data directory is readable by other users; it holds request bodies and credentials (chmod 700)"
         );
     }
 }

@@ -39,6 +39,8 @@ pub struct Config {
     pub ledger: LedgerConfig,
     /// Extra header and query-parameter names (lower-case) that carry credentials.
     pub credentials: Vec<String>,
+    /// The log filter (`RUST_LOG` syntax).
+    pub log_level: String,
 }
 
 /// Environment variable that overrides `ledger.url` (keeps a Redis password out of the file).
@@ -217,7 +219,7 @@ pub struct DailyReset {
     pub zone_name: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuotaConfig {
     pub name: String,
     pub limit: u32,

@@ -91,6 +91,9 @@ pub struct RawConfig {
     /// (`Authorization`, cookies, names with `auth`, `key`, `token`, `secret`, ...): redacted in
     /// every view, and they tell who owns a parked write.
     pub credentials: Option<Raw<Vec<String>>>,
+    /// What is logged: a level (`error`, `warn`, `info`, `debug`, `trace`) or filter directives
+    /// (`info,crm_quota_proxy=debug`). `RUST_LOG`, when set, wins. Default `info`.
+    pub log_level: Option<Raw<String>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }

@@ -42,6 +42,7 @@ const TOP_FIELDS: &[&str] = &[
     "shutdown_grace",
     "ledger",
     "credentials",
+    "log_level",
 ];
 const LISTEN_FIELDS: &[&str] = &[
     "data",
@@ -343,6 +344,15 @@ impl Validator {
         let clients = self.clients(raw.clients, &quota_list);
         let fairness = self.fairness(raw.fairness);
         let ledger = self.ledger(raw.ledger, redis_override);
+        let log_level = self
+            .take("log_level", raw.log_level)
+            .unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            self.err(
+                "log_level",
+                format!("{log_level:?} is not a log level or filter (e.g. info, or info,crm_quota_proxy=debug): {e}"),
+            );
+        }
         let credentials = self
             .take("credentials", raw.credentials)
             .unwrap_or_default();
@@ -456,6 +466,7 @@ impl Validator {
             fairness,
             ledger: ledger?,
             credentials: credentials.iter().map(|n| n.to_ascii_lowercase()).collect(),
+            log_level,
         })
     }
 

@@ -86,6 +86,9 @@ pub struct Metrics {
     ledger_replicas: IntGauge,
     pauses_capped: IntCounterVec,
     results_evicted: prometheus::IntCounter,
+    quarantined_records: prometheus::IntCounter,
+    config_reloads: IntCounterVec,
+    quarantined_bytes: prometheus::IntCounter,
     connections: IntGaugeVec,
     connections_closed: IntCounterVec,
     accept_errors: IntCounterVec,
@@ -147,6 +150,17 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[route])
             .observe(seconds);
+    }
+
+    /// A config reload and how it ended: `applied`, `partial`, `unchanged`, `invalid`.
+    pub fn config_reload(&self, result: &str) {
+        self.config_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Damaged stretches of the log skipped at start, and their bytes.
+    pub fn set_quarantined(&self, records: u64, bytes: u64) {
+        catch_up(&self.quarantined_records, records);
+        catch_up(&self.quarantined_bytes, bytes);
     }
 
     /// A delivered write's kept answer evicted before `result_ttl` to make room.

@@ -369,6 +369,29 @@ impl Metrics {
                 "Delivered writes whose kept CRM answer was dropped before queue.result_ttl to make room for parked writes (queue.max_entries, queue.max_bytes).",
             ),
         );
+        let quarantined_records = register(
+            r,
+            prometheus::IntCounter::new(
+                "crm_proxy_store_quarantined_records_total",
+                "Damaged stretches of the parked-write log skipped at start and moved to the quarantine file.",
+            ),
+        );
+        let quarantined_bytes = register(
+            r,
+            prometheus::IntCounter::new(
+                "crm_proxy_store_quarantined_bytes_total",
+                "Bytes of the parked-write log moved to the quarantine file at start.",
+            ),
+        );
+        let config_reloads = counter(
+            r,
+            "crm_proxy_config_reloads_total",
+            "Config reloads (SIGHUP, POST /reload) by result: applied, partial (some changes wait for a restart), unchanged, invalid (the previous config kept).",
+            &["result"],
+        );
+        for result in ["applied", "partial", "unchanged", "invalid"] {
+            config_reloads.with_label_values(&[result]);
+        }
         let pauses_capped = counter(
             r,
             "crm_proxy_pauses_capped_total",
@@ -490,6 +513,9 @@ impl Metrics {
             ledger_replicas,
             pauses_capped,
             results_evicted,
+            quarantined_records,
+            config_reloads,
+            quarantined_bytes,
             connections,
             connections_closed,
             accept_errors,

@@ -81,7 +81,7 @@ impl Queue {
             fingerprint: parkable.fingerprint,
             bytes,
             created_at: now,
-            expires_at: now + self.cfg.ttl,
+            expires_at: now + self.cfg().ttl,
             not_before: now,
             attempts: 0,
             durable: false,
@@ -136,7 +136,8 @@ impl Queue {
     /// Where an entry stands in its lane, and when it should go.
     pub(super) fn eta(&self, book: &Book, e: &Entry, ledger: &Ledger, now: Time) -> (usize, Time) {
         let position = book.position(e);
-        let quotas = &self.routes.lane(e.lane).quotas;
+        let routes = self.routes();
+        let quotas = &routes.lane(e.lane).quotas;
         let eta = ledger
             .estimate(quotas, position as u64, now)
             .max(e.not_before);
@@ -150,7 +151,7 @@ impl Queue {
         let e = book.entry(&id);
         let batchable = e
             .request()
-            .and_then(|r| self.batchable(self.routes.get(e.route), &r.outbound()));
+            .and_then(|r| self.batchable(self.routes().get(e.route), &r.outbound()));
         let e = book.get_mut(&id).expect("taken-over entry exists");
         e.durable = durable;
         e.batchable = batchable;
@@ -201,7 +202,8 @@ impl Queue {
                 };
             }
         };
-        let on_limit = self.routes.get(entry.route).on_limit;
+        let routes = self.routes();
+        let on_limit = routes.get(entry.route).on_limit;
         let (_, eta) = self.eta(book, entry, ledger, now);
         if on_limit == OnLimit::Queue && !book.closed {
             // Out of its lane and back in as proxy-owned (which also marks the board).
@@ -293,7 +295,7 @@ impl Queue {
             State::Queued(_) => {
                 self.remove_queued(book, ticket.id);
                 self.metrics
-                    .request(&self.routes.get(route).name, "withdrawn");
+                    .request(&self.routes().get(route).name, "withdrawn");
             }
             State::Live => {
                 if let Some(r) = book.remove(&ticket.id).and_then(|e| e.resource.clone()) {
@@ -302,7 +304,7 @@ impl Queue {
                 // A grant that arrived after the client left: the quota was spent for nothing.
                 if ticket.rx.as_mut().is_some_and(|rx| rx.try_recv().is_ok()) {
                     self.metrics
-                        .request(&self.routes.get(route).name, "withdrawn");
+                        .request(&self.routes().get(route).name, "withdrawn");
                 }
             }
             _ => return,

@@ -88,7 +88,7 @@ impl Queue {
     }
 
     fn jobs_full(&self, book: &Book) -> bool {
-        book.jobs.len() + book.sending.len() >= self.cfg.max_jobs
+        book.jobs.len() + book.sending.len() >= self.cfg().max_jobs
     }
 
     /// Whether `first`, a proxy-owned write that may go now, goes alone, with others, or waits
@@ -102,7 +102,8 @@ impl Queue {
         first: &Entry,
         now: Time,
     ) -> Plan {
-        let route = self.routes.get(first.route);
+        let routes = self.routes();
+        let route = routes.get(first.route);
         let (Some(cfg), Some(kind)) = (route.batch, first.batchable) else {
             return Plan::Alone;
         };
@@ -200,7 +201,8 @@ impl Queue {
         let Some(pending) = book.sending.remove(&batch) else {
             return;
         };
-        let route = self.routes.get(pending.route).name.clone();
+        let routes = self.routes();
+        let route = routes.get(pending.route).name.clone();
         match outcome {
             BatchOutcome::Job(job) => {
                 let id: Arc<str> = Arc::from(job.id.as_str());
@@ -261,7 +263,7 @@ impl Queue {
             *wake_at = earliest(*wake_at, job.next_poll);
             return None;
         }
-        if book.in_flight >= self.cfg.max_in_flight {
+        if book.in_flight >= self.cfg().max_in_flight {
             return None; // a completion wakes us
         }
         let headers = job.batch.headers.clone();
@@ -280,7 +282,8 @@ impl Queue {
         let names: Vec<&str> = ids.iter().map(|i| &**i).collect();
         let request = zendesk::poll_request(&names, &headers);
         let path = request.path_and_query.split('?').next().unwrap_or_default();
-        let route = self.routes.classify(&Method::GET, path);
+        let routes = self.routes();
+        let route = routes.classify(&Method::GET, path);
         let demand = Demand {
             quotas: &route.quotas,
             keys: &[],
@@ -354,7 +357,8 @@ impl Queue {
         let Some(Job { batch, .. }) = book.jobs.remove(id) else {
             return;
         };
-        let route = self.routes.get(batch.route).name.clone();
+        let routes = self.routes();
+        let route = routes.get(batch.route).name.clone();
         let Some(job) = job else {
             tracing::error!(job = %id, route, "the CRM no longer knows a batch job; its writes are marked ambiguous");
             self.metrics.batch_failure(&route, "job");
@@ -395,7 +399,7 @@ impl Queue {
                     let policy = Policy {
                         resend_safe: false,
                         retry_status: &[],
-                        attempts: Some((attempts, self.cfg.max_attempts)),
+                        attempts: Some((attempts, self.cfg().max_attempts)),
                         backoff: Duration::ZERO,
                         now,
                     };

@@ -386,7 +386,7 @@ impl Queue {
         book.expiry_due = book.expiry_due.min(expires_at);
         if proxy_owned {
             self.board
-                .mark(&self.routes.lane(lane).quotas, client, true);
+                .mark(&self.routes().lane(lane).quotas, client, true);
         }
         let q = &mut book.clients[client.0];
         let lane_q = &mut q.lanes[lane.0];
@@ -415,7 +415,7 @@ impl Queue {
             }
             if proxy_owned {
                 self.board
-                    .mark(&self.routes.lane(lane).quotas, client, false);
+                    .mark(&self.routes().lane(lane).quotas, client, false);
             }
         }
     }

@@ -46,7 +46,8 @@ impl Queue {
         }
         for id in expired {
             self.unlink(book, id);
-            let route = &self.routes.get(book.entry(&id).route).name;
+            let routes = self.routes();
+            let route = &routes.get(book.entry(&id).route).name;
             book.transition(&id, State::Expired, now);
             self.log(|| Record::Expired {
                 id: id.as_u128(),
@@ -57,7 +58,7 @@ impl Queue {
         }
         // After expiry, so entries that just finished are scheduled for purging too.
         while let Some(&(at, id)) = book.finished.front() {
-            if at + self.cfg.result_ttl <= now {
+            if at + self.cfg().result_ttl <= now {
                 book.finished.pop_front();
                 // Only done writes are listed here, and nothing but this purge removes one.
                 if book
@@ -68,7 +69,7 @@ impl Queue {
                     self.log(|| Record::Removed { id: id.as_u128() });
                 }
             } else {
-                next = earliest(next, at + self.cfg.result_ttl);
+                next = earliest(next, at + self.cfg().result_ttl);
                 break;
             }
         }
@@ -81,11 +82,11 @@ impl Queue {
     /// `max_bytes` (which counts kept answers too), after evicting the oldest kept answers of
     /// delivered writes as needed: a parked write always has priority over a result.
     pub(super) fn make_room(&self, book: &mut Book, entries: usize, bytes: usize) -> bool {
-        if book.counts().held + entries > self.cfg.max_entries {
+        if book.counts().held + entries > self.cfg().max_entries {
             return false;
         }
         self.evict_results_until(book, |c| {
-            c.held_bytes + c.done_bytes + bytes <= self.cfg.max_bytes
+            c.held_bytes + c.done_bytes + bytes <= self.cfg().max_bytes
         })
     }
 
@@ -93,8 +94,8 @@ impl Queue {
     /// `max_bytes`, evicting the oldest kept answers as needed.
     fn room_for_result(&self, book: &mut Book, bytes: usize) -> bool {
         self.evict_results_until(book, |c| {
-            c.done < self.cfg.max_results
-                && c.held_bytes + c.done_bytes + bytes <= self.cfg.max_bytes
+            c.done < self.cfg().max_results
+                && c.held_bytes + c.done_bytes + bytes <= self.cfg().max_bytes
         })
     }
 
@@ -138,7 +139,8 @@ impl Queue {
             book.busy.remove(&r);
         }
         let e = book.get_mut(&id).expect("present");
-        let route = self.routes.get(e.route).name.as_str();
+        let routes = self.routes();
+        let route = routes.get(e.route).name.as_str();
         let uid = id.as_u128();
         // Outcomes are logged without waiting: if one is lost, recovery finds the write still
         // marked as being sent and treats it as possibly applied.
@@ -219,7 +221,7 @@ impl Queue {
         }
         e.attempts = 0;
         e.not_before = now;
-        e.expires_at = now + self.cfg.ttl;
+        e.expires_at = now + self.cfg().ttl;
         let expires_at = e.expires_at;
         book.transition(&id, State::Queued(Owner::Proxy), now);
         let commit = self.log(|| Record::Retried {

@@ -28,6 +28,7 @@ use crate::clock::Time;
 use crate::config::{ClientConfig, Config, QueueConfig};
 use crate::credentials::Credentials;
 use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId, RouteId};
+use crate::live::Live;
 use crate::message::{BufferedResponse, Outbound};
 use crate::metrics::Metrics;
 use crate::quota::{Grant, WaitingBoard};
@@ -185,10 +186,11 @@ pub struct Restored {
 
 /// The queue of parked writes for one upstream.
 pub struct Queue {
-    cfg: QueueConfig,
-    routes: Arc<RouteTable>,
+    /// The queue's settings, route table and clients in force (a reload replaces them).
+    cfg: Live<QueueConfig>,
+    route_table: Arc<Live<RouteTable>>,
     metrics: Arc<Metrics>,
-    clients: Vec<ClientConfig>,
+    client_configs: Live<Vec<ClientConfig>>,
     quota_names: Vec<String>,
     /// The ledger's board, on which proxy-owned waiting writes are marked.
     board: Arc<WaitingBoard>,
@@ -206,23 +208,43 @@ impl Queue {
     /// kept (see [`Store`]).
     pub fn new(
         config: &Config,
-        routes: Arc<RouteTable>,
+        routes: Arc<Live<RouteTable>>,
         metrics: Arc<Metrics>,
         board: Arc<WaitingBoard>,
         store: Store,
     ) -> Queue {
         Queue {
-            cfg: config.queue.clone(),
-            book: Mutex::new(Book::new(config.clients.len(), routes.lanes().len())),
-            routes,
+            cfg: Live::new(config.queue.clone()),
+            book: Mutex::new(Book::new(config.clients.len(), routes.get().lanes().len())),
+            route_table: routes,
             metrics,
-            clients: config.clients.clone(),
+            client_configs: Live::new(config.clients.clone()),
             quota_names: config.quotas.iter().map(|q| q.name.clone()).collect(),
             board,
             store,
             wake: Notify::new(),
             credentials: Credentials::new(&config.credentials),
         }
+    }
+
+    fn cfg(&self) -> Arc<QueueConfig> {
+        self.cfg.get()
+    }
+
+    fn routes(&self) -> Arc<RouteTable> {
+        self.route_table.get()
+    }
+
+    fn clients(&self) -> Arc<Vec<ClientConfig>> {
+        self.client_configs.get()
+    }
+
+    /// Takes a reloaded config's queue settings and clients (the same clients, in the same
+    /// order; the route table is the proxy's, shared).
+    pub fn reconfigure(&self, config: &Config) {
+        self.cfg.set(config.queue.clone());
+        self.client_configs.set(config.clients.clone());
+        self.wake();
     }
 
     /// Logs a record in the disk store; with the memory store none is even built.

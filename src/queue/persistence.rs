@@ -39,8 +39,8 @@ impl Queue {
         Stored {
             id: e.id.as_u128(),
             seq: e.seq,
-            route: self.routes.get(e.route).name.clone(),
-            client: self.clients[e.client.0].name.clone(),
+            route: self.routes().get(e.route).name.clone(),
+            client: self.clients()[e.client.0].name.clone(),
             method,
             path_and_query,
             headers,
@@ -74,12 +74,13 @@ impl Queue {
             };
             let raw = request.path_and_query.split('?').next().unwrap_or_default();
             let path = crate::path::canonical(raw).unwrap_or_else(|_| raw.to_string());
-            let route = self.routes.find(&s.route, &request.method, &path);
+            let routes = self.routes();
+            let route = routes.find(&s.route, &request.method, &path);
             let client = self
-                .clients
+                .clients()
                 .iter()
                 .position(|c| c.name == s.client)
-                .map_or(ClientId(self.clients.len() - 1), ClientId);
+                .map_or(ClientId(self.clients().len() - 1), ClientId);
             let keys = s
                 .keys
                 .iter()
@@ -139,7 +140,7 @@ impl Queue {
                     (State::Failed(FailReason::Ambiguous, error), Some(now))
                 }
                 RecoveredState::Done { at, response } => {
-                    if Time::from_nanos(at) + self.cfg.result_ttl <= now {
+                    if Time::from_nanos(at) + self.cfg().result_ttl <= now {
                         self.log(|| Record::Removed { id: s.id });
                         continue;
                     }
@@ -196,7 +197,7 @@ impl Queue {
     pub(super) fn compact_if_due(&self, book: &Book) {
         let counts = book.counts();
         let live = counts.held_bytes as u64 + book.len() as u64 * 256;
-        if !self.store.wants_compaction(self.cfg.compact_bytes, live) {
+        if !self.store.wants_compaction(self.cfg().compact_bytes, live) {
             return;
         }
         let mut entries: Vec<&Entry> = book.entries().collect();

@@ -53,8 +53,9 @@ impl Queue {
             .filter_map(|(i, l)| l.front().map(|&(seq, _)| (seq, i)))
             .collect();
         lanes.sort_unstable();
+        let routes = self.routes();
         for (_, lane) in lanes {
-            let quotas = &self.routes.lane(LaneId(lane)).quotas;
+            let quotas = &routes.lane(LaneId(lane)).quotas;
             let mut held_back: Vec<&Arc<str>> = Vec::new();
             for &(_, id) in queue.lanes[lane].iter().take(SCAN_LIMIT) {
                 let e = book.entry(&id);
@@ -62,7 +63,7 @@ impl Queue {
                     if !e.durable {
                         break; // not in the log yet: nothing behind it may overtake it
                     }
-                    if book.in_flight >= self.cfg.max_in_flight {
+                    if book.in_flight >= self.cfg().max_in_flight {
                         capped = true;
                         break; // a completion wakes us
                     }
@@ -135,7 +136,7 @@ impl Queue {
         let mut idle_turns = 0;
         while idle_turns < book.ring.len() {
             let client = book.ring[0];
-            let weight = i64::from(self.clients[client.0].weight);
+            let weight = i64::from(self.clients()[client.0].weight);
             if book.clients[client.0].deficit <= 0 {
                 book.clients[client.0].deficit += weight;
             }
@@ -236,7 +237,8 @@ impl Queue {
         let Pick { id, grant, batch } = pick;
         let members = batch.unwrap_or_default();
         let first = book.entry(&id);
-        let (route, client) = (self.routes.get(first.route), first.client);
+        let routes = self.routes();
+        let (route, client) = (routes.get(first.route), first.client);
         let keyed: Vec<QuotaId> = route.keyed.iter().map(|(q, _)| *q).collect();
         let mut chosen = Vec::with_capacity(members.len());
         for (i, (mid, item)) in members.into_iter().enumerate() {

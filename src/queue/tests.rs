@@ -36,17 +36,12 @@ fn fixture_on(extra: &str, store: Store, clock: ManualClock) -> Fixture {
 /// A queue on `yaml`, whose one quota is `w`.
 fn fixture_from(yaml: &str, store: Store, clock: ManualClock) -> Fixture {
     let config = Config::from_yaml(yaml, None).unwrap();
-    let routes = Arc::new(RouteTable::new(&config));
+    let table = Arc::new(crate::live::Live::new(RouteTable::new(&config)));
+    let routes = table.get();
     let metrics = Arc::new(Metrics::new(&routes.names(), &["w"], &["w"], &["default"]));
     let ledger = Ledger::for_config(&config, clock.now());
     Fixture {
-        queue: Arc::new(Queue::new(
-            &config,
-            routes.clone(),
-            metrics,
-            ledger.board(),
-            store,
-        )),
+        queue: Arc::new(Queue::new(&config, table, metrics, ledger.board(), store)),
         ledger,
         routes,
         clock,
@@ -490,7 +485,8 @@ async fn clients_take_turns_by_weight() {
     let yaml = "upstream: { url: http://crm.test }\ndefault_max_wait: 2s\nfairness: { live_reserve: 0%, drain_min: 0% }\nclients:\n  - { name: a, weight: 3, match: { header: { name: x-client, value: a } } }\nquotas:\n  - { name: w, limit: 1000, window: 10s, margin: 0s }\n";
     let config = Config::from_yaml(yaml, None).unwrap();
     let clock = ManualClock::at("2026-01-01T00:00:00Z");
-    let routes = Arc::new(RouteTable::new(&config));
+    let table = Arc::new(crate::live::Live::new(RouteTable::new(&config)));
+    let routes = table.get();
     let metrics = Arc::new(Metrics::new(
         &routes.names(),
         &["w"],
@@ -500,7 +496,7 @@ async fn clients_take_turns_by_weight() {
     let ledger = Ledger::for_config(&config, clock.now());
     let queue = Arc::new(Queue::new(
         &config,
-        routes.clone(),
+        table,
         metrics,
         ledger.board(),
         Store::memory(),
@@ -565,9 +561,10 @@ fn counts(r: &Restored) -> (usize, usize, usize, usize) {
 
 #[tokio::test]
 async fn a_disk_queue_comes_back_after_a_crash_without_sending_anything_twice() {
-    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
     let clock = ManualClock::at("2026-01-01T00:00:00Z");
-    let (store, recovered) = Store::open(dir.path()).unwrap();
+    let (store, recovered) = Store::open(&dir).unwrap();
     assert!(recovered.entries.is_empty());
     let f = fixture_on("", store, clock.clone());
     f.spend_the_window();
@@ -591,7 +588,7 @@ async fn a_disk_queue_comes_back_after_a_crash_without_sending_anything_twice() 
     drop(d);
     drop(f); // the crash: nothing more is written
 
-    let (f, report) = restart(dir.path(), "", &clock);
+    let (f, report) = restart(&dir, "", &clock);
     assert_eq!(counts(&report), (1, 1, 1, 1));
     assert_eq!(f.status(done), Status::Done);
     assert_eq!(f.status(put), Status::Queued);
@@ -615,17 +612,18 @@ async fn a_disk_queue_comes_back_after_a_crash_without_sending_anything_twice() 
     drop(f);
 
     // A second restart sees the whole history settled.
-    let (f, report) = restart(dir.path(), "", &clock);
+    let (f, report) = restart(&dir, "", &clock);
     assert_eq!(counts(&report), (0, 0, 0, 4));
     assert!(matches!(f.next(), Step::Idle(_)));
 }
 
 #[tokio::test]
 async fn the_log_is_compacted_to_the_live_entries_and_still_recovers_them() {
-    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
     let clock = ManualClock::at("2026-01-01T00:00:00Z");
     let extra = "queue: { compact_bytes: 4KiB, result_ttl: 1s }";
-    let (store, _) = Store::open(dir.path()).unwrap();
+    let (store, _) = Store::open(&dir).unwrap();
     let f = fixture_on(extra, store, clock.clone());
     f.spend_the_window();
     let mut ids = Vec::new();
@@ -635,7 +633,7 @@ async fn the_log_is_compacted_to_the_live_entries_and_still_recovers_them() {
                 .await,
         );
     }
-    let log = dir.path().join(crate::store::LOG_FILE);
+    let log = dir.join(crate::store::LOG_FILE);
     let grown = std::fs::metadata(&log).unwrap().len();
     assert!(grown > 4096, "{grown}");
     // Deliver 30 (two per window), and let their results pass result_ttl.
@@ -656,7 +654,7 @@ async fn the_log_is_compacted_to_the_live_entries_and_still_recovers_them() {
     );
     drop(f);
 
-    let (f, report) = restart(dir.path(), extra, &clock);
+    let (f, report) = restart(&dir, extra, &clock);
     assert_eq!(counts(&report), (10, 0, 0, 0));
     clock.advance(Duration::from_secs(10));
     let d = f.send_durably().await;
@@ -919,9 +917,10 @@ async fn a_refused_batch_sends_each_write_alone_and_a_failed_job_is_retried_once
 
 #[tokio::test]
 async fn jobs_are_polled_again_after_a_crash_and_a_batch_in_flight_is_ambiguous() {
-    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
     let clock = ManualClock::at("2026-01-01T00:00:00Z");
-    let (store, _) = Store::open(dir.path()).unwrap();
+    let (store, _) = Store::open(&dir).unwrap();
     let f = zendesk_fixture(store, clock.clone());
     f.spend_the_window();
     let path = "/api/v2/tickets.json";
@@ -945,7 +944,7 @@ async fn jobs_are_polled_again_after_a_crash_and_a_batch_in_flight_is_ambiguous(
     f.queue.sync().await.unwrap();
     drop(f); // the crash: the second call's answer never came
 
-    let (store, recovered) = Store::open(dir.path()).unwrap();
+    let (store, recovered) = Store::open(&dir).unwrap();
     let f = zendesk_fixture(store, clock.clone());
     let report = f.queue.restore(recovered.entries, clock.now());
     assert_eq!((report.in_jobs, report.ambiguous), (3, 3), "{report:?}");

@@ -173,7 +173,7 @@ impl Queue {
         Some(StatusView {
             id: id.to_string(),
             status: e.state().status(),
-            route: self.routes.get(e.route).name.clone(),
+            route: self.routes().get(e.route).name.clone(),
             attempts: e.attempts,
             created_at: e.created_at.to_string(),
             finished_at: e.finished_at().map(|t| t.to_string()),
@@ -200,8 +200,8 @@ impl Queue {
                     continue;
                 }
                 lanes.push(LaneStatus {
-                    name: self.routes.lane(LaneId(l)).name.clone(),
-                    client: self.clients[c].name.clone(),
+                    name: self.routes().lane(LaneId(l)).name.clone(),
+                    client: self.clients()[c].name.clone(),
                     depth: lane.len(),
                     oldest_age_seconds: lane
                         .front()
@@ -240,8 +240,8 @@ impl Queue {
         EntrySummary {
             id: e.id.to_string(),
             status: e.state().status(),
-            route: self.routes.get(e.route).name.clone(),
-            client: self.clients[e.client.0].name.clone(),
+            route: self.routes().get(e.route).name.clone(),
+            client: self.clients()[e.client.0].name.clone(),
             attempts: e.attempts,
             created_at: e.created_at.to_string(),
             finished_at: e.finished_at().map(|t| t.to_string()),

@@ -42,7 +42,7 @@ pub struct Learned {
 impl Ledger {
     /// Quotas whose `sync` names this CRM scope.
     pub fn synced_to(&self, scope: &str) -> Vec<QuotaId> {
-        self.configs
+        self.configs()
             .iter()
             .enumerate()
             .filter(|(_, c)| c.sync.as_deref() == Some(scope))
@@ -61,8 +61,9 @@ impl Ledger {
             return learned;
         }
         let mut inner = self.lock();
+        let configs = inner.configs.clone();
         for &(q, mark) in &grant.marks {
-            let cfg = &self.configs[q.0];
+            let cfg = &configs[q.0];
             let Some(scope) = cfg.sync.as_deref() else {
                 continue;
             };
@@ -109,7 +110,8 @@ impl Ledger {
     /// may always wait for its own end.
     pub fn pause_limit(&self, q: QuotaId, now: Time, max_pause: Duration) -> Time {
         let mut inner = self.lock();
-        let cfg = &self.configs[q.0];
+        let configs = inner.configs.clone();
+        let cfg = &configs[q.0];
         let mut limit = now + cfg.window.min(max_pause);
         if let Window::Fixed(w) = &mut inner.quotas[q.0].window {
             limit = limit.max(w.bounds(now).1.min(now + cfg.window));
@@ -201,7 +203,8 @@ impl Ledger {
     /// When the current window of a quota ends (fixed), or one window from now (sliding).
     pub fn window_end(&self, q: QuotaId, now: Time) -> Time {
         let mut inner = self.lock();
-        let cfg = &self.configs[q.0];
+        let configs = inner.configs.clone();
+        let cfg = &configs[q.0];
         match &mut inner.quotas[q.0].window {
             Window::Fixed(w) => w.bounds(now).1,
             _ => now + cfg.window,
@@ -211,7 +214,8 @@ impl Ledger {
     /// Until when a CRM report about `q` without a reset holds, from `now`.
     pub fn default_hold_until(&self, q: QuotaId, now: Time) -> Time {
         let mut inner = self.lock();
-        default_hold(&self.configs[q.0], &mut inner.quotas[q.0].window, now)
+        let configs = inner.configs.clone();
+        default_hold(&configs[q.0], &mut inner.quotas[q.0].window, now)
     }
 }
 

@@ -4,6 +4,7 @@
 mod keyed;
 mod learn;
 mod pace;
+mod reload;
 mod shadow;
 mod share;
 mod state;
@@ -22,6 +23,7 @@ use keyed::Keyed;
 use learn::start_probe;
 pub use learn::{Learned, PauseBounds, Paused};
 use pace::Pacer;
+pub use reload::shadow_grants;
 use share::ClientUse;
 pub use share::WaitingBoard;
 pub use state::Fallback;
@@ -149,6 +151,10 @@ pub struct QuotaStatus {
 }
 
 struct Inner {
+    /// The quotas' configs (replaced on a config reload; indexes stay).
+    configs: Arc<Vec<QuotaConfig>>,
+    /// How the quotas are shared between clients and classes.
+    sharing: Sharing,
     quotas: Vec<QuotaState>,
     pacer: Option<Pacer>,
     /// Grants of unkeyed quotas since the last [`Ledger::take_journal`], while journaling is on
@@ -180,17 +186,16 @@ impl std::fmt::Debug for Inner {
 
 impl Inner {
     /// The denial for `d` at `now`, naming the quota that blocks longest; `None` if all have room.
-    fn blocked(
-        &mut self,
-        configs: &[QuotaConfig],
-        sharing: &Sharing,
-        board: &WaitingBoard,
-        d: &Demand<'_>,
-        now: Time,
-    ) -> Option<Denied> {
+    fn blocked(&mut self, board: &WaitingBoard, d: &Demand<'_>, now: Time) -> Option<Denied> {
         let mut denied: Option<Denied> = None;
+        let Inner {
+            configs,
+            sharing,
+            quotas,
+            ..
+        } = self;
         for &q in d.quotas {
-            let state = &mut self.quotas[q.0];
+            let state = &mut quotas[q.0];
             if d.live {
                 state.last_live = now;
                 state.clients[d.client.0].last_live = now;
@@ -218,10 +223,44 @@ impl Inner {
 
 /// All quotas of one upstream behind one lock.
 pub struct Ledger {
-    configs: Vec<QuotaConfig>,
     shared: Arc<Shared>,
-    sharing: Sharing,
     board: Arc<WaitingBoard>,
+}
+
+/// One quota's config as the ledger holds it now (a reload replaces the set, not this one).
+pub struct QuotaRef {
+    all: Arc<Vec<QuotaConfig>>,
+    at: usize,
+}
+
+impl std::ops::Deref for QuotaRef {
+    type Target = QuotaConfig;
+    fn deref(&self) -> &QuotaConfig {
+        &self.all[self.at]
+    }
+}
+
+/// What clients and classes get of each quota: weights, caps and the reserves.
+fn sharing(configs: &[QuotaConfig], clients: &[ClientConfig], fairness: Fairness) -> Sharing {
+    let caps = configs
+        .iter()
+        .map(|q| {
+            clients
+                .iter()
+                .map(|c| {
+                    c.caps
+                        .iter()
+                        .find(|(n, _)| *n == q.name)
+                        .map(|(_, cap)| *cap)
+                })
+                .collect()
+        })
+        .collect();
+    Sharing {
+        weights: clients.iter().map(|c| c.weight).collect(),
+        caps,
+        fairness,
+    }
 }
 
 impl Ledger {
@@ -254,24 +293,11 @@ impl Ledger {
         clients: &[ClientConfig],
         fairness: Fairness,
     ) -> Ledger {
-        let caps = configs
-            .iter()
-            .map(|q| {
-                clients
-                    .iter()
-                    .map(|c| {
-                        c.caps
-                            .iter()
-                            .find(|(n, _)| *n == q.name)
-                            .map(|(_, cap)| *cap)
-                    })
-                    .collect()
-            })
-            .collect();
         Ledger {
-            configs: configs.to_vec(),
             shared: Arc::new(Shared {
                 inner: Mutex::new(Inner {
+                    configs: Arc::new(configs.to_vec()),
+                    sharing: sharing(configs, clients, fairness),
                     quotas: configs
                         .iter()
                         .map(|q| QuotaState {
@@ -301,11 +327,6 @@ impl Ledger {
                 }),
                 released: Notify::new(),
             }),
-            sharing: Sharing {
-                weights: clients.iter().map(|c| c.weight).collect(),
-                caps,
-                fairness,
-            },
             board: Arc::new(WaitingBoard::new(configs.len(), clients.len())),
         }
     }
@@ -324,14 +345,22 @@ impl Ledger {
         self.shared.released.notified().await
     }
 
-    pub fn config(&self, id: QuotaId) -> &QuotaConfig {
-        &self.configs[id.0]
+    pub fn config(&self, id: QuotaId) -> QuotaRef {
+        QuotaRef {
+            all: self.configs(),
+            at: id.0,
+        }
+    }
+
+    /// Every quota's config as the ledger holds it now.
+    pub fn configs(&self) -> Arc<Vec<QuotaConfig>> {
+        self.lock().configs.clone()
     }
 
     /// Charges every quota of `d` if all of them have room now; otherwise charges none.
     pub fn try_acquire(&self, d: &Demand<'_>, now: Time) -> Result<Grant, Denied> {
         let mut inner = self.lock();
-        if let Some(denied) = inner.blocked(&self.configs, &self.sharing, &self.board, d, now) {
+        if let Some(denied) = inner.blocked(&self.board, d, now) {
             return Err(denied);
         }
         if let Some(pacer) = &inner.pacer
@@ -368,7 +397,7 @@ impl Ledger {
                 }
             }
             state.grants += 1;
-            if self.configs[q.0].sync.is_some() {
+            if inner.configs[q.0].sync.is_some() {
                 state.outstanding += 1;
                 marks.push((q, state.grants));
             }
@@ -383,9 +412,7 @@ impl Ledger {
 
     /// Whether `try_acquire` would grant now, without charging (the pacer is not consulted).
     pub fn check(&self, d: &Demand<'_>, now: Time) -> Result<(), Denied> {
-        self.lock()
-            .blocked(&self.configs, &self.sharing, &self.board, d, now)
-            .map_or(Ok(()), Err)
+        self.lock().blocked(&self.board, d, now).map_or(Ok(()), Err)
     }
 
     /// Keys tracked by each keyed quota, and grants that went to its overflow window.
@@ -406,7 +433,7 @@ impl Ledger {
     /// Each client's calls counted in each unkeyed quota's current window.
     pub fn client_use(&self, now: Time) -> Vec<Vec<u64>> {
         let mut inner = self.lock();
-        let clients = self.sharing.weights.len();
+        let clients = inner.sharing.weights.len();
         (0..clients)
             .map(|c| {
                 inner
@@ -442,14 +469,15 @@ impl Ledger {
     /// Remaining requests and reset time of each unkeyed quota, binding (fewest remaining) first.
     pub fn usage(&self, quotas: &[QuotaId], now: Time) -> Vec<QuotaUsage> {
         let mut inner = self.lock();
+        let configs = inner.configs.clone();
         let mut out: Vec<QuotaUsage> = quotas
             .iter()
-            .filter(|q| self.configs[q.0].key.is_empty())
+            .filter(|q| configs[q.0].key.is_empty())
             .map(|&q| {
                 let state = &mut inner.quotas[q.0];
                 QuotaUsage {
                     quota: q,
-                    remaining: Self::remaining(&self.configs[q.0], state, now),
+                    remaining: Self::remaining(&configs[q.0], state, now),
                     reset_at: Self::next_reset(state, now),
                 }
             })
@@ -483,7 +511,8 @@ impl Ledger {
 
     pub fn snapshot(&self, now: Time) -> Vec<QuotaStatus> {
         let mut inner = self.lock();
-        self.configs
+        let configs = inner.configs.clone();
+        configs
             .iter()
             .zip(inner.quotas.iter_mut())
             .map(|(c, s)| QuotaStatus {
@@ -506,7 +535,7 @@ impl Ledger {
 
     /// The window length of a quota in whole seconds (for `RateLimit-Policy`).
     pub fn window_secs(&self, q: QuotaId) -> u64 {
-        self.configs[q.0].window.as_secs()
+        self.lock().configs[q.0].window.as_secs()
     }
 }
 

@@ -51,6 +51,7 @@ impl Clock for DecisionClock {
 type Limiter = RateLimiter<NotKeyed, InMemoryState, DecisionClock, NoOpMiddleware<PaceInstant>>;
 
 pub struct Pacer {
+    pace: Pace,
     clock: DecisionClock,
     limiter: Limiter,
 }
@@ -65,9 +66,15 @@ impl Pacer {
         let clock = DecisionClock::default();
         clock.0.store(now.as_nanos(), Ordering::Relaxed);
         Pacer {
+            pace,
             limiter: RateLimiter::direct_with_clock(quota, clock.clone()),
             clock,
         }
+    }
+
+    /// The pace it keeps.
+    pub fn pace(&self) -> Pace {
+        self.pace
     }
 
     /// Takes one cell at `now`, or tells when one will be available.

@@ -1,22 +1,35 @@
-//! The write-ahead log's record format: `len: u32 | crc32c: u32 | payload`, all little-endian,
-//! and a small binary encoding for the payload's fields.
+//! The logs' record format and a small binary encoding for the payload's fields.
+//!
+//! A record is `magic "CQP2" | len: u32 | seq: u64 | crc32c: u32 | payload`, little-endian; the
+//! CRC covers the magic, the length, the sequence number and the payload, so no run of zeros
+//! (what a power loss can leave) passes for a record, and a reader that meets a damaged record
+//! finds the next good one by its magic and continues. Sequence numbers only grow: a record
+//! whose number is not above the last one read is a duplicate or out of order, and is skipped.
+//! Logs written before this format (`len | crc | payload`) are still read (see [`parse`]).
+
+use std::ops::Range;
 
 /// CRC-32C (Castagnoli), the checksum of every record.
 pub fn crc32c(data: &[u8]) -> u32 {
+    !crc32c_update(!0, data)
+}
+
+/// Runs the CRC-32C register (not inverted) over `data`: several slices checksum as one.
+fn crc32c_update(crc: u32, data: &[u8]) -> u32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("sse4.2") {
         // SAFETY: the CPU has SSE4.2, checked just above.
-        return unsafe { crc32c_sse42(data) };
+        return unsafe { crc32c_sse42(crc, data) };
     }
-    crc32c_table(data)
+    crc32c_table(crc, data)
 }
 
 /// CRC-32C with the SSE4.2 `crc32` instruction, 8 bytes at a time (recovery reads the whole log).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
-fn crc32c_sse42(data: &[u8]) -> u32 {
+fn crc32c_sse42(crc: u32, data: &[u8]) -> u32 {
     use std::arch::x86_64::{_mm_crc32_u8, _mm_crc32_u64};
-    let mut crc = u64::from(!0u32);
+    let mut crc = u64::from(crc);
     let mut words = data.chunks_exact(8);
     for w in &mut words {
         crc = _mm_crc32_u64(crc, u64::from_le_bytes(w.try_into().expect("8 bytes")));
@@ -25,11 +38,11 @@ fn crc32c_sse42(data: &[u8]) -> u32 {
     for &b in words.remainder() {
         crc = _mm_crc32_u8(crc, b);
     }
-    !crc
+    crc
 }
 
 /// CRC-32C a byte at a time through a table (any CPU).
-fn crc32c_table(data: &[u8]) -> u32 {
+fn crc32c_table(mut crc: u32, data: &[u8]) -> u32 {
     static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
     let table = TABLE.get_or_init(|| {
         let mut t = [0u32; 256];
@@ -46,32 +59,140 @@ fn crc32c_table(data: &[u8]) -> u32 {
         }
         t
     });
-    let mut crc = !0u32;
     for &b in data {
         crc = table[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
     }
-    !crc
+    crc
 }
 
-/// Appends one framed record to `out`.
-pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c(payload).to_le_bytes());
-    out.extend_from_slice(payload);
-}
+/// The first bytes of every record.
+pub const MAGIC: [u8; 4] = *b"CQP2";
+
+/// Bytes before a record's payload.
+pub const HEADER: usize = 20;
 
 /// Largest record accepted when reading (a corrupt length must not allocate gigabytes).
 pub const MAX_RECORD: usize = 256 << 20;
 
-/// Splits a log into its valid records; stops at the first torn or corrupt one. Returns the
-/// payloads and the length of the valid prefix.
-pub fn unframe(data: &[u8]) -> (Vec<&[u8]>, usize) {
+/// Appends one framed record to `out`.
+pub fn frame(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(payload);
+    let crc = record_crc(&out[start..start + 16], payload);
+    out[start + 16..start + 20].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn record_crc(head: &[u8], payload: &[u8]) -> u32 {
+    !crc32c_update(crc32c_update(!0, head), payload)
+}
+
+/// The record at the start of `data`, if one is whole and intact: its sequence number, its
+/// payload and its length with the header.
+fn record_at(data: &[u8]) -> Option<(u64, &[u8], usize)> {
+    if data.len() < HEADER || data[..4] != MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(data[4..8].try_into().ok()?) as usize;
+    if len > MAX_RECORD || data.len() - HEADER < len {
+        return None;
+    }
+    let seq = u64::from_le_bytes(data[8..16].try_into().ok()?);
+    let crc = u32::from_le_bytes(data[16..20].try_into().ok()?);
+    let payload = &data[HEADER..HEADER + len];
+    (record_crc(&data[..16], payload) == crc).then_some((seq, payload, HEADER + len))
+}
+
+/// What a log holds.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    /// The good records in order: sequence number, payload, and where the record starts.
+    pub records: Vec<(u64, &'a [u8], usize)>,
+    /// Byte ranges that held no good record (damaged, duplicated or out of order) between good
+    /// ones: skipped.
+    pub damaged: Vec<Range<usize>>,
+    /// Where the last good record ends: what follows is a torn tail (a write the crash cut).
+    pub end: usize,
+    /// The log was in the format before sequence numbers; its records got numbers 1, 2, ...
+    pub legacy: bool,
+}
+
+impl Parsed<'_> {
+    pub fn last_seq(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.0)
+    }
+}
+
+/// Reads a log: every good record, resynchronising past damaged bytes. A log in the earlier
+/// format (no magic) is read up to its first bad record, as that format allows no more.
+pub fn parse(data: &[u8]) -> Parsed<'_> {
+    if !data.is_empty() && !data.starts_with(&MAGIC) {
+        let (payloads, valid) = unframe_legacy(data);
+        if valid > 0 {
+            let mut at = 0;
+            let records = payloads
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let r = (i as u64 + 1, p, at);
+                    at += 8 + p.len();
+                    r
+                })
+                .collect();
+            return Parsed {
+                records,
+                damaged: Vec::new(),
+                end: valid,
+                legacy: true,
+            };
+        }
+    }
+    let mut out = Parsed::default();
+    let mut at = 0;
+    // Where skipped bytes began, while looking for the next good record.
+    let mut skipping: Option<usize> = None;
+    while at < data.len() {
+        match record_at(&data[at..]) {
+            Some((seq, payload, len)) if seq > out.last_seq() => {
+                if let Some(from) = skipping.take() {
+                    out.damaged.push(from..at);
+                }
+                out.records.push((seq, payload, at));
+                at += len;
+                out.end = at;
+            }
+            Some((_, _, len)) => {
+                // A duplicate or a record out of order: skipped whole.
+                skipping.get_or_insert(at);
+                at += len;
+            }
+            None => {
+                skipping.get_or_insert(at);
+                at = match find(&data[at + 1..], &MAGIC) {
+                    Some(i) => at + 1 + i,
+                    None => data.len(),
+                };
+            }
+        }
+    }
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The format before sequence numbers: `len | crc | payload`; stops at the first bad record.
+fn unframe_legacy(data: &[u8]) -> (Vec<&[u8]>, usize) {
     let mut records = Vec::new();
     let mut at = 0;
     while data.len() - at >= 8 {
         let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().expect("4 bytes"));
-        if len > MAX_RECORD || data.len() - at - 8 < len {
+        if len == 0 || len > MAX_RECORD || data.len() - at - 8 < len {
             break;
         }
         let payload = &data[at + 8..at + 8 + len];
@@ -189,31 +310,98 @@ mod tests {
         // Every path agrees, on lengths around the 8-byte steps.
         let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
         for len in [0, 1, 7, 8, 9, 15, 16, 17, 999, 1000] {
-            assert_eq!(crc32c(&data[..len]), crc32c_table(&data[..len]), "{len}");
+            assert_eq!(
+                crc32c(&data[..len]),
+                !crc32c_table(!0, &data[..len]),
+                "{len}"
+            );
+            let (a, b) = data[..len].split_at(len / 3);
+            assert_eq!(
+                crc32c(&data[..len]),
+                !crc32c_update(crc32c_update(!0, a), b)
+            );
         }
     }
 
+    fn log(payloads: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, p) in payloads.iter().enumerate() {
+            frame(i as u64 + 1, p, &mut out);
+        }
+        out
+    }
+
+    fn payloads<'a>(p: &Parsed<'a>) -> Vec<&'a [u8]> {
+        p.records.iter().map(|r| r.1).collect()
+    }
+
     #[test]
-    fn a_torn_or_flipped_tail_stops_reading_at_the_last_good_record() {
-        let mut log = Vec::new();
-        frame(b"one", &mut log);
-        frame(b"two", &mut log);
-        let good = log.len();
-        frame(b"three", &mut log);
-        // Torn: the last record is cut short.
-        let (records, valid) = unframe(&log[..log.len() - 2]);
-        assert_eq!(records, vec![&b"one"[..], &b"two"[..]]);
-        assert_eq!(valid, good);
-        // Corrupt: a flipped bit in the last payload.
-        let last = log.len() - 1;
-        log[last] ^= 0x40;
-        let (records, valid) = unframe(&log);
-        assert_eq!(records.len(), 2);
-        assert_eq!(valid, good);
-        // A garbage length does not allocate or panic.
-        let (records, valid) = unframe(&[0xFF, 0xFF, 0xFF, 0x7F, 0, 0, 0, 0, 1, 2]);
-        assert!(records.is_empty());
-        assert_eq!(valid, 0);
+    fn a_damaged_record_is_skipped_and_reading_goes_on() {
+        let data = log(&[b"one", b"two", b"three"]);
+        let second = HEADER + 3;
+        // A flipped bit in the second record's payload: only it is lost.
+        let mut flipped = data.clone();
+        flipped[second + HEADER] ^= 0x40;
+        let p = parse(&flipped);
+        assert_eq!(payloads(&p), vec![&b"one"[..], &b"three"[..]]);
+        assert_eq!(p.damaged, vec![second..second + HEADER + 3]);
+        assert_eq!(p.end, data.len());
+        // Its length field garbled: the same.
+        let mut garbled = data.clone();
+        garbled[second + 4..second + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(payloads(&parse(&garbled)), vec![&b"one"[..], &b"three"[..]]);
+        // The very first byte flipped.
+        let mut first = data.clone();
+        first[0] ^= 1;
+        assert_eq!(payloads(&parse(&first)), vec![&b"two"[..], &b"three"[..]]);
+    }
+
+    #[test]
+    fn torn_tails_and_zeros_end_the_log_without_losing_a_record() {
+        let data = log(&[b"one", b"two"]);
+        let torn = &data[..data.len() - 2];
+        let p = parse(torn);
+        assert_eq!(payloads(&p), vec![&b"one"[..]]);
+        assert_eq!(p.end, HEADER + 3);
+        assert!(p.damaged.is_empty(), "a tail is not damage between records");
+        let mut zeros = data.clone();
+        zeros.extend_from_slice(&[0; 8]);
+        let p = parse(&zeros);
+        assert_eq!(payloads(&p), vec![&b"one"[..], &b"two"[..]]);
+        assert_eq!(p.end, data.len());
+        assert_eq!(parse(&[0; 64]).records, vec![], "zeros are no record");
+    }
+
+    #[test]
+    fn duplicated_and_swapped_records_are_skipped() {
+        let mut data = Vec::new();
+        frame(1, b"a", &mut data);
+        frame(2, b"b", &mut data);
+        frame(2, b"b", &mut data);
+        frame(4, b"d", &mut data);
+        frame(3, b"c", &mut data);
+        frame(5, b"e", &mut data);
+        let p = parse(&data);
+        assert_eq!(
+            p.records.iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![1, 2, 4, 5]
+        );
+        assert_eq!(p.damaged.len(), 2);
+    }
+
+    #[test]
+    fn the_format_before_sequence_numbers_is_still_read() {
+        let mut old = Vec::new();
+        for p in [&b"one"[..], b"two"] {
+            old.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            old.extend_from_slice(&crc32c(p).to_le_bytes());
+            old.extend_from_slice(p);
+        }
+        let p = parse(&old);
+        assert!(p.legacy);
+        assert_eq!(payloads(&p), vec![&b"one"[..], &b"two"[..]]);
+        assert_eq!(p.last_seq(), 2);
+        assert_eq!(p.end, old.len());
     }
 
     #[test]

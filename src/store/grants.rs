@@ -3,14 +3,14 @@
 //! daily allowance the CRM never reports, say). Framed and checked like the parked-write log; a
 //! torn tail is cut, and the log is rewritten to what the open windows still count once it grows.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::codec::{Malformed, Reader, Writer, frame, unframe};
-use super::{StoreError, replace_file};
+use super::StoreError;
+use super::codec::{Malformed, Reader, Writer, frame, parse};
+use super::dir::{open_file, replace_file};
 
 /// The grant log's file name in the data directory.
 pub const GRANT_LOG_FILE: &str = "grants.log";
@@ -22,17 +22,18 @@ pub type LoggedGrant = (String, u64, u32);
 /// The grant log of one data directory (whose lock the parked-write store holds).
 pub struct GrantLog {
     dir: PathBuf,
-    file: Mutex<File>,
+    /// The file, and the next batch's sequence number.
+    file: Mutex<(File, u64)>,
 }
 
-fn encode(grants: &[LoggedGrant]) -> Vec<u8> {
+fn encode(seq: u64, grants: &[LoggedGrant]) -> Vec<u8> {
     let mut w = Writer::default();
     w.u32(grants.len() as u32);
     for (quota, at, count) in grants {
         w.str(quota).u64(*at).u32(*count);
     }
     let mut framed = Vec::new();
-    frame(&w.0, &mut framed);
+    frame(seq, &w.0, &mut framed);
     framed
 }
 
@@ -45,35 +46,43 @@ fn decode(payload: &[u8]) -> Result<Vec<LoggedGrant>, Malformed> {
 }
 
 impl GrantLog {
-    /// Opens (creating, 0600) the grant log of `dir` and reads what it holds; a torn or corrupt
-    /// tail is cut off.
+    /// Opens (creating, 0600) the grant log of `dir` and reads what it holds: damaged batches
+    /// are skipped (a few grants forgotten, never a refusal to start), a torn tail is cut.
     pub fn open(dir: &Path) -> Result<(GrantLog, Vec<LoggedGrant>), StoreError> {
         let path = dir.join(GRANT_LOG_FILE);
         let io = |source| StoreError::Io {
             path: path.clone(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
+        let mut file = open_file(&path, true, true)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(io)?;
-        let (payloads, valid) = unframe(&data);
+        let parsed = parse(&data);
         let mut grants = Vec::new();
-        for p in payloads {
-            grants.extend(decode(p).map_err(|_| StoreError::Malformed(path.clone()))?);
+        let mut skipped = parsed.damaged.len();
+        for &(_, payload, _) in &parsed.records {
+            match decode(payload) {
+                Ok(g) => grants.extend(g),
+                Err(_) => skipped += 1,
+            }
         }
-        if valid < data.len() {
-            file.set_len(valid as u64).map_err(io)?;
+        if skipped > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                skipped,
+                "damaged batches in the grant log were skipped: the grants in them are forgotten"
+            );
+        }
+        let next = parsed.last_seq() + 1;
+        if parsed.legacy || skipped > 0 {
+            file = replace_file(dir, GRANT_LOG_FILE, &encode(1, &grants)).map_err(io)?;
+        } else if parsed.end < data.len() {
+            file.set_len(parsed.end as u64).map_err(io)?;
         }
         Ok((
             GrantLog {
                 dir: dir.to_path_buf(),
-                file: Mutex::new(file),
+                file: Mutex::new((file, next.max(2))),
             },
             grants,
         ))
@@ -82,9 +91,11 @@ impl GrantLog {
     /// Appends grants and syncs them; returns the log's size after. (Called off the request
     /// path: nothing waits for it.)
     pub fn append(&self, grants: &[LoggedGrant]) -> std::io::Result<u64> {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, seq) = &mut *guard;
         if !grants.is_empty() {
-            file.write_all(&encode(grants))?;
+            file.write_all(&encode(*seq, grants))?;
+            *seq += 1;
             file.sync_data()?;
         }
         Ok(file.metadata()?.len())
@@ -92,15 +103,17 @@ impl GrantLog {
 
     /// The log's size in bytes.
     pub fn size(&self) -> u64 {
-        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.metadata().map_or(0, |m| m.len())
+        let guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.metadata().map_or(0, |m| m.len())
     }
 
     /// Replaces the log with `grants` (what the open windows still count): a new file, synced,
     /// renamed over the old one.
     pub fn rewrite(&self, grants: &[LoggedGrant]) -> std::io::Result<()> {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        *file = replace_file(&self.dir, GRANT_LOG_FILE, &encode(grants))?;
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, seq) = &mut *guard;
+        *file = replace_file(&self.dir, GRANT_LOG_FILE, &encode(*seq, grants))?;
+        *seq += 1;
         Ok(())
     }
 }

@@ -3,12 +3,12 @@
 //! while the previous batch was being written.
 
 pub mod codec;
+mod dir;
 mod grants;
 mod record;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -16,13 +16,16 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use codec::{frame, unframe};
+use codec::{Parsed, frame, parse};
+use dir::replace_file;
 pub use grants::{GRANT_LOG_FILE, GrantLog, LoggedGrant};
-pub use record::{Record, Recovered, RecoveredState, Stored, StoredResponse, replay};
+pub use record::{Quarantined, Record, Recovered, RecoveredState, Stored, StoredResponse, replay};
 
 /// The log's file name in the data directory.
 pub const LOG_FILE: &str = "queue.log";
-const LOCK_FILE: &str = "LOCK";
+
+/// Where damaged log bytes are moved, in the data directory.
+pub const QUARANTINE_FILE: &str = "queue.log.quarantine";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,8 +36,12 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the log {0} holds a record this version cannot read")]
-    Malformed(PathBuf),
+    #[error("{path} {why}; refusing to keep parked writes there ({fix})")]
+    Unsafe {
+        path: PathBuf,
+        why: String,
+        fix: String,
+    },
     #[error("the parked write could not be stored: {0}")]
     Write(String),
 }
@@ -95,6 +102,8 @@ pub struct Store {
 
 struct Wal {
     tx: mpsc::Sender<Msg>,
+    /// The next record's sequence number (records only ever get higher ones).
+    seq: AtomicU64,
     compacting: Arc<AtomicBool>,
     stats: Arc<StoreStats>,
     // Held for the process's lifetime: the lock on the data directory.
@@ -111,45 +120,53 @@ impl Store {
     }
 
     /// Opens (creating, 0700) a data directory, locks it against other processes, reads the
-    /// log (cutting off a torn or corrupt tail), and starts the writer thread.
+    /// log and starts the writer thread. Damaged records are moved to [`QUARANTINE_FILE`] and
+    /// the log rewritten without them; a torn tail is cut; a log of the earlier format is
+    /// rewritten in the current one.
     pub fn open(dir: &Path) -> Result<(Store, Recovered), StoreError> {
-        let lock = lock_dir(dir)?;
+        let lock = dir::lock(dir)?;
         let path = dir.join(LOG_FILE);
-        let _ = fs::remove_file(dir.join(format!("{LOG_FILE}.tmp")));
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))?;
+        let _ = std::fs::remove_file(dir.join(format!("{LOG_FILE}.tmp")));
+        let mut file = dir::open_file(&path, true, true)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(io(&path))?;
-        let (payloads, valid) = unframe(&data);
-        let records = payloads
-            .iter()
-            .map(|p| Record::decode(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| StoreError::Malformed(path.clone()))?;
-        let discarded = (data.len() - valid) as u64;
-        if discarded > 0 {
-            file.set_len(valid as u64).map_err(io(&path))?;
-            file.sync_all().map_err(io(&path))?;
+        let parsed = parse(&data);
+        let read = read_records(&parsed);
+        let next_seq = parsed.last_seq() + 1;
+        let tail = (data.len() - parsed.end) as u64;
+        if !read.quarantined.is_empty() {
+            quarantine(dir, &data, &read.quarantined).map_err(io(&dir.join(QUARANTINE_FILE)))?;
         }
+        let good = if parsed.legacy || !read.quarantined.is_empty() {
+            let mut clean = Vec::new();
+            for (seq, payload) in &read.payloads {
+                frame(*seq, payload, &mut clean);
+            }
+            file = replace_file(dir, LOG_FILE, &clean).map_err(io(&path))?;
+            clean.len() as u64
+        } else {
+            if tail > 0 {
+                file.set_len(parsed.end as u64).map_err(io(&path))?;
+                file.sync_all().map_err(io(&path))?;
+            }
+            parsed.end as u64
+        };
         let recovered = Recovered {
-            records: records.len(),
-            entries: replay(records),
-            discarded_bytes: discarded,
+            records: read.records.len(),
+            entries: replay(read.records),
+            discarded_bytes: tail,
+            quarantined: read.quarantined,
+            upgraded: parsed.legacy,
         };
         let stats = Arc::new(StoreStats::default());
-        stats.log_bytes.store(valid as u64, Ordering::Relaxed);
+        stats.log_bytes.store(good, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         let compacting = Arc::new(AtomicBool::new(false));
         let writer = LogWriter {
             dir: dir.to_path_buf(),
             path,
             file,
-            good: valid as u64,
+            good,
             stats: stats.clone(),
             compacting: compacting.clone(),
         };
@@ -161,6 +178,7 @@ impl Store {
             Store {
                 wal: Some(Wal {
                     tx,
+                    seq: AtomicU64::new(next_seq),
                     compacting,
                     stats,
                     _lock: lock,
@@ -168,6 +186,42 @@ impl Store {
             },
             recovered,
         ))
+    }
+
+    /// Whether a data directory can be used: created (0700) when missing, trusted, and
+    /// writable (a file is created and removed). For `check --runtime`; takes no lock.
+    pub fn check_dir(dir: &Path) -> Result<(), StoreError> {
+        dir::ensure(dir)?;
+        let probe = dir.join(".check");
+        let _ = std::fs::remove_file(&probe);
+        dir::open_file(&probe, false, true)?;
+        std::fs::remove_file(&probe).map_err(io(&probe))
+    }
+
+    /// Reads a data directory's log without changing anything (no lock, no cut, no
+    /// quarantine): what a stopped or running proxy has parked, for the operator's tools.
+    pub fn inspect(dir: &Path) -> Result<Recovered, StoreError> {
+        let meta = std::fs::symlink_metadata(dir).map_err(io(dir))?;
+        dir::check(dir, &meta, true)?;
+        let path = dir.join(LOG_FILE);
+        let mut data = Vec::new();
+        match dir::open_file(&path, true, false) {
+            Ok(mut f) => {
+                f.read_to_end(&mut data).map_err(io(&path))?;
+            }
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            }
+            Err(e) => return Err(e),
+        }
+        let parsed = parse(&data);
+        let read = read_records(&parsed);
+        Ok(Recovered {
+            records: read.records.len(),
+            entries: replay(read.records),
+            discarded_bytes: (data.len() - parsed.end) as u64,
+            quarantined: read.quarantined,
+            upgraded: false,
+        })
     }
 
     /// Queues a record for the log; the returned commit completes once it is durable. Called
@@ -178,7 +232,11 @@ impl Store {
         };
         let (tx, rx) = oneshot::channel();
         let mut framed = Vec::new();
-        frame(&record.encode(), &mut framed);
+        frame(
+            wal.seq.fetch_add(1, Ordering::Relaxed),
+            &record.encode(),
+            &mut framed,
+        );
         match wal.tx.send(Msg::Append(framed, Some(tx))) {
             Ok(()) => Commit(Some(rx)),
             Err(_) => Commit::failed("the log writer stopped"),
@@ -213,7 +271,11 @@ impl Store {
         let Some(wal) = &self.wal else { return };
         let mut framed = Vec::new();
         for r in snapshot {
-            frame(&r.encode(), &mut framed);
+            frame(
+                wal.seq.fetch_add(1, Ordering::Relaxed),
+                &r.encode(),
+                &mut framed,
+            );
         }
         wal.compacting.store(true, Ordering::Relaxed);
         let _ = wal.tx.send(Msg::Compact(framed));
@@ -224,44 +286,70 @@ impl Store {
     }
 }
 
-/// Replaces `dir/name` with `contents` as one step a crash cannot tear: a new file (0600),
-/// synced, renamed over the old one, the directory synced. Returns the new file, for appending.
-fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<File> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::rename(&tmp, &path)?;
-    File::open(dir)?.sync_all()?;
-    OpenOptions::new().append(true).open(&path)
+/// The records a parsed log holds, and what could not be read between them.
+struct LogRead<'a> {
+    records: Vec<Record>,
+    /// The good records' sequence numbers and payloads (to rewrite the log with).
+    payloads: Vec<(u64, &'a [u8])>,
+    quarantined: Vec<Quarantined>,
 }
 
-/// Creates the data directory (0700) and takes an exclusive lock on it.
-fn lock_dir(dir: &Path) -> Result<File, StoreError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io(dir))?;
-    let path = dir.join(LOCK_FILE);
-    let lock = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io(&path))?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked(dir.to_path_buf())),
-        Err(fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+/// Decodes every good record; damaged ranges and records this version cannot decode are
+/// quarantined, each with the ids of the readable records around it.
+fn read_records<'a>(parsed: &Parsed<'a>) -> LogRead<'a> {
+    let mut out = LogRead {
+        records: Vec::new(),
+        payloads: Vec::new(),
+        quarantined: Vec::new(),
+    };
+    let mut bad: Vec<std::ops::Range<usize>> = parsed.damaged.clone();
+    for &(seq, payload, at) in &parsed.records {
+        match Record::decode(payload) {
+            Ok(r) => {
+                out.records.push(r);
+                out.payloads.push((seq, payload));
+            }
+            Err(_) => bad.push(at..at + codec::HEADER + payload.len()),
+        }
     }
+    bad.sort_by_key(|r| r.start);
+    let id_near = |range: &std::ops::Range<usize>, before: bool| {
+        let found = if before {
+            parsed.records.iter().rev().find(|r| r.2 < range.start)
+        } else {
+            parsed.records.iter().find(|r| r.2 >= range.end)
+        };
+        found.and_then(|r| Record::id_of(r.1))
+    };
+    for range in bad {
+        out.quarantined.push(Quarantined {
+            offset: range.start as u64,
+            bytes: (range.end - range.start) as u64,
+            after: id_near(&range, true),
+            before: id_near(&range, false),
+        });
+    }
+    out
+}
+
+/// Appends the damaged ranges of `data` to the quarantine file (0600), each after a line that
+/// says where it was and between which records, and syncs it.
+fn quarantine(dir: &Path, data: &[u8], ranges: &[Quarantined]) -> std::io::Result<()> {
+    let path = dir.join(QUARANTINE_FILE);
+    let mut f = dir::open_file(&path, false, true).map_err(std::io::Error::other)?;
+    let id = |i: Option<u128>| i.map_or("none".to_string(), |i| format!("{i:032x}"));
+    for q in ranges {
+        let (from, to) = (q.offset as usize, (q.offset + q.bytes) as usize);
+        writeln!(
+            f,
+            "# crm-quota-proxy quarantine: {LOG_FILE} bytes {from}..{to}, after record {} and before record {}",
+            id(q.after),
+            id(q.before)
+        )?;
+        f.write_all(&data[from..to])?;
+        writeln!(f)?;
+    }
+    f.sync_all()
 }
 
 struct LogWriter {

@@ -194,6 +194,11 @@ impl Record {
         w.0
     }
 
+    /// The id of the write a record is about, read from its first fields.
+    pub fn id_of(payload: &[u8]) -> Option<u128> {
+        Some(u128::from_le_bytes(payload.get(1..17)?.try_into().ok()?))
+    }
+
     pub fn decode(payload: &[u8]) -> Result<Record, Malformed> {
         let mut r = Reader::new(payload);
         let kind = r.u8()?;
@@ -325,8 +330,21 @@ pub enum RecoveredState {
 pub struct Recovered {
     pub entries: Vec<(Stored, RecoveredState)>,
     pub records: usize,
-    /// Bytes of a torn or corrupt tail that were cut off.
+    /// Bytes of a torn tail that were cut off (a write a crash interrupted).
     pub discarded_bytes: u64,
+    /// Damaged stretches between good records, moved to the quarantine file.
+    pub quarantined: Vec<Quarantined>,
+    /// The log was in the format before sequence numbers, and was rewritten.
+    pub upgraded: bool,
+}
+
+/// A damaged stretch of the log: where, how long, and the ids of the readable records around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub offset: u64,
+    pub bytes: u64,
+    pub after: Option<u128>,
+    pub before: Option<u128>,
 }
 
 /// Replays records into the state each write ended in.

@@ -84,19 +84,7 @@ async fn large_crm_answers_stay_within_queue_max_bytes() {
     })
     .await;
     assert_eq!(sim.stats().tickets, 80);
-    let text = String::from_utf8(
-        send(
-            &client,
-            Method::GET,
-            &format!("{}/metrics", proxy.admin),
-            &[],
-            "",
-        )
-        .await
-        .body
-        .to_vec(),
-    )
-    .unwrap();
+    let text = proxy.metrics(&client).await;
     let queue_bytes = metric_value(&text, "crm_proxy_queue_bytes").unwrap();
     assert!(queue_bytes <= (8 * MIB) as f64, "{queue_bytes}");
     assert!(metric_value(&text, "crm_proxy_results_evicted_total").unwrap() >= 40.0);

@@ -217,8 +217,8 @@ fn run(mut config: Config) {
         let proxy = crm_quota_proxy::open(config, std::sync::Arc::new(clock.clone()))
             .expect("an accepted config opens");
         let bounds = PauseBounds {
-            min: proxy.config.upstream.min_pause,
-            max: proxy.config.upstream.max_pause,
+            min: proxy.config().upstream.min_pause,
+            max: proxy.config().upstream.max_pause,
         };
         for step in [
             Duration::ZERO,
@@ -227,7 +227,8 @@ fn run(mut config: Config) {
         ] {
             clock.advance(step);
             let now = clock.now();
-            for route in proxy.routes.routes() {
+            let routes = proxy.routes();
+            for route in routes.routes() {
                 for live in [true, false] {
                     let d = Demand {
                         quotas: &route.quotas,
@@ -253,7 +254,7 @@ fn run(mut config: Config) {
             let _ = proxy.ledger.snapshot(now);
             let _ = proxy.queue.snapshot(now);
             proxy.refresh_metrics(now);
-            for attempt in 0..=proxy.config.queue.max_attempts {
+            for attempt in 0..=proxy.config().queue.max_attempts {
                 let _ = proxy.backoff(attempt);
             }
         }

@@ -186,7 +186,7 @@ async fn sigkill_rounds(keyed: bool, rounds: usize, writes: usize, max_entries: 
         let proxy = Process::start(&config, &sim.url()).await;
         if round == 2 {
             assert!(
-                proxy.lines().iter().any(|l| l.contains("torn or corrupt")),
+                proxy.lines().iter().any(|l| l.contains("torn record")),
                 "the cut tail is reported:\n{}",
                 proxy.lines().join("\n")
             );
@@ -563,7 +563,10 @@ async fn the_queue_command_mends_a_stopped_proxys_data_directory() {
         (v["total"] == 2).then_some(())
     })
     .await;
-    let (ok, _, err) = queue(&["list"]);
+    // Reading works beside the running proxy; changing waits for it to stop.
+    let (ok, out, err) = queue(&["list"]);
+    assert!(ok && out.contains(&a), "{err}");
+    let (ok, _, err) = queue(&["retry", &b]);
     assert!(
         !ok && err.contains("/requests"),
         "while it runs, the admin endpoints: {err}"

@@ -282,15 +282,7 @@ async fn a_low_descriptor_limit_lowers_the_connection_cap_instead_of_failing_acc
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
-    let metrics = send(
-        &client,
-        Method::GET,
-        &format!("{}/metrics", proxy.admin),
-        &[],
-        "",
-    )
-    .await;
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = proxy.metrics(&client).await;
     assert_eq!(
         metric_value(&text, "crm_proxy_accept_errors_total{listener=\"data\"}"),
         Some(0.0)

@@ -12,6 +12,7 @@ mod fairness;
 mod hostile;
 mod ledger;
 mod lifecycle;
+mod operations;
 mod over_budget;
 mod support;
 mod transparency;

@@ -338,6 +338,23 @@ impl Process {
         self.child.id()
     }
 
+    /// A GET on the admin listener.
+    pub async fn admin_get(&self, client: &HttpClient, path: &str) -> Reply {
+        send(
+            client,
+            Method::GET,
+            &format!("{}{path}", self.admin),
+            &[],
+            "",
+        )
+        .await
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self, client: &HttpClient) -> String {
+        String::from_utf8_lossy(&self.admin_get(client, "/metrics").await.body).into_owned()
+    }
+
     /// Sends `signal` (e.g. "KILL", "TERM") and waits for the exit; returns it with the log.
     pub fn signal(mut self, signal: &str) -> (std::process::ExitStatus, Vec<String>) {
         let ok = std::process::Command::new("kill")
@@ -366,7 +383,7 @@ pub struct Served {
     pub url: String,
     pub admin: String,
     stop: oneshot::Sender<()>,
-    server: JoinHandle<Result<Stopped, String>>,
+    server: JoinHandle<Result<Stopped, crm_quota_proxy::server::Failure>>,
 }
 
 impl Served {
