@@ -6,8 +6,10 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
+use crate::breaker::BreakerView;
 use crate::ids::EntryId;
 use crate::proxy::{ClientView, KeysView, Loaded, Phase, Proxy};
+use crate::queue::Filter;
 use crate::queue::{OpError, QueueStatus};
 use crate::quota::QuotaStatus;
 use crate::response::{self, Body};
@@ -30,6 +32,8 @@ struct Status {
     ledger: LedgerView,
     /// The config in force: its file's SHA-256 and when it was loaded.
     config: Loaded,
+    /// Whether the drain is paused because the CRM fails as a whole.
+    breaker: BreakerView,
 }
 
 pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
@@ -94,6 +98,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
                 queue,
                 ledger: proxy.shared.view(),
                 config: (*proxy.loaded()).clone(),
+                breaker: proxy.breaker.view(),
             };
             response::json_response(StatusCode::OK, &status)
         }
@@ -136,7 +141,9 @@ const LIST_LIMIT: usize = 100;
 /// - `GET /requests?status=S&limit=N`: the proxy's parked writes, oldest first;
 /// - `GET /requests/{id}`: one in full, credentials redacted;
 /// - `POST /requests/{id}/retry`: send a failed or expired one again;
-/// - `DELETE /requests/{id}`: give a failed or expired one up.
+/// - `DELETE /requests/{id}`: give a failed or expired one up;
+/// - `POST /requests/retry?…` and `POST /requests/discard?…`: the same for every dead letter a
+///   filter selects (see [`bulk`]).
 async fn requests(
     proxy: &Proxy,
     method: &Method,
@@ -160,6 +167,12 @@ async fn requests(
             }
             Err(e) => response::problem(StatusCode::BAD_REQUEST, "bad_query", e),
         };
+    }
+    if let "retry" | "discard" = rest {
+        if method != Method::POST {
+            return response::method_not_allowed("POST");
+        }
+        return bulk(proxy, rest == "retry", query).await;
     }
     let (id_text, action) = match rest.split_once('/') {
         Some((id, action)) => (id, Some(action)),
@@ -206,23 +219,109 @@ async fn requests(
     }
 }
 
+/// A bulk retry or discard. Without `confirm` it only counts (a dry run: how many, how many of
+/// them ambiguous, the first ids); with `confirm=N` it acts, if the filter still selects exactly
+/// N (otherwise 409 with the new count, nothing done).
+async fn bulk(proxy: &Proxy, retry: bool, query: Option<&str>) -> Response<Body> {
+    let mut filter = Filter::default();
+    let mut confirm = None;
+    let mut problems = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let set = match &*key {
+            "confirm" => value
+                .parse::<usize>()
+                .map(|n| confirm = Some(n))
+                .map_err(|_| format!("confirm={value:?} is not a count")),
+            _ => filter.set(&key, &value),
+        };
+        if let Err(e) = set {
+            problems.push(e);
+        }
+    }
+    let selection = proxy.queue.select(&filter);
+    if let Err(e) = &selection {
+        problems.push(e.clone());
+    }
+    let selection = match problems.is_empty() {
+        true => selection,
+        false => Err(problems.join("; ")),
+    };
+    let selection = match selection {
+        Ok(s) => s,
+        Err(e) => return response::problem(StatusCode::BAD_REQUEST, "bad_query", e),
+    };
+    let matched = selection.ids.len();
+    let action = if retry { "retry" } else { "discard" };
+    let Some(confirm) = confirm else {
+        let first: Vec<String> = selection
+            .ids
+            .iter()
+            .take(LIST_LIMIT)
+            .map(|id| id.to_string())
+            .collect();
+        return response::json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "dry_run": true,
+                "action": action,
+                "matched": matched,
+                "ambiguous": selection.ambiguous,
+                "ids": first,
+                "to_act": format!("POST again with confirm={matched}"),
+            }),
+        );
+    };
+    if confirm != matched {
+        return response::problem(
+            StatusCode::CONFLICT,
+            "selection_changed",
+            format!(
+                "the filter now selects {matched} dead letters, not {confirm}; nothing was done"
+            ),
+        );
+    }
+    let (result, commits) = if retry {
+        proxy.queue.retry_all(&selection.ids, proxy.clock.now())
+    } else {
+        proxy.queue.discard_all(&selection.ids)
+    };
+    tracing::warn!(
+        action,
+        done = result.done,
+        skipped = result.skipped,
+        ?filter,
+        "an operator acted on dead letters in bulk"
+    );
+    for c in commits {
+        if let Err(e) = c.durable().await {
+            return response::problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_stored",
+                format!(
+                    "done in memory, but the log could not record it ({e}); it may be undone by a restart"
+                ),
+            );
+        }
+    }
+    response::json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "action": action, "matched": matched, "done": result.done, "skipped": result.skipped }),
+    )
+}
+
 /// `status` and `limit` of a listing; anything else is an error.
 fn list_params(query: Option<&str>) -> Result<(Option<EntryStatus>, usize), String> {
     let mut status = None;
     let mut limit = LIST_LIMIT;
-    for pair in query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        match pair.split_once('=') {
-            Some(("status", s)) => status = Some(s.parse()?),
-            Some(("limit", n)) => {
-                limit = n
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*key {
+            "status" => status = Some(value.parse()?),
+            "limit" => {
+                limit = value
                     .parse()
-                    .map_err(|_| format!("limit {n:?} is not a number"))?;
+                    .map_err(|_| format!("limit {value:?} is not a number"))?;
             }
-            _ => return Err(format!("unknown parameter {pair:?} (status, limit)")),
+            _ => return Err(format!("unknown parameter {key:?} (status, limit)")),
         }
     }
     Ok((status, limit))

@@ -390,16 +390,29 @@ async fn forward_live(
     // A live request is its write's first attempt.
     let attempt = Some(1);
     let resp = match result {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            p.crm_outcome(Some(resp.status()), now);
+            resp
+        }
         Err(e) => {
             p.metrics.upstream_error(&route.name, e.kind());
+            let outage = p.crm_outcome(None, now);
+            if let ForwardError::Connect(_) = e {
+                // Nothing reached the CRM: the slot is free again.
+                p.ledger.refund(&grant, &route.quotas, now);
+            }
             let what = match e {
                 ForwardError::Connect(_) => Attempt::NotSent,
                 _ => Attempt::Lost,
             };
-            if let Verdict::Retry { .. } = p.verdict(what, safe, attempt, now)
-                && let (Some(t), Some(req)) = (ticket.as_mut(), parkable)
-                && let Some(a) = t.repark(req, true, &p.ledger, now)
+            // While the CRM fails as a whole, the write waits without spending its attempt.
+            let spent = match p.verdict(what, safe, attempt, outage, now) {
+                Verdict::Retry { .. } => Some(true),
+                Verdict::Wait { .. } => Some(false),
+                _ => None,
+            };
+            if let (Some(spent), Some(t), Some(req)) = (spent, ticket.as_mut(), parkable)
+                && let Some(a) = t.repark(req, spent, &p.ledger, now)
             {
                 let why = "the CRM did not answer; write parked for a safe resend";
                 return accepted(p, route, a, token, why).await;
@@ -445,7 +458,7 @@ async fn forward_live(
         headers: &parts.headers,
         throttled,
     };
-    if p.verdict(answered, safe, attempt, now) == Verdict::Throttled
+    if p.verdict(answered, safe, attempt, None, now) == Verdict::Throttled
         && let (Some(t), Some(req)) = (ticket.as_mut(), parkable)
         && let Some(a) = t.repark(req, false, &p.ledger, now)
     {

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::clock::Time;
 use crate::crm::zendesk_batch;
+use crate::ids::QuotaId;
 use crate::message::{BufferedResponse, IDEMPOTENCY_KEY, Outbound, retry_after};
 use crate::proxy::Proxy;
 use crate::queue::{
@@ -34,6 +35,15 @@ pub async fn run(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
             return;
         }
         let now = proxy.clock.now();
+        // While the CRM fails as a whole, one probe at a time.
+        if let Err(probe_at) = proxy.breaker.may_send(now) {
+            tokio::select! {
+                _ = proxy.clock.sleep_until(probe_at) => {}
+                _ = proxy.breaker.closed() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
         match proxy.queue.next(&proxy.ledger, now) {
             Step::Send(d) => {
                 tokio::spawn(deliver(proxy.clone(), d));
@@ -45,6 +55,7 @@ pub async fn run(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
                 tokio::spawn(deliver_poll(proxy.clone(), p));
             }
             Step::Idle(wake_at) => {
+                proxy.breaker.probe_not_sent(now);
                 if !proxy.is_ready() && proxy.queue.is_drained() {
                     return;
                 }
@@ -72,6 +83,15 @@ struct Sent {
 }
 
 impl Sent {
+    /// Tells the breaker what the call came to, and gives back the quota of a call that never
+    /// reached the CRM. While the breaker is open, the time a failed write waits for.
+    fn outage(&self, proxy: &Proxy, grant: &Grant, quotas: &[QuotaId], now: Time) -> Option<Time> {
+        if self.not_sent {
+            proxy.ledger.refund(grant, quotas, now);
+        }
+        proxy.crm_outcome(self.answer.as_ref().map(|a| a.status), now)
+    }
+
     fn attempt(&self) -> Attempt<'_> {
         match &self.answer {
             Some(r) => Attempt::Answered {
@@ -167,6 +187,18 @@ fn outcome(
                 error: error.to_string(),
             }
         }
+        Verdict::Wait {
+            not_before,
+            unknown,
+        } => {
+            if unknown && keyed {
+                proxy.metrics.idempotent_replay(&route.name);
+            }
+            Outcome::NotSent {
+                not_before,
+                error: format!("{error} (the CRM is failing as a whole; no attempt spent)"),
+            }
+        }
         Verdict::Failed(reason) => {
             if reason == FailReason::Ambiguous {
                 proxy.metrics.ambiguous(&route.name);
@@ -224,7 +256,8 @@ async fn deliver(proxy: Arc<Proxy>, d: Dispatch) {
     let result = send(&proxy, route, d.request).await;
     let now = proxy.clock.now();
     let sent = Sent::read(&proxy, route, &grant, result, now);
-    let verdict = proxy.verdict(sent.attempt(), safe, Some(d.attempt), now);
+    let outage = sent.outage(&proxy, &grant, &route.quotas, now);
+    let verdict = proxy.verdict(sent.attempt(), safe, Some(d.attempt), outage, now);
     let outcome = outcome(
         &proxy,
         route,
@@ -281,9 +314,15 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
     let result = send(&proxy, route, b.request).await;
     let now = proxy.clock.now();
     // Each write gets the verdict on the call as its own attempt.
-    let each = |sent: &Sent| {
+    let each = |sent: &Sent, outage: Option<Time>| {
         let members = b.members.iter().map(|&(_, attempt)| {
-            let verdict = proxy.verdict(sent.attempt(), route.retry_ambiguous, Some(attempt), now);
+            let verdict = proxy.verdict(
+                sent.attempt(),
+                route.retry_ambiguous,
+                Some(attempt),
+                outage,
+                now,
+            );
             outcome(
                 &proxy,
                 route,
@@ -319,7 +358,8 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
         }
         _ => {
             let mut sent = Sent::read(&proxy, route, &grant, result, now);
-            match proxy.verdict(sent.attempt(), route.retry_ambiguous, None, now) {
+            let outage = sent.outage(&proxy, &grant, &route.quotas, now);
+            match proxy.verdict(sent.attempt(), route.retry_ambiguous, None, outage, now) {
                 Verdict::Final => {
                     let resp = sent.answer.take().expect("only an answer is final");
                     if resp.status.is_success() {
@@ -336,7 +376,7 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
                                         resp.status
                                     ),
                                 };
-                                each(&lost)
+                                each(&lost, None)
                             }
                         }
                     } else {
@@ -345,7 +385,7 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
                         BatchOutcome::Refused(format!("CRM answered {}: {snippet}", resp.status))
                     }
                 }
-                _ => each(&sent),
+                _ => each(&sent, outage),
             }
         }
     };
@@ -368,9 +408,13 @@ async fn deliver_poll(proxy: Arc<Proxy>, p: PollDispatch) {
     let result = send(&proxy, route, p.request).await;
     let now = proxy.clock.now();
     let sent = Sent::read(&proxy, route, &grant, result, now);
-    let later = PollOutcome::Later(now + POLL_AGAIN);
+    let outage = sent.outage(&proxy, &grant, &route.quotas, now);
+    let later = PollOutcome::Later(outage.unwrap_or(now + POLL_AGAIN));
     // A poll reads and changes nothing: always safe to ask again, attempts not counted.
-    let outcome = match (proxy.verdict(sent.attempt(), true, None, now), sent.answer) {
+    let outcome = match (
+        proxy.verdict(sent.attempt(), true, None, None, now),
+        sent.answer,
+    ) {
         (Verdict::Throttled, _) => PollOutcome::Later(now),
         (Verdict::Final, Some(resp)) if resp.status.is_success() => {
             let jobs = if single {

@@ -1,5 +1,9 @@
 //! The `crm-quota-proxy` binary: `run`, `check`, `queue`, `fingerprint` and `demo`.
 
+mod cli_queue;
+
+use cli_queue::{QueueAction, queue_command};
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,18 +11,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use crm_quota_proxy::Listeners;
 use crm_quota_proxy::clock::SystemClock;
 use crm_quota_proxy::config::Config;
 use crm_quota_proxy::demo::{self, DemoOptions};
-use crm_quota_proxy::ids::{EntryId, Fingerprint};
-use crm_quota_proxy::proxy::Proxy;
-use crm_quota_proxy::queue::OpError;
+use crm_quota_proxy::ids::Fingerprint;
 use crm_quota_proxy::server::{Control, Failure, serve_with};
-use crm_quota_proxy::status::Status;
 use crm_quota_proxy::store::Store;
 use crm_quota_proxy::units::parse_duration;
-use crm_quota_proxy::{Listeners, open};
-use std::io::Write as _;
 
 /// Exit status for an invalid config (sysexits EX_USAGE... EX_DATAERR is 65; 64 is what ops expect here).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -95,122 +95,6 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         searches: usize,
     },
-}
-
-#[derive(Subcommand)]
-enum QueueAction {
-    /// List parked writes, oldest first.
-    List {
-        /// Only writes in this status: queued, dispatching, done, failed or expired.
-        #[arg(long)]
-        status: Option<Status>,
-    },
-    /// Show one parked write as JSON, credentials redacted.
-    Show { id: EntryId },
-    /// Queue a failed or expired write again (fresh attempts and TTL); it is sent after start.
-    Retry { id: EntryId },
-    /// Give a failed or expired write up for good.
-    Discard { id: EntryId },
-}
-
-/// The `queue` subcommand on a data directory: `list` and `show` read it without changing
-/// anything; `retry` and `discard` open it as a start would (refused while a proxy holds it).
-async fn queue_command(config: Config, action: QueueAction) -> anyhow::Result<ExitCode> {
-    let admin = config.listen.admin;
-    let Some(dir) = config.queue.data_dir.clone() else {
-        anyhow::bail!(
-            "queue.store is memory: parked writes live only in the running proxy; use http://{admin}/requests"
-        );
-    };
-    if let QueueAction::List { .. } | QueueAction::Show { .. } = action {
-        let recovered = Store::inspect(&dir).map_err(Failure::from)?;
-        for q in &recovered.quarantined {
-            eprintln!(
-                "warning: {} damaged bytes at offset {} of the log would be quarantined at the next start",
-                q.bytes, q.offset
-            );
-        }
-        let clock = SystemClock::shared();
-        let proxy =
-            Proxy::new(config, clock.clone(), Store::memory()).map_err(anyhow::Error::msg)?;
-        proxy.queue.restore(recovered.entries, clock.now());
-        let mut out = std::io::stdout().lock();
-        let shown = match action {
-            QueueAction::List { status } => list(&mut out, &proxy.queue.list(status), &dir),
-            QueueAction::Show { id } => match proxy.queue.inspect(id) {
-                Some(detail) => writeln!(out, "{}", serde_json::to_string_pretty(&detail)?),
-                None => {
-                    eprintln!("{id}: {}", OpError::NotFound);
-                    return Ok(ExitCode::FAILURE);
-                }
-            },
-            _ => unreachable!("matched above"),
-        };
-        // A reader that went away (`| head`) is not an error.
-        return match shown {
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-            _ => Ok(ExitCode::SUCCESS),
-        };
-    }
-    let proxy = match open(config, SystemClock::shared()) {
-        Ok(p) => p,
-        Err(Failure::InUse(why)) => {
-            return Err(Failure::InUse(format!(
-                "{why}\nwhile the proxy runs, use its admin endpoints: http://{admin}/requests"
-            ))
-            .into());
-        }
-        Err(f) => return Err(f.into()),
-    };
-    let queue = &proxy.queue;
-    let (id, commit) = match action {
-        QueueAction::Retry { id } => (id, queue.retry(id, proxy.clock.now())),
-        QueueAction::Discard { id } => (id, queue.discard(id)),
-        QueueAction::List { .. } | QueueAction::Show { .. } => unreachable!("handled above"),
-    };
-    match commit {
-        Ok(commit) => {
-            commit.durable().await?;
-            let done = match queue.inspect(id) {
-                Some(_) => "queued again; it is sent when the proxy starts",
-                None => "discarded",
-            };
-            println!("{id}: {done}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            eprintln!("{id}: {e}");
-            Ok(ExitCode::FAILURE)
-        }
-    }
-}
-
-/// The `queue list` table.
-fn list(
-    out: &mut impl std::io::Write,
-    list: &[crm_quota_proxy::queue::EntrySummary],
-    dir: &Path,
-) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:<32}  {:<11}  {:<20}  {:<12}  {:>8}  {:<30}  ERROR",
-        "ID", "STATUS", "ROUTE", "CLIENT", "ATTEMPTS", "CREATED"
-    )?;
-    for e in list {
-        writeln!(
-            out,
-            "{:<32}  {:<11}  {:<20}  {:<12}  {:>8}  {:<30}  {}",
-            e.id,
-            e.status.name(),
-            e.route,
-            e.client,
-            e.attempts,
-            e.created_at,
-            e.error.as_deref().unwrap_or_default()
-        )?;
-    }
-    eprintln!("{} parked writes in {}", list.len(), dir.display());
-    Ok(())
 }
 
 /// Sets up logging; the handle changes the level filter while running (`log_level` on reload).

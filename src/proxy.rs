@@ -9,6 +9,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use std::hash::{BuildHasher, RandomState};
 
+use crate::breaker::Breaker;
 use crate::client::Clients;
 use crate::clock::{SharedClock, Time};
 use crate::config::Config;
@@ -86,6 +87,8 @@ pub struct Proxy {
     pub grant_log: Option<Arc<GrantLog>>,
     /// Request bodies being read and requests waiting for a processing slot.
     pub intake: Intake,
+    /// Pauses the drain while the CRM fails as a whole.
+    pub breaker: Breaker,
     /// Which request parts carry credentials (owners of parked writes, redaction).
     pub credentials: Credentials,
     /// Connections of the data and the admin listener.
@@ -153,6 +156,7 @@ impl Proxy {
         let intake = Intake::new(&config.listen, config.max_body_bytes);
         Ok(Proxy {
             intake,
+            breaker: Breaker::default(),
             credentials: Credentials::new(&config.credentials),
             data_conns: Arc::default(),
             admin_conns: Arc::default(),
@@ -233,6 +237,22 @@ impl Proxy {
     /// The configured clients in force.
     pub fn clients(&self) -> Arc<Clients> {
         self.clients.get()
+    }
+
+    /// Tells the breaker what a call to the CRM came to: a failure of the CRM as a whole
+    /// (nothing sent, a `retry_status` answer, no answer) or an answer of its own. For a failure
+    /// while the breaker is open, the time the write should wait for (the next probe).
+    pub fn crm_outcome(&self, status: Option<StatusCode>, now: Time) -> Option<Time> {
+        let failed = match status {
+            None => true,
+            Some(s) => self.config().upstream.retry_status.contains(&s.as_u16()),
+        };
+        if failed {
+            self.breaker.failed(now, self.config().queue.max_attempts)
+        } else {
+            self.breaker.answered(now);
+            None
+        }
     }
 
     /// Why the data plane is not moving, for `/healthz`: every processing slot held for longer
@@ -427,6 +447,7 @@ impl Proxy {
         what: Attempt<'_>,
         resend_safe: bool,
         attempt: Option<u32>,
+        outage: Option<Time>,
         now: Time,
     ) -> Verdict {
         let policy = Policy {
@@ -434,6 +455,7 @@ impl Proxy {
             retry_status: &self.config().upstream.retry_status,
             attempts: attempt.map(|n| (n, self.config().queue.max_attempts)),
             backoff: self.backoff(attempt.unwrap_or(1)),
+            outage,
             now,
         };
         verdict::verdict(what, &policy)
@@ -517,6 +539,7 @@ impl Proxy {
                 c.accept_errors.load(Relaxed),
             );
         }
+        m.set_breaker_open(self.breaker.view().open);
         m.set_request_bytes_buffered(
             self.intake
                 .buffered(self.config().listen.max_buffered_bytes),

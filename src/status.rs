@@ -113,6 +113,19 @@ impl fmt::Display for FailReason {
     }
 }
 
+impl FromStr for FailReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<FailReason, String> {
+        FailReason::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = FailReason::ALL.iter().map(|r| r.name()).collect();
+                format!("{s:?} is not a reason ({})", names.join(", "))
+            })
+    }
+}
+
 impl Serialize for FailReason {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.name())
@@ -128,7 +141,14 @@ mod tests {
         for r in FailReason::ALL {
             assert_eq!(FailReason::from_code(r.code()), Some(r));
             assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+            assert_eq!(r.name().parse::<FailReason>(), Ok(r));
         }
+        assert!(
+            "nope"
+                .parse::<FailReason>()
+                .unwrap_err()
+                .contains("ambiguous")
+        );
         assert_eq!(FailReason::from_code(3), None);
         for s in Status::LISTED {
             assert_eq!(s.name().parse::<Status>(), Ok(s));

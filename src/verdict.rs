@@ -8,6 +8,10 @@
 //! | retryable | nothing was sent (connect error), or a status in `retry_status` | [`Verdict::Retry`] after backoff (a later `Retry-After` wins), until attempts run out |
 //! | unknown outcome | no answer after sending (timeout, reset), or another 5xx | retried as above when a resend is safe, else [`Verdict::Failed`] `ambiguous` |
 //! | final | any other answer | [`Verdict::Final`] |
+//!
+//! While the CRM fails as a whole (the breaker is open), a failure that would be retried waits
+//! for the next probe instead ([`Verdict::Wait`]), spending no attempt: an outage does not turn a
+//! backlog into dead letters.
 
 use std::time::Duration;
 
@@ -48,6 +52,8 @@ pub struct Policy<'a> {
     pub attempts: Option<(u32, u32)>,
     /// The wait before a retry (exponential, jittered by the caller).
     pub backoff: Duration,
+    /// Set while the CRM fails as a whole: the time of the breaker's next probe.
+    pub outage: Option<Time>,
     pub now: Time,
 }
 
@@ -62,15 +68,22 @@ pub enum Verdict {
     /// Send again, not before `not_before`; `unknown` when the CRM may have applied it already
     /// (a safe resend of an unknown outcome).
     Retry { not_before: Time, unknown: bool },
+    /// The CRM is failing as a whole: send again, not before `not_before` (the next probe), with
+    /// no attempt spent; `unknown` as for [`Verdict::Retry`].
+    Wait { not_before: Time, unknown: bool },
     /// Give up: kept as a dead letter.
     Failed(FailReason),
 }
 
 /// The verdict on one attempt.
 pub fn verdict(attempt: Attempt<'_>, policy: &Policy<'_>) -> Verdict {
-    let retry = |hint: Option<Time>, unknown: bool| match policy.attempts {
-        Some((n, max)) if n >= max => Verdict::Failed(FailReason::AttemptsExhausted),
-        _ => Verdict::Retry {
+    let retry = |hint: Option<Time>, unknown: bool| match (policy.outage, policy.attempts) {
+        (Some(probe), _) => Verdict::Wait {
+            not_before: probe.max(hint.unwrap_or(probe)),
+            unknown,
+        },
+        (None, Some((n, max))) if n >= max => Verdict::Failed(FailReason::AttemptsExhausted),
+        (None, _) => Verdict::Retry {
             not_before: (policy.now + policy.backoff).max(hint.unwrap_or(policy.now)),
             unknown,
         },
@@ -120,6 +133,7 @@ mod tests {
             retry_status: &[502, 503, 504],
             attempts: Some((attempt, 4)),
             backoff: Duration::from_secs(2),
+            outage: None,
             now: NOW,
         }
     }
@@ -204,6 +218,41 @@ mod tests {
             ..policy(true, 99)
         };
         assert_eq!(verdict(Attempt::NotSent, &poll), retry_at(2, false));
+    }
+
+    /// While the CRM fails as a whole, what would be retried waits for the next probe without
+    /// spending an attempt, the last one included; what may not be resent is still given up.
+    #[test]
+    fn an_outage_spends_no_attempts() {
+        let none = HeaderMap::new();
+        let probe = NOW + Duration::from_millis(400);
+        let down = |safe, attempt| Policy {
+            outage: Some(probe),
+            ..policy(safe, attempt)
+        };
+        let wait = |unknown| Verdict::Wait {
+            not_before: probe,
+            unknown,
+        };
+        for attempt in [1, 4] {
+            assert_eq!(
+                verdict(Attempt::NotSent, &down(false, attempt)),
+                wait(false)
+            );
+            assert_eq!(
+                verdict(answered(503, &none, false), &down(false, attempt)),
+                wait(false)
+            );
+            assert_eq!(verdict(Attempt::Lost, &down(true, attempt)), wait(true));
+        }
+        assert_eq!(
+            verdict(Attempt::Lost, &down(false, 1)),
+            Verdict::Failed(FailReason::Ambiguous)
+        );
+        assert_eq!(
+            verdict(answered(201, &none, false), &down(false, 1)),
+            Verdict::Final
+        );
     }
 
     #[test]

@@ -88,6 +88,7 @@ pub struct Metrics {
     results_evicted: prometheus::IntCounter,
     quarantined_records: prometheus::IntCounter,
     config_reloads: IntCounterVec,
+    breaker_open: IntGauge,
     quarantined_bytes: prometheus::IntCounter,
     connections: IntGaugeVec,
     connections_closed: IntCounterVec,
@@ -150,6 +151,11 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[route])
             .observe(seconds);
+    }
+
+    /// 1 while the drain is paused because the CRM fails as a whole.
+    pub fn set_breaker_open(&self, open: bool) {
+        self.breaker_open.set(i64::from(open));
     }
 
     /// A config reload and how it ended: `applied`, `partial`, `unchanged`, `invalid`.

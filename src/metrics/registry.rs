@@ -383,6 +383,10 @@ impl Metrics {
                 "Bytes of the parked-write log moved to the quarantine file at start.",
             ),
         );
+        let breaker_open = plain(
+            "crm_proxy_breaker_open",
+            "1 while the drain is paused because calls to the CRM keep failing as a whole (it probes one write at a time).",
+        );
         let config_reloads = counter(
             r,
             "crm_proxy_config_reloads_total",
@@ -515,6 +519,7 @@ impl Metrics {
             results_evicted,
             quarantined_records,
             config_reloads,
+            breaker_open,
             quarantined_bytes,
             connections,
             connections_closed,

@@ -401,6 +401,7 @@ impl Queue {
                         retry_status: &[],
                         attempts: Some((attempts, self.cfg().max_attempts)),
                         backoff: Duration::ZERO,
+                        outage: None,
                         now,
                     };
                     match verdict(Attempt::JobFailed, &policy) {
@@ -408,7 +409,7 @@ impl Queue {
                         Verdict::Failed(reason) => {
                             Outcome::Failed(reason, format!("{error} (after {attempts} attempts)"))
                         }
-                        Verdict::Final | Verdict::Throttled => {
+                        Verdict::Final | Verdict::Throttled | Verdict::Wait { .. } => {
                             unreachable!("a failed job is retried or given up")
                         }
                     }

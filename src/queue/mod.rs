@@ -5,6 +5,7 @@
 //! - [`admission`]: a live write asks to go, parks, waits on its ticket, or is handed to the proxy;
 //! - [`scheduling`]: which parked write goes next (deficit round robin over clients, oldest first);
 //! - [`lifecycle`]: what an attempt's outcome does to a write, TTL and purging, operator actions;
+//! - [`bulk`]: operator actions on every dead letter a filter selects;
 //! - [`persistence`]: writes and states as the log keeps them, recovery and compaction;
 //! - [`views`]: what clients, operators and `/status` see;
 //! - [`batching`]: which parked writes share a Zendesk batch call, its jobs and their polls.
@@ -12,6 +13,7 @@
 mod admission;
 mod batching;
 mod book;
+mod bulk;
 mod entry;
 mod jobs;
 mod lifecycle;
@@ -38,6 +40,7 @@ use crate::store::{Commit, Record, Store, StoreError, StoreStats};
 pub use admission::{Ticket, WaitEnd};
 pub use batching::{BatchDispatch, BatchOutcome, PollDispatch, PollOutcome};
 use book::Book;
+pub use bulk::{BulkResult, FILTER_KEYS, Filter, Selection};
 pub use views::{EntryDetail, EntrySummary, RequestView, ResponseView, StatusView};
 
 /// A write that may be parked: its request plus what the queue needs to order and guard it.

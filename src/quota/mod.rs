@@ -75,11 +75,15 @@ pub struct Denied {
 /// dropping it (answer read, or no answer coming) releases that.
 #[derive(Debug, Default)]
 pub struct Grant {
+    /// When it was charged, for which client, and whether live.
+    pub at: Time,
+    client: u32,
+    live: bool,
     marks: Vec<(QuotaId, u64)>,
     /// Set when the grant holds synced quotas' outstanding counts.
     shared: Option<Arc<Shared>>,
     /// What the shared ledger (Redis) said of it, when one decides too.
-    pub remote: Option<Remote>,
+    pub remote: Option<Box<Remote>>,
 }
 
 /// The shared ledger's side of a grant: its marks on the account-wide grant counters of the
@@ -404,10 +408,40 @@ impl Ledger {
         }
         let shared = (!marks.is_empty()).then(|| self.shared.clone());
         Ok(Grant {
+            at: now,
+            client: d.client.0 as u32,
+            live: d.live,
             marks,
             shared,
             remote: None,
         })
+    }
+
+    /// Takes back what `grant` charged to `quotas` (unkeyed ones) in this process: its call
+    /// never reached the CRM, so the slot is free again. What the shared ledger or the grant log
+    /// recorded stays counted (the safe side: a slot too few, never one too many).
+    pub fn refund(&self, grant: &Grant, quotas: &[QuotaId], now: Time) {
+        if grant.remote.is_some() {
+            return;
+        }
+        let mut inner = self.lock();
+        for &q in quotas {
+            let Some(state) = inner.quotas.get_mut(q.0) else {
+                continue;
+            };
+            if state.keyed.is_some() {
+                continue;
+            }
+            state.window.refund(grant.at, now);
+            if let Some(c) = state.clients.get_mut(grant.client as usize) {
+                c.refund(grant.at);
+            }
+            if grant.live {
+                state.live_use.refund(grant.at);
+            } else {
+                state.drain_use.refund(grant.at);
+            }
+        }
     }
 
     /// Whether `try_acquire` would grant now, without charging (the pacer is not consulted).

@@ -65,6 +65,13 @@ impl ClientUse {
         self.total += 1;
     }
 
+    /// Takes back a call charged at `at`, if it still counts.
+    pub fn refund(&mut self, at: Time) {
+        if super::window::uncount(&mut self.buckets, at.as_nanos() / self.width) {
+            self.total -= 1;
+        }
+    }
+
     /// When this client's count next goes down.
     pub fn next_drop(&self) -> Option<Time> {
         self.buckets

@@ -1043,3 +1043,30 @@ fn a_fallback_share_allows_its_first_window_then_its_share_of_each_window() {
     ledger.set_fallback(QuotaId(0), None);
     assert!(ledger.try_acquire(&Demand::live(&q), later).is_ok());
 }
+
+/// A call that never reached the CRM gives back exactly its own slot, in every window kind and
+/// in the client's share; the other grants stay counted.
+#[test]
+fn a_refund_frees_exactly_the_grant_it_names() {
+    for kind in [WindowKind::Sliding, WindowKind::Fixed { daily: None }] {
+        for window in [Duration::from_secs(60), Duration::from_secs(86_400)] {
+            let ledger = Ledger::new(&[quota("q", 3, window, kind.clone())], None, Time::ZERO);
+            let q = [QuotaId(0)];
+            let start = t("2026-01-01T00:00:10Z");
+            let first = ledger.try_acquire(&Demand::live(&q), start).unwrap();
+            let later = start + Duration::from_secs(1);
+            let second = ledger.try_acquire(&Demand::live(&q), later).unwrap();
+            ledger.try_acquire(&Demand::live(&q), later).unwrap();
+            assert!(ledger.try_acquire(&Demand::live(&q), later).is_err());
+            let now = later + Duration::from_millis(5);
+            ledger.refund(&second, &q, now);
+            assert_eq!(ledger.snapshot(now)[0].used, 2, "{kind:?} {window:?}");
+            assert_eq!(ledger.client_use(now)[0][0], 2, "{kind:?} {window:?}");
+            ledger.refund(&first, &q, now);
+            assert_eq!(ledger.snapshot(now)[0].used, 1, "{kind:?} {window:?}");
+            ledger.try_acquire(&Demand::live(&q), now).unwrap();
+            ledger.try_acquire(&Demand::live(&q), now).unwrap();
+            assert!(ledger.try_acquire(&Demand::live(&q), now).is_err());
+        }
+    }
+}

@@ -80,6 +80,21 @@ impl Window {
         }
     }
 
+    /// Takes back a grant charged at `at` whose call never reached the CRM (its slot is free
+    /// again); a grant the window no longer counts is left alone.
+    pub fn refund(&mut self, at: Time, now: Time) {
+        match self {
+            Window::Log(w) => w.refund(at),
+            Window::Buckets(w) => w.refund(at),
+            Window::Fixed(w) => {
+                w.roll(now);
+                if (w.start..w.end).contains(&at.as_nanos()) {
+                    w.count = w.count.saturating_sub(1);
+                }
+            }
+        }
+    }
+
     /// Requests counted against the window at `now`.
     pub fn used(&mut self, now: Time) -> u32 {
         match self {
@@ -201,6 +216,18 @@ impl SlidingLog {
         }
     }
 
+    /// Removes the newest grant recorded at `at`, if it is still recorded.
+    fn refund(&mut self, at: Time) {
+        let Some(i) = (0..self.len).rev().find(|&i| self.at(i) == at.as_nanos()) else {
+            return;
+        };
+        let cap = self.cap();
+        for j in i..self.len - 1 {
+            self.ring[(self.head + j) % cap] = self.ring[(self.head + j + 1) % cap];
+        }
+        self.len -= 1;
+    }
+
     /// Index of the oldest grant still inside the window (grants are recorded in time order).
     fn first_live(&self, now: Time) -> usize {
         let (mut lo, mut hi) = (0, self.len);
@@ -260,6 +287,18 @@ pub struct SlidingBuckets {
     total: u64,
 }
 
+/// Takes one count out of `bucket` (dropping it when empty); whether it was there.
+pub(super) fn uncount(buckets: &mut VecDeque<(u64, u32)>, bucket: u64) -> bool {
+    let Some(pos) = buckets.iter().position(|&(x, _)| x == bucket) else {
+        return false;
+    };
+    buckets[pos].1 -= 1;
+    if buckets[pos].1 == 0 {
+        buckets.remove(pos);
+    }
+    true
+}
+
 impl SlidingBuckets {
     pub fn new(limit: u32, span: Duration, window: Duration) -> SlidingBuckets {
         SlidingBuckets {
@@ -307,6 +346,12 @@ impl SlidingBuckets {
     fn blocked_until(&mut self, now: Time) -> Option<Time> {
         self.prune(now);
         self.when_free(1).map(Time::from_nanos)
+    }
+
+    fn refund(&mut self, at: Time) {
+        if uncount(&mut self.buckets, at.as_nanos() / self.width) {
+            self.total -= 1;
+        }
     }
 
     fn charge(&mut self, now: Time) {

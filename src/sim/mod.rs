@@ -157,6 +157,8 @@ struct State {
     tickets: BTreeMap<u64, Ticket>,
     next_id: u64,
     faults: VecDeque<Fault>,
+    /// Until this time (ns since the epoch) every call meets this fault: an outage.
+    outage: Option<(u64, Fault)>,
     jobs: jobs::Jobs,
 }
 
@@ -257,6 +259,7 @@ impl Sim {
             tickets: BTreeMap::new(),
             next_id: 1,
             faults: VecDeque::new(),
+            outage: None,
             jobs: jobs::Jobs::default(),
         }));
         let (stop, stopped) = oneshot::channel::<()>();
@@ -333,6 +336,12 @@ impl Sim {
     /// Queues faults for the next API calls, in order.
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         self.lock().faults.extend(faults);
+    }
+
+    /// For `length` from now, every call meets `fault` (an outage of the whole CRM).
+    pub fn outage(&self, length: Duration, fault: Fault) {
+        let until = now_ns() + length.as_nanos() as u64;
+        self.lock().outage = Some((until, fault));
     }
 
     /// Drops the faults not yet used: the CRM answers normally again.
@@ -428,7 +437,11 @@ async fn handle(
     let (fault, latency) = {
         let mut s = lock();
         s.calls += 1;
-        (s.faults.pop_front(), s.cfg.latency)
+        let outage = match &s.outage {
+            Some((until, f)) if now_ns() < *until => Some(f.clone()),
+            _ => None,
+        };
+        (outage.or_else(|| s.faults.pop_front()), s.cfg.latency)
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;

@@ -408,13 +408,14 @@ async fn a_write_the_disk_cannot_hold_gets_503_and_is_never_sent() {
     sim.shutdown().await;
 }
 
-/// Two creates parked behind a live one, each failing its only attempt (503): dead letters.
+/// Two creates parked behind a live one, each answered 500 (the CRM may have applied it, and a
+/// create without a key cannot be resent safely): dead letters.
 async fn two_dead_letters(sim: &Sim, data: &str, client: &HttpClient) -> (String, String) {
     assert_eq!(
         try_create(client, data, "live").await.unwrap().status,
         StatusCode::CREATED
     );
-    sim.inject([Fault::Status(503), Fault::Status(503)]);
+    sim.inject([Fault::Status(500), Fault::Status(500)]);
     let mut ids = Vec::new();
     for subject in ["a", "b"] {
         let r = try_create(client, data, subject).await.unwrap();
@@ -444,7 +445,7 @@ async fn operators_list_inspect_retry_and_discard_dead_letters_on_the_admin_list
         .map(|e| e["id"].as_str().unwrap())
         .collect();
     assert_eq!(listed, [a.as_str(), b.as_str()], "oldest first");
-    assert_eq!(list["requests"][0]["reason"], "attempts_exhausted");
+    assert_eq!(list["requests"][0]["reason"], "ambiguous");
     assert_eq!(h.metric("crm_proxy_dead_letters").await, 2.0);
 
     let detail = h.admin_get(&format!("/requests/{a}")).await;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crm_quota_proxy::sim::{Sim, SimConfig};
+use crm_quota_proxy::sim::{Fault, Sim, SimConfig};
 use http::{Method, StatusCode};
 use serde_json::Value;
 
@@ -381,4 +381,82 @@ fn check_runtime_tries_the_data_directory_and_the_ports() {
     let (code, out) = check();
     assert_eq!(code, Some(75), "{out}");
     assert!(out.contains("listen.admin"), "{out}");
+}
+
+/// `queue retry` and `queue discard` without an id take every dead letter the filters select:
+/// a count first (read-only), `--yes` acts; a typo names what is configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_commands_act_on_dead_letters_in_bulk() {
+    let sim = Sim::start(SimConfig::new(1_000, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n\
+             upstream: {{ url: http://example.invalid }}\n\
+             shutdown_grace: 0s\n\
+             queue: {{ store: disk, data_dir: {}, max_attempts: 1 }}\n\
+             quotas:\n  - {{ name: calls, limit: 2, window: 1s }}\n\
+             routes:\n  - {{ name: ticket-create, methods: [POST], path: /api/v2/tickets.json, on_limit: queue, max_wait: 0s }}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let proxy = Process::start(&config, &sim.url()).await;
+    let client = client();
+    assert_eq!(
+        park(&client, &proxy, 2).await.len(),
+        0,
+        "the first two go live"
+    );
+    sim.inject((0..4).map(|_| Fault::Status(500)));
+    let parked = park(&client, &proxy, 4).await;
+    assert_eq!(parked.len(), 4);
+    eventually("four dead letters", Duration::from_secs(10), || async {
+        (status(&client, &proxy).await["queue"]["failed"] == 4).then_some(())
+    })
+    .await;
+    let _ = proxy.signal("TERM");
+    let queue = |args: &[&str]| {
+        let out = bin()
+            .args(["queue", "--config"])
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let log = dir.path().join("data").join("queue.log");
+    let bytes = std::fs::read(&log).unwrap();
+    let (code, out) = queue(&["retry", "--reason", "ambiguous"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("4 dead letters match (4 ambiguous"), "{out}");
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        bytes,
+        "a count changes nothing"
+    );
+    let (code, out) = queue(&["discard", "--route", "ticket-creat", "--reason", "nope"]);
+    assert_ne!(code, Some(0));
+    assert!(out.contains("\"nope\" is not a reason"), "{out}");
+    let (code, out) = queue(&["retry", "--route", "ticket-creat"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        out.contains("route \"ticket-creat\" is not configured (ticket-create"),
+        "{out}"
+    );
+    let (code, out) = queue(&["retry"]);
+    assert_ne!(code, Some(0), "neither an id nor a filter: {out}");
+    let (code, out) = queue(&["retry", "--reason", "ambiguous", "--yes"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("retry: 4 done, 0 skipped"), "{out}");
+    let (_, out) = queue(&["list", "--status", "queued"]);
+    for id in &parked {
+        assert!(out.contains(id.as_str()), "{id} queued again: {out}");
+    }
 }

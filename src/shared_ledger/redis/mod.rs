@@ -390,13 +390,13 @@ impl RedisLedger {
                     .iter()
                     .map(|&(q, _, i)| (q, format!("{member}:{i}")))
                     .collect();
-                grant.remote = Some(Remote {
+                grant.remote = Some(Box::new(Remote {
                     marks: marks.iter().map(|&(q, m, _)| (q, m)).collect(),
                     release: Some(Box::new(move || {
                         let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
                         p.released.extend(released);
                     })),
-                });
+                }));
                 self.metrics.ledger_decision("granted");
                 Admission::Granted
             }
