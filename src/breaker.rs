@@ -45,6 +45,15 @@ pub struct BreakerView {
     pub next_probe_at: Option<String>,
 }
 
+/// What a send the breaker lets go is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Closed: an ordinary send.
+    No,
+    /// Open: the one probe of this interval.
+    Yes,
+}
+
 #[derive(Debug, Default)]
 pub struct Breaker {
     state: Mutex<State>,
@@ -104,13 +113,13 @@ impl Breaker {
     /// Whether a parked write may go now: always while closed; while open, one probe per
     /// interval once its time has come (`Err` says when to ask again). A probe whose call never
     /// comes back holds nothing: the next goes an interval later.
-    pub fn may_send(&self, now: Time) -> Result<(), Time> {
+    pub fn may_send(&self, now: Time) -> Result<Probe, Time> {
         let mut s = self.lock();
         match &mut s.open {
-            None => Ok(()),
+            None => Ok(Probe::No),
             Some(o) if now >= o.next_probe => {
                 o.next_probe = now + o.wait;
-                Ok(())
+                Ok(Probe::Yes)
             }
             Some(o) => Err(o.next_probe),
         }
@@ -158,10 +167,14 @@ mod tests {
         assert_eq!(b.failed(at(5), 5), Some(at(105)), "open: the next probe");
         assert!(b.view().open);
         assert_eq!(b.may_send(at(50)), Err(at(105)));
-        assert_eq!(b.may_send(at(105)), Ok(()), "the probe");
+        assert_eq!(b.may_send(at(105)), Ok(Probe::Yes), "the probe");
         assert_eq!(b.may_send(at(106)), Err(at(205)), "one probe per interval");
         b.probe_not_sent(at(107));
-        assert_eq!(b.may_send(at(107)), Ok(()), "an unused probe is given back");
+        assert_eq!(
+            b.may_send(at(107)),
+            Ok(Probe::Yes),
+            "an unused probe is given back"
+        );
         // Probes that fail space out: 200 ms, 400, 800, then at most a second.
         let mut now = 110;
         let mut waits = Vec::new();
@@ -169,7 +182,7 @@ mod tests {
             let next = b.failed(at(now), 5).unwrap();
             waits.push((next.as_nanos() - at(now).as_nanos()) / 1_000_000);
             now = (next.as_nanos() - at(0).as_nanos()) / 1_000_000;
-            assert_eq!(b.may_send(at(now)), Ok(()));
+            assert_eq!(b.may_send(at(now)), Ok(Probe::Yes));
         }
         assert_eq!(waits, vec![200, 400, 800, 1000, 1000, 1000]);
         // A write with fewer attempts than that opens it sooner.
@@ -179,7 +192,7 @@ mod tests {
         // The CRM answers: closed, everything may go.
         b.answered(at(now + 5));
         assert!(!b.view().open);
-        assert_eq!(b.may_send(at(now + 5)), Ok(()));
-        assert_eq!(b.may_send(at(now + 5)), Ok(()));
+        assert_eq!(b.may_send(at(now + 5)), Ok(Probe::No));
+        assert_eq!(b.may_send(at(now + 5)), Ok(Probe::No));
     }
 }

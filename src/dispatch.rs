@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::breaker::Probe;
 use crate::clock::Time;
 use crate::crm::zendesk_batch;
 use crate::ids::QuotaId;
@@ -36,15 +37,19 @@ pub async fn run(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
         }
         let now = proxy.clock.now();
         // While the CRM fails as a whole, one probe at a time.
-        if let Err(probe_at) = proxy.breaker.may_send(now) {
-            tokio::select! {
-                _ = proxy.clock.sleep_until(probe_at) => {}
-                _ = proxy.breaker.closed() => {}
-                _ = stop.changed() => {}
+        let step = match proxy.breaker.may_send(now) {
+            Ok(Probe::No) => proxy.queue.next(&proxy.ledger, now),
+            Ok(Probe::Yes) => proxy.queue.probe(&proxy.ledger, now),
+            Err(probe_at) => {
+                tokio::select! {
+                    _ = proxy.clock.sleep_until(probe_at) => {}
+                    _ = proxy.breaker.closed() => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
             }
-            continue;
-        }
-        match proxy.queue.next(&proxy.ledger, now) {
+        };
+        match step {
             Step::Send(d) => {
                 tokio::spawn(deliver(proxy.clone(), d));
             }

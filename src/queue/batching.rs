@@ -255,6 +255,7 @@ impl Queue {
         book: &mut Book,
         ledger: &Ledger,
         now: Time,
+        cap: usize,
         wake_at: &mut Option<Time>,
     ) -> Option<PollDispatch> {
         let idle = book.jobs.iter().filter(|(_, j)| !j.polling);
@@ -263,7 +264,7 @@ impl Queue {
             *wake_at = earliest(*wake_at, job.next_poll);
             return None;
         }
-        if book.in_flight >= self.cfg().max_in_flight {
+        if book.in_flight >= cap {
             return None; // a completion wakes us
         }
         let headers = job.batch.headers.clone();

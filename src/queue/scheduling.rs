@@ -42,6 +42,7 @@ impl Queue {
         client: ClientId,
         ledger: &Ledger,
         now: Time,
+        cap: usize,
         wake_at: &mut Option<Time>,
     ) -> Scan {
         let queue = &book.clients[client.0];
@@ -63,7 +64,7 @@ impl Queue {
                     if !e.durable {
                         break; // not in the log yet: nothing behind it may overtake it
                     }
-                    if book.in_flight >= self.cfg().max_in_flight {
+                    if book.in_flight >= cap {
                         capped = true;
                         break; // a completion wakes us
                     }
@@ -127,10 +128,21 @@ impl Queue {
     /// sends up to w writes per round), each sending its oldest write that can go now. A write
     /// whose client still waits is handed to that client; a proxy-owned one is returned.
     pub fn next(&self, ledger: &Ledger, now: Time) -> Step {
+        self.step(ledger, now, self.cfg().max_in_flight)
+    }
+
+    /// The next write to send as the circuit breaker's probe: as [`Queue::next`], past the
+    /// in-flight cap (calls hung in a CRM that stopped answering hold it until their timeout,
+    /// and the probe must still find out within a second that the CRM is back).
+    pub fn probe(&self, ledger: &Ledger, now: Time) -> Step {
+        self.step(ledger, now, usize::MAX)
+    }
+
+    fn step(&self, ledger: &Ledger, now: Time, cap: usize) -> Step {
         let mut guard = self.lock();
         let book = &mut *guard;
         let mut wake_at = self.maintain(book, now);
-        if let Some(poll) = self.poll_due(book, ledger, now, &mut wake_at) {
+        if let Some(poll) = self.poll_due(book, ledger, now, cap, &mut wake_at) {
             return Step::Poll(poll);
         }
         let mut idle_turns = 0;
@@ -140,7 +152,7 @@ impl Queue {
             if book.clients[client.0].deficit <= 0 {
                 book.clients[client.0].deficit += weight;
             }
-            let pick = match self.pick(book, client, ledger, now, &mut wake_at) {
+            let pick = match self.pick(book, client, ledger, now, cap, &mut wake_at) {
                 Scan::Found(pick) => pick,
                 // Sends are capped for everyone: the client keeps its turn and credit.
                 Scan::InFlightFull => return Step::Idle(wake_at),

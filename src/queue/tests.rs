@@ -287,6 +287,23 @@ async fn the_in_flight_cap_stops_a_lane_without_letting_later_writes_overtake() 
     assert_eq!(body(&f.send()), b"b");
 }
 
+/// The breaker's probe goes past the in-flight cap (calls hung in a silent CRM hold it), in
+/// order, one write per probe.
+#[tokio::test]
+async fn a_probe_passes_the_in_flight_cap() {
+    let f = fixture("queue: { max_in_flight: 1 }");
+    f.spend_the_window();
+    f.park(Method::POST, "/tickets", "a").await;
+    f.park(Method::POST, "/tickets", "b").await;
+    f.clock.advance(Duration::from_secs(10));
+    let _hung = f.send();
+    assert!(matches!(f.next(), Step::Idle(_)));
+    match f.queue.probe(&f.ledger, f.clock.now()) {
+        Step::Send(d) => assert_eq!(body(&d), b"b"),
+        _ => panic!("the probe goes"),
+    }
+}
+
 #[tokio::test]
 async fn expired_writes_are_kept_as_dead_letters_until_an_operator_acts() {
     let f = fixture("queue: { ttl: 30s, result_ttl: 1m }");
