@@ -159,6 +159,7 @@ async fn forward(
             keys: &keys,
             client,
             live: true,
+            read: route.class == Class::Read,
         };
         let mut grant = match p.ledger.try_acquire(&demand, now) {
             Ok(grant) => grant,

@@ -525,6 +525,9 @@ impl Proxy {
                 q.remaining,
                 q.frozen_until.is_some(),
             );
+            for c in q.classes {
+                m.set_quota_class(&q.name, c.class, c.used, c.reserved);
+            }
         }
         for (name, c) in [("data", &self.data_conns), ("admin", &self.admin_conns)] {
             use std::sync::atomic::Ordering::Relaxed;

@@ -59,6 +59,9 @@ pub struct Lane {
     /// Quota names joined with `+`, e.g. `minute+day+ticket-updates` (a bounded metric label).
     pub name: String,
     pub quotas: Vec<QuotaId>,
+    /// A lane of reads waiting for room: reads never wait behind writes (and take the read
+    /// reserve), so they have lanes of their own, named with `/reads`.
+    pub read: bool,
 }
 
 /// Routes in config order, then the built-in defaults for unmatched requests (a read and a write).
@@ -82,8 +85,9 @@ impl RouteTable {
             .map(|(i, _)| QuotaId(i))
             .collect();
         let mut lanes: Vec<Lane> = Vec::new();
-        let mut lane_for = |quotas: &[QuotaId]| -> LaneId {
-            if let Some(lane) = lanes.iter().find(|l| l.quotas == quotas) {
+        let mut lane_for = |quotas: &[QuotaId], class: Class| -> LaneId {
+            let read = class == Class::Read;
+            if let Some(lane) = lanes.iter().find(|l| l.quotas == quotas && l.read == read) {
                 return lane.id;
             }
             let id = LaneId(lanes.len());
@@ -92,14 +96,16 @@ impl RouteTable {
                 .map(|q| config.quotas[q.0].name.as_str())
                 .collect::<Vec<_>>()
                 .join("+");
+            let name = if name.is_empty() {
+                "unmetered".into()
+            } else {
+                name
+            };
             lanes.push(Lane {
                 id,
-                name: if name.is_empty() {
-                    "unmetered".into()
-                } else {
-                    name
-                },
+                name: if read { format!("{name}/reads") } else { name },
                 quotas: quotas.to_vec(),
+                read,
             });
             id
         };
@@ -128,7 +134,7 @@ impl RouteTable {
                 class: rc.class,
                 on_limit: rc.on_limit,
                 max_wait: rc.max_wait,
-                lane: lane_for(&quotas),
+                lane: lane_for(&quotas, rc.class),
                 keyed: keyed(&quotas),
                 quotas,
                 idempotency_key: rc.idempotency_key,
@@ -137,8 +143,8 @@ impl RouteTable {
             });
         }
         let configured = routes.len();
-        let default_lane = lane_for(&account);
         for class in [Class::Read, Class::Write] {
+            let default_lane = lane_for(&account, class);
             let on_limit = class.default_on_limit();
             routes.push(Route {
                 id: RouteId(routes.len()),

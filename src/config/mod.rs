@@ -133,6 +133,8 @@ pub enum Rule {
 pub struct Fairness {
     pub live_reserve: f64,
     pub drain_min: f64,
+    /// Share of each window writes (live or parked) leave to reads while reads are about.
+    pub read_reserve: f64,
 }
 
 /// A part of a keyed quota's key.

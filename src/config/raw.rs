@@ -165,6 +165,9 @@ pub struct RawFairness {
     /// Share of each window live requests leave to the drain while parked writes wait, so the
     /// drain never starves. Default `10%`.
     pub drain_min: Option<Raw<String>>,
+    /// Share of each window writes, live or parked, leave to reads (routes of class `read`)
+    /// while reads are about (one in the last two windows). Default `10%`.
+    pub read_reserve: Option<Raw<String>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }

@@ -88,7 +88,7 @@ const QUOTA_FIELDS: &[&str] = &[
 const CLIENT_FIELDS: &[&str] = &["name", "weight", "match", "caps"];
 const MATCH_FIELDS: &[&str] = &["header", "user_agent", "credential", "source"];
 const HEADER_MATCH_FIELDS: &[&str] = &["name", "value"];
-const FAIRNESS_FIELDS: &[&str] = &["live_reserve", "drain_min"];
+const FAIRNESS_FIELDS: &[&str] = &["live_reserve", "drain_min", "read_reserve"];
 const ROUTE_FIELDS: &[&str] = &[
     "name",
     "methods",
@@ -721,6 +721,7 @@ impl Validator {
         Fairness {
             live_reserve: share(self, "fairness.live_reserve", raw.live_reserve),
             drain_min: share(self, "fairness.drain_min", raw.drain_min),
+            read_reserve: share(self, "fairness.read_reserve", raw.read_reserve),
         }
     }
 

@@ -57,6 +57,8 @@ pub struct Metrics {
     quota_used: IntGaugeVec,
     quota_remaining: IntGaugeVec,
     quota_frozen: IntGaugeVec,
+    quota_class_used: IntGaugeVec,
+    quota_class_reserved: IntGaugeVec,
     queue_depth: IntGaugeVec,
     queue_oldest_age: GaugeVec,
     queue_entries: IntGauge,
@@ -269,6 +271,17 @@ impl Metrics {
         self.quota_frozen
             .with_label_values(&l)
             .set(i64::from(frozen));
+    }
+
+    /// One class's use of a quota's window and the room held for it now.
+    pub fn set_quota_class(&self, quota: &str, class: &str, used: u64, reserved: u64) {
+        let l = [quota, class];
+        self.quota_class_used
+            .with_label_values(&l)
+            .set(saturating(used));
+        self.quota_class_reserved
+            .with_label_values(&l)
+            .set(saturating(reserved));
     }
 
     /// A lane's parked writes waiting (over every client), and the age of its oldest.

@@ -234,6 +234,18 @@ impl Metrics {
             "Requests the proxy may still send in the current window.",
             &["quota"],
         );
+        let quota_class_used = gauge(
+            r,
+            "crm_proxy_quota_class_used",
+            "Requests of a class counted in the quota's window: read, live (reads included), drain.",
+            &["quota", "class"],
+        );
+        let quota_class_reserved = gauge(
+            r,
+            "crm_proxy_quota_class_reserved",
+            "Room of the quota's window the other classes leave to this one now (0 while it is not about).",
+            &["quota", "class"],
+        );
         let quota_frozen = gauge(
             r,
             "crm_proxy_quota_frozen",
@@ -459,6 +471,10 @@ impl Metrics {
             }
             frozen_seconds.with_label_values(&[q]);
             pauses_capped.with_label_values(&[q]);
+            for class in ["read", "live", "drain"] {
+                quota_class_used.with_label_values(&[q, class]);
+                quota_class_reserved.with_label_values(&[q, class]);
+            }
         }
         for l in lanes {
             queue_depth.with_label_values(&[l]);
@@ -489,6 +505,8 @@ impl Metrics {
             quota_used,
             quota_remaining,
             quota_frozen,
+            quota_class_used,
+            quota_class_reserved,
             queue_depth,
             queue_oldest_age,
             queue_entries,

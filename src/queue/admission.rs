@@ -10,7 +10,7 @@ use super::book::{Book, Entry, Life};
 use super::entry::{Kept, Owner, State};
 use super::{Accepted, Enter, Parkable, Queue};
 use crate::clock::{Clock, Time};
-use crate::config::OnLimit;
+use crate::config::{Class, OnLimit};
 use crate::ids::EntryId;
 use crate::message::{Outbound, headers_bytes};
 use crate::quota::{Demand, Grant, Ledger};
@@ -55,6 +55,7 @@ impl Queue {
             keys: &parkable.keys,
             client: parkable.client,
             live: true,
+            read: route.class == Class::Read,
         };
         let granted = if lane_empty && resource_free {
             ledger.try_acquire(&demand, now).ok()

@@ -290,6 +290,7 @@ impl Queue {
             keys: &[],
             client,
             live: false,
+            read: false,
         };
         match ledger.try_acquire(&demand, now) {
             Ok(grant) => {

@@ -100,6 +100,7 @@ impl Queue {
                     keys: &e.keys,
                     client,
                     live: matches!(e.state(), State::Queued(Owner::Client(_))),
+                    read: routes.lane(LaneId(lane)).read,
                 };
                 match ledger.try_acquire(&demand, now) {
                     Ok(grant) => return Scan::Found(Pick { id, grant, batch }),
@@ -261,6 +262,7 @@ impl Queue {
                     keys: &e.keys,
                     client,
                     live: false,
+                    read: false,
                 };
                 if ledger.try_acquire(&demand, now).is_err() {
                     continue;

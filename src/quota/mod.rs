@@ -39,6 +39,8 @@ pub struct Demand<'a> {
     pub client: ClientId,
     /// A request whose client is waiting, rather than the drain of a parked write.
     pub live: bool,
+    /// A read (a route of class `read`): writes leave it `fairness.read_reserve`.
+    pub read: bool,
 }
 
 impl<'a> Demand<'a> {
@@ -49,6 +51,7 @@ impl<'a> Demand<'a> {
             keys: &[],
             client: ClientId::default(),
             live: true,
+            read: false,
         }
     }
 
@@ -79,6 +82,7 @@ pub struct Grant {
     pub at: Time,
     client: u32,
     live: bool,
+    read: bool,
     marks: Vec<(QuotaId, u64)>,
     /// Set when the grant holds synced quotas' outstanding counts.
     shared: Option<Arc<Shared>>,
@@ -152,6 +156,19 @@ pub struct QuotaStatus {
     /// The CRM's last reported remaining calls for the synced scope (before the reserve).
     pub crm_remaining: Option<u64>,
     pub crm_limit: Option<u64>,
+    /// Each class's use of the window and the room now held for it: `read`s, `live` requests
+    /// (reads included) and the `drain` of parked writes.
+    pub classes: [ClassUse; 3],
+}
+
+/// One class of traffic on one quota, for `/status` and metrics.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct ClassUse {
+    pub class: &'static str,
+    /// Calls of the class counted in the window.
+    pub used: u64,
+    /// Room the others leave it now (its reserve less what it used; 0 while it is not about).
+    pub reserved: u64,
 }
 
 struct Inner {
@@ -203,6 +220,10 @@ impl Inner {
             if d.live {
                 state.last_live = now;
                 state.clients[d.client.0].last_live = now;
+            }
+            if d.read {
+                // Reads are about even when they find no room: that is when they need it.
+                state.last_read = now;
             }
             let ask = Ask {
                 q,
@@ -273,6 +294,7 @@ impl Ledger {
         let default = ClientConfig::default_client();
         let none = Fairness {
             live_reserve: 0.0,
+            read_reserve: 0.0,
             drain_min: 0.0,
         };
         Ledger::shared_by(configs, pace, now, &[default], none)
@@ -319,7 +341,9 @@ impl Ledger {
                                 .collect(),
                             live_use: ClientUse::new(q.window, q.margin),
                             drain_use: ClientUse::new(q.window, q.margin),
+                            read_use: ClientUse::new(q.window, q.margin),
                             last_live: now,
+                            last_read: Time::ZERO,
                             held_until: Time::ZERO,
                             fallback: None,
                             throttles: 0,
@@ -398,6 +422,9 @@ impl Ledger {
                     } else {
                         state.drain_use.charge(now);
                     }
+                    if d.read {
+                        state.read_use.charge(now);
+                    }
                 }
             }
             state.grants += 1;
@@ -411,6 +438,7 @@ impl Ledger {
             at: now,
             client: d.client.0 as u32,
             live: d.live,
+            read: d.read,
             marks,
             shared,
             remote: None,
@@ -440,6 +468,9 @@ impl Ledger {
                 state.live_use.refund(grant.at);
             } else {
                 state.drain_use.refund(grant.at);
+            }
+            if grant.read {
+                state.read_use.refund(grant.at);
             }
         }
     }
@@ -546,10 +577,13 @@ impl Ledger {
     pub fn snapshot(&self, now: Time) -> Vec<QuotaStatus> {
         let mut inner = self.lock();
         let configs = inner.configs.clone();
+        let fairness = inner.sharing.fairness;
         configs
             .iter()
             .zip(inner.quotas.iter_mut())
-            .map(|(c, s)| QuotaStatus {
+            .enumerate()
+            .map(|(i, (c, s))| QuotaStatus {
+                classes: s.classes(c, &fairness, self.board.any(QuotaId(i)), now),
                 name: c.name.clone(),
                 limit: c.limit,
                 window: format_duration(c.window),

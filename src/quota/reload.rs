@@ -62,6 +62,7 @@ impl Ledger {
                 if was.window != new.window || was.margin != new.margin {
                     state.live_use = ClientUse::new(new.window, new.margin);
                     state.drain_use = ClientUse::new(new.window, new.margin);
+                    state.read_use = ClientUse::new(new.window, new.margin);
                     for c in &mut state.clients {
                         *c = ClientUse::new(new.window, new.margin);
                     }

@@ -72,8 +72,12 @@ pub(super) struct QuotaState {
     /// Use of the window by live requests and by the drain (for the reserves).
     pub(super) live_use: ClientUse,
     pub(super) drain_use: ClientUse,
+    /// Use of the window by reads (for the read reserve).
+    pub(super) read_use: ClientUse,
     /// Last live request of any client (the proxy's start counts as one).
     pub(super) last_live: Time,
+    /// Last read that asked for room, granted or not.
+    pub(super) last_read: Time,
     /// The shared ledger (Redis) had no room for this quota before this time.
     pub(super) held_until: Time,
     /// While the shared ledger is unreachable: what this replica may still spend on its own.
@@ -96,6 +100,45 @@ pub struct Fallback {
 }
 
 impl QuotaState {
+    /// Each class's use of the window and the room its reserve holds now.
+    pub(super) fn classes(
+        &mut self,
+        cfg: &QuotaConfig,
+        fairness: &Fairness,
+        backlog: bool,
+        now: Time,
+    ) -> [super::ClassUse; 3] {
+        let share = |f: f64| (f64::from(cfg.limit) * f).ceil() as u64;
+        let recent = |at: Time| now.saturating_since(at) < cfg.window.saturating_mul(2);
+        let class = |class, use_: &mut ClientUse, reserve: f64, about: bool| {
+            let used = use_.used(now);
+            super::ClassUse {
+                class,
+                used,
+                reserved: if about {
+                    share(reserve).saturating_sub(used)
+                } else {
+                    0
+                },
+            }
+        };
+        [
+            class(
+                "read",
+                &mut self.read_use,
+                fairness.read_reserve,
+                recent(self.last_read),
+            ),
+            class(
+                "live",
+                &mut self.live_use,
+                fairness.live_reserve,
+                recent(self.last_live),
+            ),
+            class("drain", &mut self.drain_use, fairness.drain_min, backlog),
+        ]
+    }
+
     pub(super) fn cap_left(&self, now: Time) -> Option<u64> {
         self.cap
             .filter(|c| now < c.until)
@@ -147,19 +190,30 @@ impl QuotaState {
         }
         // Reserves guarantee each class a minimum of every window: the drain leaves what live
         // requests have not yet used of theirs while live traffic is about (a live request
-        // within two windows, or the proxy's start), and live requests leave what the drain has
-        // not yet used of its minimum while parked writes wait.
+        // within two windows, or the proxy's start); live requests leave what the drain has not
+        // yet used of its minimum while parked writes wait; and writes, live or parked, leave
+        // what reads have not yet used of theirs while reads are about (one within two
+        // windows). A reserve nobody is about to use is lent back.
         let share = |f: f64| (f64::from(cfg.limit) * f).ceil() as u64;
+        let recent = |at: Time| now.saturating_since(at) < cfg.window.saturating_mul(2);
+        let for_reads = if !d.read && recent(self.last_read) {
+            share(sharing.fairness.read_reserve).saturating_sub(self.read_use.used(now))
+        } else {
+            0
+        };
         let held_for_others = if d.live {
-            if board.any(q) {
+            let for_drain = if board.any(q) {
                 share(sharing.fairness.drain_min).saturating_sub(self.drain_use.used(now))
             } else {
                 0
-            }
-        } else if now.saturating_since(self.last_live) < cfg.window * 2 {
-            share(sharing.fairness.live_reserve).saturating_sub(self.live_use.used(now))
+            };
+            for_drain + for_reads
+        } else if recent(self.last_live) {
+            let for_live =
+                share(sharing.fairness.live_reserve).saturating_sub(self.live_use.used(now));
+            for_live.max(for_reads)
         } else {
-            0
+            for_reads
         };
         let threshold = cfg.limit
             - u32::try_from(held_for_others)

@@ -837,15 +837,21 @@ fn two_clients_at(weights: [u32; 2], cap: Option<u32>, fairness: Fairness, start
 const NO_RESERVES: Fairness = Fairness {
     live_reserve: 0.0,
     drain_min: 0.0,
+    read_reserve: 0.0,
 };
 
 fn ask(ledger: &Ledger, client: usize, live: bool, now: Time) -> bool {
+    ask_as(ledger, client, live, false, now)
+}
+
+fn ask_as(ledger: &Ledger, client: usize, live: bool, read: bool, now: Time) -> bool {
     let q = [QuotaId(0)];
     let d = Demand {
         quotas: &q,
         keys: &[],
         client: ClientId(client),
         live,
+        read,
     };
     ledger.try_acquire(&d, now).is_ok()
 }
@@ -914,6 +920,7 @@ fn the_drain_leaves_a_reserve_while_live_traffic_is_about() {
     let fairness = Fairness {
         live_reserve: 0.1,
         drain_min: 0.0,
+        read_reserve: 0.0,
     };
     let t0 = t("2026-01-01T00:00:00Z");
     let ledger = two_clients_at([1, 1], None, fairness, t0);
@@ -938,6 +945,7 @@ fn live_traffic_leaves_the_drain_its_minimum_while_writes_wait() {
     let fairness = Fairness {
         live_reserve: 0.0,
         drain_min: 0.25,
+        read_reserve: 0.0,
     };
     let ledger = two_clients([1, 1], None, fairness);
     let now = t("2026-01-01T00:00:00Z");
@@ -949,6 +957,47 @@ fn live_traffic_leaves_the_drain_its_minimum_while_writes_wait() {
     }
     assert_eq!(live, 30, "10 of 40 stay for the drain");
     assert!(ask(&ledger, 1, false, now), "the drain gets its minimum");
+}
+
+/// Writes, live and parked, leave reads their reserve while reads are about, even when the
+/// reads found no room before (that is when they need it); with no read about, writes may take
+/// the whole window (the reserve is lent back).
+#[test]
+fn writes_leave_reads_their_reserve_while_reads_are_about() {
+    let fairness = Fairness {
+        live_reserve: 0.0,
+        drain_min: 0.0,
+        read_reserve: 0.25,
+    };
+    let t0 = t("2026-01-01T00:00:00Z");
+    let ledger = two_clients_at([1, 1], None, fairness, t0);
+    // No read yet: live writes and the drain take the whole window of 40.
+    let mut writes = 0;
+    while ask(&ledger, 0, writes % 2 == 0, t0) {
+        writes += 1;
+    }
+    assert_eq!(writes, 40);
+    // A read comes and finds nothing; a window later, writes stop at 30 and reads get 10.
+    assert!(!ask_as(&ledger, 1, true, true, t0));
+    let t1 = t0 + Duration::from_secs(61);
+    let mut writes = 0;
+    while ask(&ledger, 0, writes % 2 == 0, t1) {
+        writes += 1;
+    }
+    assert_eq!(writes, 30, "10 of 40 stay for reads");
+    let mut reads = 0;
+    while ask_as(&ledger, 1, true, true, t1) {
+        reads += 1;
+    }
+    assert_eq!(reads, 10);
+    // Reads that used their reserve leave writes nothing more; two windows without a read and
+    // the reserve is lent back.
+    let quiet = t1 + Duration::from_secs(121);
+    let mut writes = 0;
+    while ask(&ledger, 0, false, quiet) {
+        writes += 1;
+    }
+    assert_eq!(writes, 40);
 }
 
 proptest! {

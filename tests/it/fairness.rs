@@ -298,3 +298,85 @@ async fn clients_are_visible_in_metrics_and_status() {
     assert_eq!(clients["ccai"]["quotas"][0]["used"], 1);
     assert_eq!(clients["default"]["quotas"][0]["share"], 1.0 / 40.0);
 }
+
+/// An agent's contact searches during a burst of creates whose clients wait (live writes): the
+/// writes leave reads their reserve, so searches are answered by the CRM while every create
+/// still arrives once and the CRM never answers 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_are_answered_during_a_burst_of_waiting_creates() {
+    let h = Arc::new(
+        Harness::start(
+            SimConfig::new(20, Duration::from_secs(2)),
+            "upstream: { url: \"{upstream}\" }\n\
+             quotas:\n  - { name: calls, limit: 20, window: 2s }\n\
+             routes:\n\
+             \x20 - { name: search, methods: [GET], path: /api/v2/search.json, on_limit: wait, max_wait: 2s }\n\
+             \x20 - { name: create, methods: [POST], path: /api/v2/tickets.json, on_limit: queue, max_wait: 5s }\n",
+        )
+        .await,
+    );
+    // Creates at 30 per second (three times the budget) for 6 s, each client waiting up to 5 s.
+    let burst = {
+        let h = h.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(33));
+            let mut tasks = Vec::new();
+            for i in 0..180 {
+                tick.tick().await;
+                let h = h.clone();
+                tasks.push(tokio::spawn(async move {
+                    h.create(&format!("b-{i:03}")).await.status
+                }));
+            }
+            let mut statuses = Vec::new();
+            for t in tasks {
+                statuses.push(t.await.unwrap());
+            }
+            statuses
+        })
+    };
+    // A search every 1.5 s: about 7% of the budget.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut answered = 0;
+    for _ in 0..4 {
+        let r = h
+            .call(Method::GET, "/api/v2/search.json?query=caller", "")
+            .await;
+        if r.status == 200 {
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let statuses = burst.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| s.is_success()),
+        "every create taken"
+    );
+    assert_eq!(answered, 4, "searches answered by the CRM during the burst");
+    // The classes' use and reserves are shown: 10% of 20 held for reads while they are about.
+    let status = h.admin_get("/status").await.json();
+    let read = &status["quotas"][0]["classes"][0];
+    assert_eq!(read["class"], "read", "{status}");
+    let held = |used: u64, reserved: u64| used.min(2) + reserved;
+    assert_eq!(
+        held(
+            read["used"].as_u64().unwrap(),
+            read["reserved"].as_u64().unwrap()
+        ),
+        2,
+        "{status}"
+    );
+    let series = |m: &str| format!("crm_proxy_quota_class_{m}{{class=\"read\",quota=\"calls\"}}");
+    let (used, reserved) = (
+        h.metric(&series("used")).await,
+        h.metric(&series("reserved")).await,
+    );
+    assert_eq!(held(used as u64, reserved as u64), 2, "{used} {reserved}");
+    until_tickets(&h, 180, Duration::from_secs(60)).await;
+    assert_eq!(h.sim.stats().throttled, 0, "no CRM 429");
+    let tickets = h.sim.tickets();
+    let mut subjects: Vec<&str> = tickets.iter().map(|t| t.subject.as_str()).collect();
+    subjects.sort_unstable();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 180, "each create once");
+}
