@@ -92,6 +92,10 @@ impl Ledger {
                 mark,
                 period: obs.reset.map(|_| cfg.window),
                 confirmed: true,
+                observed_at: now,
+                others_per_sec: state.cap.map_or(0.0, |old| {
+                    others_rate(old, remaining, mark, cfg.reserve, now)
+                }),
             };
             if let Some(old) = state.cap {
                 cap.until = same_reset(old, cap, cfg.window).unwrap_or(cap.until);
@@ -230,6 +234,28 @@ pub(super) fn start_probe(q: &QuotaConfig, now: Time) -> Cap {
         mark: 0,
         period: None,
         confirmed: false,
+        observed_at: now,
+        others_per_sec: 0.0,
+    }
+}
+
+/// Other apps' spending rate, from the last applied report `old` and a new one (`remaining` after
+/// grant `mark`): what the CRM's count lost between them beyond this proxy's own grants, per
+/// second, averaged with the earlier estimate. Kept as it was across a reset, for a report that
+/// is not newer, or one too close to the last to measure (under 200 ms).
+fn others_rate(old: Cap, remaining: u64, mark: u64, reserve: u32, now: Time) -> f64 {
+    let dt = now.saturating_since(old.observed_at).as_secs_f64();
+    if !old.confirmed || now >= old.until || mark <= old.mark || old.ceiling == u64::MAX || dt < 0.2
+    {
+        return old.others_per_sec;
+    }
+    let before = old.ceiling.saturating_sub(old.mark) + u64::from(reserve);
+    let lost = before.saturating_sub(remaining);
+    let others = lost.saturating_sub(mark - old.mark) as f64 / dt;
+    if old.others_per_sec == 0.0 {
+        others
+    } else {
+        (old.others_per_sec + others) / 2.0
     }
 }
 

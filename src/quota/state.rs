@@ -33,7 +33,23 @@ pub(super) struct Cap {
     /// False for a cap rolled into a new window: what other apps spent in it is unknown until
     /// the first answer, so until then requests go one at a time (a probe).
     pub(super) confirmed: bool,
+    /// When the CRM's count behind `ceiling` was true (the answer, or the window's start).
+    pub(super) observed_at: Time,
+    /// Calls per second other apps spend of the same CRM scope, estimated from successive
+    /// answers: what the CRM's count loses beyond this proxy's own calls. The news ages by it.
+    pub(super) others_per_sec: f64,
 }
+
+impl Cap {
+    /// What other apps have likely spent since the CRM's count was true.
+    pub(super) fn others_since(&self, now: Time) -> u64 {
+        (self.others_per_sec * now.saturating_since(self.observed_at).as_secs_f64()).ceil() as u64
+    }
+}
+
+/// News older than this (no answer of the CRM's since) is stale: near the wall, calls go one at a
+/// time until an answer says what is left.
+pub(super) const STALE_AFTER: Duration = Duration::from_secs(1);
 
 /// CRMs give their reset in whole seconds, rounded up, counted from before the answer left
 /// them: each answer's reset is at or after the true one, by up to a second. In a window of
@@ -140,9 +156,11 @@ impl QuotaState {
     }
 
     pub(super) fn cap_left(&self, now: Time) -> Option<u64> {
-        self.cap
-            .filter(|c| now < c.until)
-            .map(|c| c.ceiling.saturating_sub(self.grants))
+        self.cap.filter(|c| now < c.until).map(|c| {
+            c.ceiling
+                .saturating_sub(self.grants)
+                .saturating_sub(c.others_since(now))
+        })
     }
 
     /// Rolls a lapsed periodic cap on to the next CRM window: the CRM's limit, less the reserve
@@ -165,6 +183,8 @@ impl QuotaState {
             mark: self.grants,
             period: c.period,
             confirmed: false,
+            observed_at: until - period,
+            others_per_sec: c.others_per_sec,
         });
     }
 
@@ -229,14 +249,23 @@ impl QuotaState {
             return Some(at);
         }
         self.roll_cap(cfg.reserve, now);
+        let crm_limit = self.crm_limit.unwrap_or(u64::from(cfg.limit));
         match (self.cap_left(now), self.cap) {
-            (Some(0), Some(c)) => return Some(c.until),
-            // Near the wall, or probing a new window: wait for the answers still out.
+            // Spent by the CRM's own count: until its reset.
+            (Some(0), Some(c)) if c.ceiling <= self.grants => return Some(c.until),
+            // Spent only by the estimate of what other apps spent since: one call may go to
+            // find out (its answer corrects the estimate); more wait for it.
+            (Some(0), Some(_)) if self.outstanding > 0 => {
+                return Some(now + Duration::from_secs(1));
+            }
+            // Near the wall, probing a new window, or near it on news older than a second:
+            // wait for the answers still out.
             (Some(left), Some(c))
                 if self.outstanding > 0
                     && (!c.confirmed
-                        || left
-                            < careful_below(self.crm_limit.unwrap_or(u64::from(cfg.limit)))) =>
+                        || left < careful_below(crm_limit)
+                        || (now.saturating_since(c.observed_at) > STALE_AFTER
+                            && left < crm_limit / 4)) =>
             {
                 return Some(now + Duration::from_secs(1));
             }

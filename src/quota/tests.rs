@@ -533,6 +533,72 @@ fn account(remaining: u64, reset: Option<Time>) -> Observation {
     }
 }
 
+/// Another app keeps spending while this proxy is quiet: the CRM's last count ages by the rate
+/// measured between two answers, so what is left shrinks without a new answer; when the estimate
+/// says nothing is left, one call goes to find out and the rest wait for its answer.
+#[test]
+fn the_crms_count_ages_by_what_other_apps_spend() {
+    let ledger = Ledger::new(
+        &[synced("m", 100, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let t0 = t("2026-01-01T00:00:00Z");
+    let reset = Some(t0 + Duration::from_secs(50));
+    let g = ledger.try_acquire(&Demand::live(&q), t0).unwrap();
+    ledger.observe(&[account(50, reset)], &g, t0);
+    drop(g);
+    // Two seconds later the CRM says 39: one call was ours, ten were another app's (5/s).
+    let t1 = t0 + Duration::from_secs(2);
+    let g = ledger.try_acquire(&Demand::live(&q), t1).unwrap();
+    ledger.observe(&[account(39, reset)], &g, t1);
+    drop(g);
+    assert_eq!(ledger.usage(&q, t1)[0].remaining, 39);
+    // Four quiet seconds on, the other app has likely spent 20 more.
+    let t2 = t1 + Duration::from_secs(4);
+    assert_eq!(ledger.usage(&q, t2)[0].remaining, 19);
+    // Eight seconds on, the estimate says none: one call may go to find out, no more.
+    let t3 = t1 + Duration::from_secs(8);
+    assert_eq!(ledger.usage(&q, t3)[0].remaining, 0);
+    let probe = ledger.try_acquire(&Demand::live(&q), t3).unwrap();
+    let d = ledger.try_acquire(&Demand::live(&q), t3).unwrap_err();
+    assert_eq!(
+        d.retry_at,
+        t3 + Duration::from_secs(1),
+        "waits for the probe's answer"
+    );
+    // The answer says 12 are left after all: the count is true again.
+    ledger.observe(&[account(12, reset)], &probe, t3);
+    drop(probe);
+    assert_eq!(ledger.usage(&q, t3)[0].remaining, 12);
+}
+
+/// News older than a second near the wall: calls go one at a time until an answer comes.
+#[test]
+fn stale_news_near_the_wall_sends_one_call_at_a_time() {
+    let ledger = Ledger::new(
+        &[synced("m", 100, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    );
+    let q = [QuotaId(0)];
+    let t0 = t("2026-01-01T00:00:00Z");
+    let g = ledger.try_acquire(&Demand::live(&q), t0).unwrap();
+    ledger.observe(&[account(20, Some(t0 + Duration::from_secs(50)))], &g, t0);
+    drop(g);
+    // Fresh news, 20 of 100 left: calls may go in parallel.
+    let a = ledger.try_acquire(&Demand::live(&q), t0).unwrap();
+    let b = ledger.try_acquire(&Demand::live(&q), t0).unwrap();
+    drop((a, b));
+    // Two seconds without an answer: one at a time.
+    let later = t0 + Duration::from_secs(2);
+    let one = ledger.try_acquire(&Demand::live(&q), later).unwrap();
+    assert!(ledger.try_acquire(&Demand::live(&q), later).is_err());
+    drop(one);
+    assert!(ledger.try_acquire(&Demand::live(&q), later).is_ok());
+}
+
 #[test]
 fn a_crm_report_caps_what_is_left_until_its_reset() {
     let ledger = Ledger::new(

@@ -338,3 +338,48 @@ fn every_preset_config_routes_a_search_as_a_read_and_a_create_as_a_parked_write(
         assert_eq!(create.on_limit, OnLimit::Queue, "{crm}: {}", create.name);
     }
 }
+
+/// A backlog drains beside another app that spends at a steady 3 calls/s (no window start
+/// alignment, so the proxy's sliding window and the CRM's fixed one disagree): the CRM's
+/// count ages by the other app's measured rate, so at most one CRM 429 per window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_beside_a_steady_spender_meets_at_most_one_429_per_window() {
+    let window = Duration::from_secs(2);
+    let yaml = "upstream: { url: \"{upstream}\", crm: zendesk }\ndefault_max_wait: 0s\nquotas:\n  - { name: account, limit: 20, window: 2s, sync: account }\nroutes:\n  - { name: create, methods: [POST], path: /api/v2/tickets.json, idempotency_key: true }\n";
+    let h = Arc::new(Harness::start(SimConfig::new(20, window), yaml).await);
+    let windows = 8;
+    let spender = {
+        let h = h.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(333));
+            for _ in 0..3 * 2 * windows {
+                tick.tick().await;
+                h.sim.spend_elsewhere(1);
+            }
+        })
+    };
+    let started = tokio::time::Instant::now();
+    let total = 14 * windows;
+    let mut parked = Vec::new();
+    for i in 0..total {
+        let r = h.create(&format!("s-{i:03}")).await;
+        match r.status.as_u16() {
+            201 => {}
+            202 => parked.push(r.json()["id"].as_str().unwrap().to_string()),
+            s => panic!("unexpected {s}"),
+        }
+    }
+    for id in &parked {
+        h.until_status(id, "done", Duration::from_secs(60)).await;
+    }
+    spender.await.unwrap();
+    let stats = h.sim.stats();
+    let spanned = (started.elapsed().as_nanos() / window.as_nanos()) as u64 + 1;
+    println!("steady spender: {spanned} windows, {stats:?}");
+    assert!(
+        stats.throttled <= spanned,
+        "CRM 429s {} over {spanned} windows: {stats:?}",
+        stats.throttled
+    );
+    assert_each_ticket_once(&h.sim, total as usize);
+}
