@@ -360,9 +360,15 @@ fn reject(
     now: Time,
 ) -> Response<Body> {
     p.metrics.request(&route.name, "rejected");
-    let usage = p.ledger.usage(&route.quotas, now);
+    let mut usage = p.ledger.usage(&route.quotas, now);
     // When the decision came from the queue, the binding quota is the one with least left.
     let binding = binding.or_else(|| usage.first().map(|u| u.quota));
+    // One truth: for this request the binding quota has nothing left until `Retry-After` (a
+    // reserve, a share or a CRM pause may hold room the window alone would show).
+    for u in usage.iter_mut().filter(|u| Some(u.quota) == binding) {
+        u.remaining = 0;
+        u.reset_at = u.reset_at.max(retry_at);
+    }
     let quota = binding.map(|q| p.ledger.config(q));
     let mut resp = response::over_limit(p.config().upstream.crm, retry_at, now, quota.as_deref());
     response::add_rate_limit_headers(resp.headers_mut(), &p.ledger, &usage, now);

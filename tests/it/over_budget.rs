@@ -354,3 +354,41 @@ async fn until_quota_free(h: &Harness, quota: &str) {
     )
     .await;
 }
+
+/// A write refused while the window still shows room (reads hold their reserve) says so in one
+/// voice: the binding quota's `RateLimit` shows nothing left until `Retry-After`.
+#[tokio::test]
+async fn a_refusal_and_its_ratelimit_header_agree() {
+    let yaml = "upstream: { url: \"{upstream}\" }\n\
+                fairness: { read_reserve: 40% }\n\
+                quotas:\n  - { name: w, limit: 10, window: 10s }\n\
+                routes:\n\
+                \x20 - { name: search, methods: [GET], path: /api/v2/search.json, on_limit: reject }\n\
+                \x20 - { name: create, methods: [POST], path: /api/v2/tickets.json, on_limit: reject }\n";
+    let h = Harness::start(SimConfig::new(100, Duration::from_secs(10)), yaml).await;
+    assert_eq!(
+        h.call(Method::GET, "/api/v2/search.json?query=x", "")
+            .await
+            .status,
+        200
+    );
+    let mut created = 0;
+    let r = loop {
+        let r = h.create(&format!("c-{created}")).await;
+        if r.status != 201 {
+            break r;
+        }
+        created += 1;
+    };
+    assert_eq!(created, 6, "4 of 10 held for reads, one of them used");
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.header("retry-after").parse().unwrap();
+    assert_eq!(r.header("ratelimit"), format!("\"w\";r=0;t={retry}"));
+    // The room held for reads is still there for a read.
+    assert_eq!(
+        h.call(Method::GET, "/api/v2/search.json?query=y", "")
+            .await
+            .status,
+        200
+    );
+}
