@@ -523,6 +523,15 @@ fn synced(name: &str, limit: u32, window: Duration, reserve: u32) -> QuotaConfig
     }
 }
 
+/// A ledger of one 100-per-minute quota synced to the CRM's `account` scope, no reserve.
+fn minute_synced() -> Ledger {
+    Ledger::new(
+        &[synced("m", 100, Duration::from_secs(60), 0)],
+        None,
+        Time::ZERO,
+    )
+}
+
 fn account(remaining: u64, reset: Option<Time>) -> Observation {
     Observation {
         scope: "account".into(),
@@ -538,11 +547,7 @@ fn account(remaining: u64, reset: Option<Time>) -> Observation {
 /// says nothing is left, one call goes to find out and the rest wait for its answer.
 #[test]
 fn the_crms_count_ages_by_what_other_apps_spend() {
-    let ledger = Ledger::new(
-        &[synced("m", 100, Duration::from_secs(60), 0)],
-        None,
-        Time::ZERO,
-    );
+    let ledger = minute_synced();
     let q = [QuotaId(0)];
     let t0 = t("2026-01-01T00:00:00Z");
     let reset = Some(t0 + Duration::from_secs(50));
@@ -577,11 +582,7 @@ fn the_crms_count_ages_by_what_other_apps_spend() {
 /// News older than a second near the wall: calls go one at a time until an answer comes.
 #[test]
 fn stale_news_near_the_wall_sends_one_call_at_a_time() {
-    let ledger = Ledger::new(
-        &[synced("m", 100, Duration::from_secs(60), 0)],
-        None,
-        Time::ZERO,
-    );
+    let ledger = minute_synced();
     let q = [QuotaId(0)];
     let t0 = t("2026-01-01T00:00:00Z");
     let g = ledger.try_acquire(&Demand::live(&q), t0).unwrap();
@@ -629,11 +630,7 @@ fn a_crm_report_caps_what_is_left_until_its_reset() {
 
 #[test]
 fn resets_in_whole_seconds_are_narrowed_to_the_earliest_a_window_named() {
-    let ledger = Ledger::new(
-        &[synced("m", 100, Duration::from_secs(60), 0)],
-        None,
-        Time::ZERO,
-    );
+    let ledger = minute_synced();
     let q = [QuotaId(0)];
     // The CRM's minute really resets at 00:01:00.000. An answer at 00:00:00.200 says "60 s"
     // (rounded up: 00:01:00.200); one at 00:00:00.900 says "60 s" too (00:01:00.900).
@@ -647,11 +644,7 @@ fn resets_in_whole_seconds_are_narrowed_to_the_earliest_a_window_named() {
     let probe = ledger.try_acquire(&Demand::live(&q), at(60_200)).unwrap();
     drop(probe);
     // A later answer in the same window naming a later reset keeps the earlier one.
-    let ledger = Ledger::new(
-        &[synced("m", 100, Duration::from_secs(60), 0)],
-        None,
-        Time::ZERO,
-    );
+    let ledger = minute_synced();
     let g = ledger.try_acquire(&Demand::live(&q), at(200)).unwrap();
     ledger.observe(&[account(50, Some(at(60_200)))], &g, at(200));
     drop(g);
@@ -667,11 +660,7 @@ fn resets_in_whole_seconds_are_narrowed_to_the_earliest_a_window_named() {
 
 #[test]
 fn requests_in_flight_when_the_crm_answered_are_counted_on_top() {
-    let ledger = Ledger::new(
-        &[synced("m", 100, Duration::from_secs(60), 0)],
-        None,
-        Time::ZERO,
-    );
+    let ledger = minute_synced();
     let q = [QuotaId(0)];
     let now = t("2026-01-01T00:00:00Z");
     let first = ledger.try_acquire(&Demand::live(&q), now).unwrap();
@@ -805,11 +794,7 @@ fn a_report_without_reset_holds_to_the_end_of_a_fixed_window_or_briefly_on_a_sli
 
 #[test]
 fn near_the_wall_a_synced_quota_sends_one_request_at_a_time() {
-    let ledger = Ledger::new(
-        &[synced("m", 100, Duration::from_secs(60), 0)],
-        None,
-        Time::ZERO,
-    );
+    let ledger = minute_synced();
     let q = [QuotaId(0)];
     let now = t("2026-01-01T00:00:00Z");
     let first = ledger.try_acquire(&Demand::live(&q), now).unwrap();
