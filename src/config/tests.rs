@@ -463,3 +463,19 @@ fn the_shared_ledger_is_validated_and_its_password_never_shown() {
         vec!["ledger.url: is only used with `store: redis`"]
     );
 }
+
+/// A margin too large to double is an error like any other, not a panic.
+#[test]
+fn an_enormous_margin_is_refused_without_a_panic() {
+    let yaml = r#"
+upstream: { url: "http://x" }
+quotas:
+  - { name: a, limit: 10, window: 1m, margin: 10000000000000000000s }
+"#;
+    let got = errors(yaml);
+    assert!(
+        got.iter()
+            .any(|e| e.starts_with("quotas[0].margin: must be from")),
+        "{got:#?}"
+    );
+}

@@ -1114,7 +1114,7 @@ impl Validator {
             MARGIN,
         );
         if let Some(w) = window
-            && margin * 2 >= w
+            && margin.saturating_mul(2) >= w
         {
             self.err(
                 format!("{path}.margin"),
