@@ -47,6 +47,16 @@ impl Cap {
     }
 }
 
+/// The calls a reserve of share `f` holds in each window of `cfg`.
+fn reserve_share(cfg: &QuotaConfig, f: f64) -> u64 {
+    (f64::from(cfg.limit) * f).ceil() as u64
+}
+
+/// Whether a class last seen at `at` is still about: within two windows.
+fn about(cfg: &QuotaConfig, at: Time, now: Time) -> bool {
+    now.saturating_since(at) < cfg.window.saturating_mul(2)
+}
+
 /// News older than this (no answer of the CRM's since) is stale: near the wall, calls go one at a
 /// time until an answer says what is left.
 pub(super) const STALE_AFTER: Duration = Duration::from_secs(1);
@@ -124,8 +134,8 @@ impl QuotaState {
         backlog: bool,
         now: Time,
     ) -> [super::ClassUse; 3] {
-        let share = |f: f64| (f64::from(cfg.limit) * f).ceil() as u64;
-        let recent = |at: Time| now.saturating_since(at) < cfg.window.saturating_mul(2);
+        let share = |f: f64| reserve_share(cfg, f);
+        let recent = |at: Time| about(cfg, at, now);
         let class = |class, use_: &mut ClientUse, reserve: f64, about: bool| {
             let used = use_.used(now);
             super::ClassUse {
@@ -214,8 +224,8 @@ impl QuotaState {
         // yet used of its minimum while parked writes wait; and writes, live or parked, leave
         // what reads have not yet used of theirs while reads are about (one within two
         // windows). A reserve nobody is about to use is lent back.
-        let share = |f: f64| (f64::from(cfg.limit) * f).ceil() as u64;
-        let recent = |at: Time| now.saturating_since(at) < cfg.window.saturating_mul(2);
+        let share = |f: f64| reserve_share(cfg, f);
+        let recent = |at: Time| about(cfg, at, now);
         let for_reads = if !d.read && recent(self.last_read) {
             share(sharing.fairness.read_reserve).saturating_sub(self.read_use.used(now))
         } else {

@@ -64,6 +64,14 @@ async fn park(client: &HttpClient, proxy: &Process, n: usize) -> Vec<String> {
     ids
 }
 
+/// A CRM with room to spare and an empty directory for the proxy's config and data.
+async fn roomy_sim() -> (Sim, tempfile::TempDir) {
+    let sim = Sim::start(SimConfig::new(1_000, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    (sim, tempfile::tempdir().unwrap())
+}
+
 fn kill(proxy: &Process, signal: &str) {
     let ok = std::process::Command::new("kill")
         .args([&format!("-{signal}"), &proxy.pid().to_string()])
@@ -74,10 +82,7 @@ fn kill(proxy: &Process, signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_raised_limit_and_keeps_every_parked_write() {
-    let sim = Sim::start(SimConfig::new(1_000, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (sim, dir) = roomy_sim().await;
     let config = write_config(dir.path(), 2, "");
     let proxy = Process::start(&config, &sim.url()).await;
     let client = client();
@@ -131,10 +136,7 @@ async fn sighup_applies_a_raised_limit_and_keeps_every_parked_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_file_on_sighup_keeps_the_running_config() {
-    let sim = Sim::start(SimConfig::new(1_000, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (sim, dir) = roomy_sim().await;
     let config = write_config(dir.path(), 2, "");
     let proxy = Process::start(&config, &sim.url()).await;
     let client = client();
@@ -276,10 +278,7 @@ async fn startup_failures_name_their_key_and_exit_with_their_class() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_list_reads_a_damaged_log_without_changing_it() {
-    let sim = Sim::start(SimConfig::new(1_000, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (sim, dir) = roomy_sim().await;
     let config = write_config(dir.path(), 1, "");
     let proxy = Process::start(&config, &sim.url()).await;
     let client = client();
@@ -387,10 +386,7 @@ fn check_runtime_tries_the_data_directory_and_the_ports() {
 /// a count first (read-only), `--yes` acts; a typo names what is configured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_commands_act_on_dead_letters_in_bulk() {
-    let sim = Sim::start(SimConfig::new(1_000, Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (sim, dir) = roomy_sim().await;
     let config = dir.path().join("proxy.yaml");
     std::fs::write(
         &config,
