@@ -92,8 +92,15 @@ impl Ledger {
         }
     }
 
-    fn next_reset(state: &mut QuotaState, now: Time) -> Time {
-        let mut at = state.window.next_reset(now).max(state.frozen_until);
+    /// With room left, when the window's count next goes down; with none, when the next
+    /// request fits: the window's next free slot, a CRM pause's end or the CRM's reported
+    /// reset, whichever is last (what the ledger will actually do, so `RateLimit` `t=` agrees
+    /// with a `Retry-After` beside it).
+    fn next_reset(state: &mut QuotaState, remaining: u32, now: Time) -> Time {
+        if remaining > 0 {
+            return state.window.next_reset(now);
+        }
+        let mut at = state.window.time_for(0, now).max(state.frozen_until);
         if state.cap_left(now) == Some(0)
             && let Some(c) = state.cap
         {
@@ -111,10 +118,11 @@ impl Ledger {
             .filter(|q| configs[q.0].key.is_empty())
             .map(|&q| {
                 let state = &mut inner.quotas[q.0];
+                let remaining = Self::remaining(&configs[q.0], state, now);
                 QuotaUsage {
                     quota: q,
-                    remaining: Self::remaining(&configs[q.0], state, now),
-                    reset_at: Self::next_reset(state, now),
+                    remaining,
+                    reset_at: Self::next_reset(state, remaining, now),
                 }
             })
             .collect();
@@ -153,21 +161,24 @@ impl Ledger {
             .iter()
             .zip(inner.quotas.iter_mut())
             .enumerate()
-            .map(|(i, (c, s))| QuotaStatus {
-                classes: s.classes(c, &fairness, self.board.any(QuotaId(i)), now),
-                name: c.name.clone(),
-                limit: c.limit,
-                window: format_duration(c.window),
-                kind: match c.kind {
-                    WindowKind::Sliding => "sliding",
-                    WindowKind::Fixed { .. } => "fixed",
-                },
-                used: s.window.used(now),
-                remaining: Self::remaining(c, s, now),
-                next_reset_at: Self::next_reset(s, now).to_string(),
-                frozen_until: (now < s.frozen_until).then(|| s.frozen_until.to_string()),
-                crm_remaining: s.crm_remaining,
-                crm_limit: s.crm_limit,
+            .map(|(i, (c, s))| {
+                let remaining = Self::remaining(c, s, now);
+                QuotaStatus {
+                    classes: s.classes(c, &fairness, self.board.any(QuotaId(i)), now),
+                    name: c.name.clone(),
+                    limit: c.limit,
+                    window: format_duration(c.window),
+                    kind: match c.kind {
+                        WindowKind::Sliding => "sliding",
+                        WindowKind::Fixed { .. } => "fixed",
+                    },
+                    used: s.window.used(now),
+                    remaining,
+                    next_reset_at: Self::next_reset(s, remaining, now).to_string(),
+                    frozen_until: (now < s.frozen_until).then(|| s.frozen_until.to_string()),
+                    crm_remaining: s.crm_remaining,
+                    crm_limit: s.crm_limit,
+                }
             })
             .collect()
     }

@@ -392,3 +392,21 @@ async fn a_refusal_and_its_ratelimit_header_agree() {
         200
     );
 }
+
+/// A CRM throttle passed through to the client says one thing: the proxy's `RateLimit` for the
+/// quota the CRM paused shows nothing left until the CRM's own `Retry-After` (not the end of
+/// the proxy's minute).
+#[tokio::test]
+async fn a_forwarded_crm_throttle_and_its_ratelimit_header_agree() {
+    let yaml = "upstream: { url: \"{upstream}\" }\n\
+                quotas:\n  - { name: w, limit: 100, window: 1m }\n\
+                routes:\n\
+                \x20 - { name: search, methods: [GET], path: /api/v2/search.json, on_limit: reject }\n";
+    let h = Harness::start(SimConfig::new(5, Duration::from_secs(8)), yaml).await;
+    h.sim.spend_elsewhere(5);
+    let r = h.call(Method::GET, "/api/v2/search.json?query=x", "").await;
+    assert_eq!(r.status, 429, "the CRM's own throttle, forwarded");
+    let retry: u64 = r.header("retry-after").parse().unwrap();
+    assert!((1..=8).contains(&retry), "{retry}");
+    assert_eq!(r.header("ratelimit"), format!("\"w\";r=0;t={retry}"));
+}
