@@ -12,7 +12,7 @@ use std::hash::{BuildHasher, RandomState};
 use crate::breaker::Breaker;
 use crate::client::Clients;
 use crate::clock::{SharedClock, Time};
-use crate::config::Config;
+use crate::config::{Class, Config, DEFAULT_ROUTE};
 use crate::credentials::Credentials;
 use crate::crm::{Observation, Throttle};
 use crate::ids::QuotaId;
@@ -144,6 +144,11 @@ impl Proxy {
         ));
         let now = clock.now();
         let ledger = Ledger::for_config(&config, now);
+        // A configured read route (not the built-in default) says searches will come.
+        let read_routes = routes.routes().iter().filter(|r| r.name != DEFAULT_ROUTE);
+        for route in read_routes.filter(|r| r.class == Class::Read) {
+            ledger.expect_reads(&route.quotas, now);
+        }
         let shared = SharedLedger::new(&config, clock.clone(), metrics.clone())?;
         let routes = Arc::new(Live::new(routes));
         let queue = Arc::new(Queue::new(

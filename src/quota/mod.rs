@@ -259,6 +259,16 @@ impl Ledger {
         Ledger::shared_by(configs, pace, now, &[default], none)
     }
 
+    /// Reads are expected on these quotas (a route of class `read` spends them): the reads'
+    /// reserve holds from `now`, as if a read had just asked, so a burst of writes at the start
+    /// cannot take the room of the first searches.
+    pub fn expect_reads(&self, quotas: &[QuotaId], now: Time) {
+        let mut inner = self.lock();
+        for q in quotas {
+            inner.quotas[q.0].last_read = inner.quotas[q.0].last_read.max(now);
+        }
+    }
+
     /// The ledger a config describes: its quotas, pacing, clients and fairness.
     pub fn for_config(config: &crate::config::Config, now: Time) -> Ledger {
         Ledger::shared_by(

@@ -220,10 +220,12 @@ impl QuotaState {
         }
         // Reserves guarantee each class a minimum of every window: the drain leaves what live
         // requests have not yet used of theirs while live traffic is about (a live request
-        // within two windows, or the proxy's start); live requests leave what the drain has not
-        // yet used of its minimum while parked writes wait; and writes, live or parked, leave
+        // within two windows, or the proxy's start); live requests (but reads within the reads'
+        // reserve) leave what the drain has not yet used of its minimum while parked writes
+        // wait; and writes, live or parked, leave
         // what reads have not yet used of theirs while reads are about (one within two
-        // windows). A reserve nobody is about to use is lent back.
+        // windows, or the proxy's start when a read route spends the quota). A reserve nobody
+        // is about to use is lent back.
         let share = |f: f64| reserve_share(cfg, f);
         let recent = |at: Time| about(cfg, at, now);
         let for_reads = if !d.read && recent(self.last_read) {
@@ -231,8 +233,15 @@ impl QuotaState {
         } else {
             0
         };
+        // A read within the reads' own reserve goes before the drain's minimum too: writes,
+        // parked ones included, leave reads their share.
+        let read_room = if d.read {
+            share(sharing.fairness.read_reserve).saturating_sub(self.read_use.used(now))
+        } else {
+            0
+        };
         let held_for_others = if d.live {
-            let for_drain = if board.any(q) {
+            let for_drain = if board.any(q) && read_room == 0 {
                 share(sharing.fairness.drain_min).saturating_sub(self.drain_use.used(now))
             } else {
                 0

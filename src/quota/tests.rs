@@ -1051,6 +1051,34 @@ fn writes_leave_reads_their_reserve_while_reads_are_about() {
     assert_eq!(writes, 40);
 }
 
+/// A read within the reads' reserve goes before the drain's minimum: live writes took the window
+/// before anything was parked, and the room left goes to searches first, then the drain.
+#[test]
+fn reads_within_their_reserve_go_before_the_drains_minimum() {
+    let fairness = Fairness {
+        live_reserve: 0.0,
+        drain_min: 0.1,
+        read_reserve: 0.25,
+    };
+    let t0 = t("2026-01-01T00:00:00Z");
+    let ledger = two_clients_at([1, 1], None, fairness, t0);
+    ledger.expect_reads(&[QuotaId(0)], t0);
+    let mut writes = 0;
+    while ask(&ledger, 0, true, t0) {
+        writes += 1;
+    }
+    assert_eq!(writes, 30, "10 of 40 stay for reads");
+    // Now writes are parked: the drain's minimum (4) is held against live writes...
+    ledger.board().mark(&[QuotaId(0)], ClientId(0), true);
+    assert!(!ask(&ledger, 0, true, t0));
+    // ... but not against reads within their reserve: all 10 go.
+    let mut reads = 0;
+    while ask_as(&ledger, 1, true, true, t0) {
+        reads += 1;
+    }
+    assert_eq!(reads, 10);
+}
+
 proptest! {
     /// With a threshold below the limit, the exact sliding log grants exactly while the
     /// reference count is under the threshold.
