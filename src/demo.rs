@@ -1,5 +1,6 @@
 //! `crm-quota-proxy demo`: a simulated CRM and the proxy on loopback, a burst of ticket creates
-//! and contact searches sent first straight at the CRM, then through the proxy, with a live view.
+//! and contact searches spread over one window, sent first straight at the CRM, then through the
+//! proxy, with a live view and a summary of what was measured.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -34,7 +35,7 @@ impl Default for DemoOptions {
             limit: 30,
             window: Duration::from_secs(20),
             creates: 75,
-            searches: 15,
+            searches: 6,
         }
     }
 }
@@ -44,6 +45,9 @@ impl Default for DemoOptions {
 pub struct DemoReport {
     pub direct_throttled: usize,
     pub direct_created: usize,
+    /// Searches answered 200 during the burst, straight at the CRM and through the proxy.
+    pub direct_searches: usize,
+    pub proxied_searches: usize,
     pub forwarded: usize,
     pub parked: usize,
     pub delivered: usize,
@@ -77,40 +81,63 @@ async fn call(client: &HttpClient, method: Method, url: String, body: &str) -> (
     }
 }
 
-/// Sends the burst at `base`: creates (POST) and searches (GET), all at once.
+/// Sends the burst at `base` over one window: the creates (POST) and the searches (GET) each
+/// spread evenly over it, as agents' contact searches keep coming during a burst of writes.
 async fn burst(
     client: &HttpClient,
     base: &str,
     opts: &DemoOptions,
     tag: &str,
 ) -> Vec<(bool, StatusCode, Value)> {
-    let mut tasks = Vec::new();
-    for i in 0..opts.creates {
-        let (client, url) = (client.clone(), format!("{base}/api/v2/tickets.json"));
+    let spread = |n: usize| opts.window / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+    let creates = (0..opts.creates).map(|i| {
         let body =
             format!(r#"{{"ticket":{{"subject":"{tag} call {i}","external_id":"{tag}-{i}"}}}}"#);
-        tasks.push(tokio::spawn(async move {
-            let (s, v) = call(&client, Method::POST, url, &body).await;
-            (true, s, v)
-        }));
-    }
-    for i in 0..opts.searches {
-        let (client, url) = (
-            client.clone(),
-            format!("{base}/api/v2/search.json?query=caller{i}"),
-        );
-        tasks.push(tokio::spawn(async move {
-            let (s, v) = call(&client, Method::GET, url, "").await;
-            (false, s, v)
-        }));
-    }
+        (Method::POST, format!("{base}/api/v2/tickets.json"), body)
+    });
+    let searches = (0..opts.searches).map(|i| {
+        let url = format!("{base}/api/v2/search.json?query=caller{i}");
+        (Method::GET, url, String::new())
+    });
+    let senders = [
+        (creates.collect::<Vec<_>>(), spread(opts.creates)),
+        (searches.collect(), spread(opts.searches)),
+    ]
+    .map(|(calls, gap)| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for (i, (method, url, body)) in calls.into_iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                let client = client.clone();
+                tasks.push(tokio::spawn(async move {
+                    let write = method == Method::POST;
+                    let (s, v) = call(&client, method, url, &body).await;
+                    (write, s, v)
+                }));
+            }
+            tasks
+        })
+    });
     let mut out = Vec::new();
-    for t in tasks {
-        if let Ok(r) = t.await {
-            out.push(r);
+    for sender in senders {
+        for t in sender.await.unwrap_or_default() {
+            if let Ok(r) = t.await {
+                out.push(r);
+            }
         }
     }
     out
+}
+
+/// Searches of a burst's results answered 200.
+fn searches_answered(results: &[(bool, StatusCode, Value)]) -> usize {
+    results
+        .iter()
+        .filter(|r| !r.0 && r.1 == StatusCode::OK)
+        .count()
 }
 
 pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<DemoReport, String> {
@@ -119,7 +146,7 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<Dem
     let w = format_duration(opts.window);
     let _ = writeln!(
         out,
-        "A simulated CRM allows {} calls per {w}. The burst: {} ticket creates and {} contact searches at once.\n",
+        "A simulated CRM allows {} calls per {w}. The burst, spread over {w}: {} ticket creates and {} contact searches.\n",
         opts.limit, opts.creates, opts.searches
     );
 
@@ -133,13 +160,16 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<Dem
         .filter(|r| r.1 == StatusCode::TOO_MANY_REQUESTS)
         .count();
     report.direct_created = direct.stats().tickets;
+    report.direct_searches = searches_answered(&results);
     let _ = writeln!(
         out,
-        "Without the proxy: {} of {} calls got 429; only {} of {} tickets exist. The rest are lost unless the platform retries.\n",
+        "Without the proxy: {} of {} calls got 429; {} of {} tickets exist; {} of {} searches answered.\n",
         report.direct_throttled,
         results.len(),
         report.direct_created,
-        opts.creates
+        opts.creates,
+        report.direct_searches,
+        opts.searches
     );
     direct.shutdown().await;
 
@@ -148,9 +178,10 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<Dem
         .await
         .map_err(|e| e.to_string())?;
     let yaml = format!(
-        "listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\nupstream: {{ url: {url} }}\ndefault_max_wait: 2s\nquotas:\n  - {{ name: crm, limit: {limit}, window: {w} }}\nroutes:\n  - {{ name: ticket-create, methods: [POST], path: /api/v2/tickets.json }}\n  - {{ name: search, methods: [GET], path: /api/v2/search.json }}\n",
+        "listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\nupstream: {{ url: {url} }}\ndefault_max_wait: 2s\nquotas:\n  - {{ name: crm, limit: {limit}, window: {w} }}\nfairness: {{ read_reserve: {reserve}% }}\nroutes:\n  - {{ name: ticket-create, methods: [POST], path: /api/v2/tickets.json }}\n  - {{ name: contact-search, methods: [GET], path: /api/v2/search.json, class: read, on_limit: wait, max_wait: 1s }}\n",
         url = sim.url(),
         limit = opts.limit,
+        reserve = read_reserve(&opts),
     );
     let config = Config::from_yaml(&yaml, None).map_err(|e| e.to_string())?;
     let listeners = Listeners::bind(&config).await.map_err(|e| e.to_string())?;
@@ -191,10 +222,15 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<Dem
         .iter()
         .filter(|r| !r.0 && r.1 == StatusCode::TOO_MANY_REQUESTS)
         .count();
+    report.proxied_searches = searches_answered(&results);
     let _ = writeln!(
         out,
-        "  {} creates answered 201 (some after a short wait for quota), {} parked with 202, {} searches answered 429 at once with Retry-After.",
-        report.forwarded, report.parked, report.searches_rejected
+        "  {} creates answered 201, {} parked with 202; {} of {} searches answered, {} answered 429 with Retry-After.",
+        report.forwarded,
+        report.parked,
+        report.proxied_searches,
+        opts.searches,
+        report.searches_rejected
     );
 
     // 3. Live view until every parked write is delivered.
@@ -233,18 +269,30 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<Dem
     let stats = sim.stats();
     report.crm_throttled = stats.throttled;
     report.tickets = stats.tickets;
+    let n = opts.searches;
     let _ = writeln!(
         out,
-        "\nSummary: {} of {} tickets created ({} parked writes delivered after 202), CRM 429s: {}, most calls in one CRM window: {} (limit {}).",
+        "\nSummary, straight to the CRM / through the proxy:\n  searches answered during the burst: {}/{n} / {}/{n}\n  tickets created: {}/{c} / {}/{c} ({} of them delivered after a 202)\n  CRM 429s: {} / {}; most calls in one CRM window through the proxy: {} (limit {}).",
+        report.direct_searches,
+        report.proxied_searches,
+        report.direct_created,
         report.tickets,
-        opts.creates,
         report.delivered,
+        report.direct_throttled,
         report.crm_throttled,
         stats.max_in_fixed_window,
-        opts.limit
+        opts.limit,
+        c = opts.creates,
     );
     let _ = stop.send(());
     let _ = server.await;
     sim.shutdown().await;
     Ok(report)
+}
+
+/// The share of each window the proxy keeps for the demo's searches: what they take of the
+/// budget, rounded up to whole percents, so the writes' burst cannot crowd them out.
+fn read_reserve(opts: &DemoOptions) -> u64 {
+    let limit = u64::from(opts.limit.max(1));
+    (opts.searches as u64 * 100).div_ceil(limit).clamp(1, 50)
 }

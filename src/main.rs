@@ -90,9 +90,11 @@ enum Command {
         /// The simulated CRM's window.
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         window: Duration,
+        /// Ticket creates sent at once.
         #[arg(long, default_value_t = 75)]
         creates: usize,
-        #[arg(long, default_value_t = 15)]
+        /// Contact searches spread over one window while the creates go through.
+        #[arg(long, default_value_t = 6)]
         searches: usize,
     },
 }

@@ -89,12 +89,12 @@ fn check_reads_the_upstream_from_the_environment_and_reports_missing_files() {
 }
 
 #[tokio::test]
-async fn the_demo_delivers_every_parked_write_without_a_crm_429() {
+async fn the_demo_answers_its_searches_and_delivers_every_parked_write_without_a_crm_429() {
     let opts = crm_quota_proxy::demo::DemoOptions {
         limit: 5,
-        window: std::time::Duration::from_secs(1),
-        creates: 12,
-        searches: 3,
+        window: std::time::Duration::from_secs(2),
+        creates: 20,
+        searches: 2,
     };
     let mut out = Vec::new();
     let report = crm_quota_proxy::demo::run(opts, &mut out).await.unwrap();
@@ -103,10 +103,18 @@ async fn the_demo_delivers_every_parked_write_without_a_crm_429() {
         report.direct_throttled > 0,
         "the direct burst shows the problem:\n{text}"
     );
-    assert_eq!(report.tickets, 12, "{text}");
+    assert_eq!(report.tickets, 20, "{text}");
     assert_eq!(report.delivered, report.parked, "{text}");
     assert_eq!(report.crm_throttled, 0, "{text}");
-    assert!(text.contains("Summary: 12 of 12 tickets created"), "{text}");
+    assert_eq!(
+        report.proxied_searches, 2,
+        "searches answered during the burst:\n{text}"
+    );
+    assert!(text.contains("tickets created: "), "{text}");
+    assert!(
+        text.contains(&format!("/20 / 20/20 ({} of them", report.delivered)),
+        "{text}"
+    );
 }
 
 /// `run` as an operator starts it: real process, real SIGTERM, clean exit.
