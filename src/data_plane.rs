@@ -18,11 +18,12 @@ use crate::intake::IntakeError;
 use crate::message::{IDEMPOTENCY_KEY, Outbound, prepare_request_headers, strip_hop_by_hop};
 use crate::path;
 use crate::proxy::Proxy;
-use crate::queue::{Accepted, Enter, Parkable, Ticket, WaitEnd};
+use crate::queue::{Accepted, Enter, Parkable, Settled, Ticket, WaitEnd};
 use crate::quota::{Demand, Grant};
 use crate::response::{self, Body, PROXY_PREFIX, ProxyError};
 use crate::route::Route;
 use crate::shared_ledger::Admission;
+use crate::status::FailReason;
 use crate::units::format_duration;
 use crate::upstream::ForwardError;
 use crate::verdict::{Attempt, Verdict};
@@ -261,6 +262,9 @@ async fn live_write(
                     WaitEnd::Accepted(a) => {
                         return accepted(p, route, a, token, "write parked; answered 202").await;
                     }
+                    WaitEnd::Settled(id, settled) => {
+                        return Ok(batched(p, route, id, settled, token));
+                    }
                     WaitEnd::GaveUp { retry_at } => {
                         return Ok(reject(p, route, retry_at, None, p.clock.now()));
                     }
@@ -349,6 +353,46 @@ async fn accepted(
         a.estimated_dispatch_at,
         token,
     ))
+}
+
+/// The answer to a client whose write went in a batch call and ended within its `max_wait`:
+/// what the CRM's single call would have answered (for a create, `201` with the ticket); an
+/// item the CRM refused gets `422` with its error; a write given up otherwise (a dead letter)
+/// `502`. Both refusals point at the write's status.
+fn batched(
+    p: &Proxy,
+    route: &Route,
+    id: EntryId,
+    settled: Settled,
+    token: Option<&str>,
+) -> Response<Body> {
+    let now = p.clock.now();
+    let mut resp = match settled {
+        Settled::Answer(answer) => {
+            p.metrics.request(&route.name, "batched");
+            let mut resp = Response::new(response::full(answer.body));
+            *resp.status_mut() = answer.status;
+            *resp.headers_mut() = answer.headers;
+            resp
+        }
+        Settled::Failed(reason, error) => {
+            p.metrics.request(&route.name, "failed");
+            let status_url = response::status_url(id, token);
+            let mut resp = if reason == FailReason::Rejected {
+                response::problem(StatusCode::UNPROCESSABLE_ENTITY, "RecordInvalid", &error)
+            } else {
+                let why = format!("{error}; the write is kept as a dead letter at {status_url}");
+                response::problem(StatusCode::BAD_GATEWAY, reason.name(), why)
+            };
+            if let Ok(v) = HeaderValue::from_str(&status_url) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            resp
+        }
+    };
+    let usage = p.ledger.usage(&route.quotas, now);
+    response::add_rate_limit_headers(resp.headers_mut(), &p.ledger, &usage, now);
+    resp
 }
 
 /// The over-limit answer for a request that cannot be sent in time.

@@ -14,7 +14,8 @@ use crate::ids::QuotaId;
 use crate::message::{BufferedResponse, IDEMPOTENCY_KEY, Outbound, retry_after};
 use crate::proxy::Proxy;
 use crate::queue::{
-    BatchDispatch, BatchOutcome, Dispatch, Outcome, PollDispatch, PollOutcome, Step,
+    BatchDispatch, BatchOutcome, Dispatch, Outcome, PollDispatch, PollOutcome, ReadbackDispatch,
+    Step,
 };
 use crate::quota::Grant;
 use crate::route::Route;
@@ -58,6 +59,9 @@ pub async fn run(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
             }
             Step::Poll(p) => {
                 tokio::spawn(deliver_poll(proxy.clone(), p));
+            }
+            Step::Readback(r) => {
+                tokio::spawn(deliver_readback(proxy.clone(), r));
             }
             Step::Idle(wake_at) => {
                 proxy.breaker.probe_not_sent(now);
@@ -441,6 +445,27 @@ async fn deliver_poll(proxy: Arc<Proxy>, p: PollDispatch) {
         _ => later,
     };
     proxy.queue.complete_poll(&p.jobs, outcome, now);
+}
+
+/// One read-back of the tickets a batch created. It is asked once: its clients are waiting,
+/// and without it each still gets its ticket's id.
+async fn deliver_readback(proxy: Arc<Proxy>, r: ReadbackDispatch) {
+    let routes = proxy.routes();
+    let route = routes.get(r.route);
+    let mut grant = r.grant;
+    if let Admission::Denied { .. } = proxy.admit(&route.quotas, &[], &mut grant).await {
+        proxy.queue.complete_readback(r.readback, None);
+        return;
+    }
+    let result = send(&proxy, route, r.request).await;
+    let now = proxy.clock.now();
+    let sent = Sent::read(&proxy, route, &grant, result, now);
+    sent.outage(&proxy, &grant, &route.quotas, now);
+    let tickets = sent
+        .answer
+        .filter(|a| a.status.is_success() && !sent.throttled)
+        .and_then(|a| zendesk_batch::parse_tickets(&a.body));
+    proxy.queue.complete_readback(r.readback, tickets);
 }
 
 #[cfg(test)]

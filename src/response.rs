@@ -226,6 +226,14 @@ pub fn over_limit(
     with_retry_after(json_response(status, &body), secs)
 }
 
+/// Where a parked write's client reads its status (with its token when it has no credential).
+pub fn status_url(id: EntryId, token: Option<&str>) -> String {
+    match token {
+        Some(t) => format!("{PROXY_PREFIX}requests/{id}?token={t}"),
+        None => format!("{PROXY_PREFIX}requests/{id}"),
+    }
+}
+
 /// `202 Accepted`: the proxy now owns delivery of a parked write.
 /// The 202 for a parked write. A write that carries no credential gets a status `token` of its
 /// own, in its `Location` and `status_url` (the only way to read it back).
@@ -235,10 +243,7 @@ pub fn accepted(
     estimated: Time,
     token: Option<&str>,
 ) -> Response<Body> {
-    let location = match token {
-        Some(t) => format!("{PROXY_PREFIX}requests/{id}?token={t}"),
-        None => format!("{PROXY_PREFIX}requests/{id}"),
-    };
+    let location = status_url(id, token);
     let mut resp = json_response(
         StatusCode::ACCEPTED,
         &json!({

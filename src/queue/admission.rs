@@ -7,20 +7,23 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::book::{Book, Entry, Life};
-use super::entry::{Kept, Owner, State};
+use super::entry::{Handoff, Kept, Owner, Settled, State};
 use super::{Accepted, Enter, Parkable, Queue};
 use crate::clock::{Clock, Time};
 use crate::config::{Class, OnLimit};
+use crate::crm::zendesk_batch::BatchKind;
 use crate::ids::EntryId;
 use crate::message::{Outbound, headers_bytes};
 use crate::quota::{Demand, Grant, Ledger};
 use crate::route::Route;
-use crate::store::Record;
+use crate::store::{Commit, Record};
 
 /// What became of a parked live request when its client's `max_wait` ran out (or a slot came).
 pub enum WaitEnd {
     /// A slot was granted within `max_wait`: send it.
     Granted(Outbound, Grant),
+    /// It went in a batch call, and how that ended came within `max_wait`.
+    Settled(EntryId, Settled),
     /// The proxy now owns delivery; answer 202.
     Accepted(Accepted),
     /// `on_limit: wait`: withdrawn; answer with the over-limit response.
@@ -45,7 +48,10 @@ impl Queue {
     ) -> Enter {
         let mut book = self.lock();
         let book = &mut *book;
-        let lane_empty = book.clients[parkable.client.0].lanes[route.lane.0].is_empty();
+        // A new write never overtakes its lane: parked writes, or a batch whose job the CRM
+        // has not finished (it applies the batch later than a single call sent now).
+        let lane_empty = book.clients[parkable.client.0].lanes[route.lane.0].is_empty()
+            && !book.batch_open(parkable.client, route.lane);
         let resource_free = parkable
             .resource
             .as_ref()
@@ -101,8 +107,9 @@ impl Queue {
             return Enter::Go(self.ticket(id, None), parkable.request, grant);
         }
         // Holding the client is pointless when no slot is expected within its max_wait.
-        let ahead = book.clients[parkable.client.0].lanes[route.lane.0].len() as u64;
-        let eta = ledger.estimate(&route.quotas, ahead, now);
+        let batchable = self.batchable(route, &parkable.request);
+        let ahead = book.clients[parkable.client.0].lanes[route.lane.0].len();
+        let eta = ledger.estimate(&route.quotas, calls_ahead(route, batchable, ahead), now);
         let hopeless = eta > now + route.max_wait;
         if hopeless && route.on_limit == OnLimit::Wait {
             return Enter::Refused { retry_at: eta };
@@ -115,17 +122,14 @@ impl Queue {
             return Enter::Accepted(accepted);
         }
         let (tx, rx) = oneshot::channel();
+        let new = Entry { batchable, ..new };
         book.insert(new, State::Queued(Owner::Client(tx)), kept, None);
         self.link(book, id);
         self.wake();
         Enter::Parked(self.ticket(id, Some(rx)))
     }
 
-    fn ticket(
-        self: &Arc<Self>,
-        id: EntryId,
-        rx: Option<oneshot::Receiver<(Outbound, Grant)>>,
-    ) -> Ticket {
+    fn ticket(self: &Arc<Self>, id: EntryId, rx: Option<oneshot::Receiver<Handoff>>) -> Ticket {
         Ticket {
             queue: self.clone(),
             id,
@@ -138,9 +142,13 @@ impl Queue {
     pub(super) fn eta(&self, book: &Book, e: &Entry, ledger: &Ledger, now: Time) -> (usize, Time) {
         let position = book.position(e);
         let routes = self.routes();
-        let quotas = &routes.lane(e.lane).quotas;
+        let route = routes.get(e.route);
         let eta = ledger
-            .estimate(quotas, position as u64, now)
+            .estimate(
+                &routes.lane(e.lane).quotas,
+                calls_ahead(route, e.batchable, position),
+                now,
+            )
             .max(e.not_before);
         (position, eta)
     }
@@ -195,7 +203,11 @@ impl Queue {
             _ => {
                 // Granted at the same moment: the request is in the channel.
                 return match ticket.rx.as_mut().and_then(|rx| rx.try_recv().ok()) {
-                    Some((req, grant)) => WaitEnd::Granted(req, grant),
+                    Some(Handoff::Send(req, grant)) => WaitEnd::Granted(req, grant),
+                    Some(Handoff::Batched { commit, result }) => {
+                        ticket.settled = true;
+                        self.batched_end(book, ticket.id, commit, result, ledger, now)
+                    }
                     None => {
                         ticket.settled = true;
                         WaitEnd::Closed
@@ -221,6 +233,43 @@ impl Queue {
         } else {
             WaitEnd::GaveUp { retry_at: eta }
         }
+    }
+
+    /// A write that went in a batch call, its client's wait over: how it ended if known by
+    /// now, else the proxy keeps it (202; it is in the log once `commit` is durable).
+    fn batched_end(
+        &self,
+        book: &Book,
+        id: EntryId,
+        commit: Commit,
+        mut result: oneshot::Receiver<Settled>,
+        ledger: &Ledger,
+        now: Time,
+    ) -> WaitEnd {
+        if let Ok(settled) = result.try_recv() {
+            return WaitEnd::Settled(id, settled);
+        }
+        let (position, estimated_dispatch_at) = match book.get(&id) {
+            Some(e) => match e.state() {
+                State::Done(resp) => {
+                    return WaitEnd::Settled(id, Settled::Answer((**resp).clone()));
+                }
+                State::Failed(reason, error) => {
+                    return WaitEnd::Settled(id, Settled::Failed(*reason, error.clone()));
+                }
+                // Back in line (throttled, or to be retried).
+                State::Queued(_) => self.eta(book, e, ledger, now),
+                // In its batch call or job.
+                _ => (0, now),
+            },
+            None => (0, now),
+        };
+        WaitEnd::Accepted(Accepted {
+            id,
+            position,
+            estimated_dispatch_at,
+            commit,
+        })
     }
 
     /// A live write that the CRM throttled (or that got no answer) becomes a proxy-owned parked
@@ -320,7 +369,7 @@ impl Queue {
 pub struct Ticket {
     queue: Arc<Queue>,
     id: EntryId,
-    rx: Option<oneshot::Receiver<(Outbound, Grant)>>,
+    rx: Option<oneshot::Receiver<Handoff>>,
     /// Ownership passed to the proxy, or the entry is already removed: nothing to undo.
     settled: bool,
 }
@@ -333,6 +382,7 @@ impl Ticket {
         ledger: &Ledger,
         clock: &dyn Clock,
     ) -> WaitEnd {
+        let deadline = tokio::time::Instant::now() + max_wait;
         let Some(rx) = self.rx.as_mut() else {
             self.settled = true;
             return WaitEnd::Closed;
@@ -345,7 +395,18 @@ impl Ticket {
             tokio::time::timeout(max_wait, rx).await.map_err(|_| ())
         };
         match waited {
-            Ok(Ok((req, grant))) => WaitEnd::Granted(req, grant),
+            Ok(Ok(Handoff::Send(req, grant))) => WaitEnd::Granted(req, grant),
+            Ok(Ok(Handoff::Batched { commit, mut result })) => {
+                // The proxy owns the write now; the client waits on for its result.
+                self.settled = true;
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if let Ok(Ok(settled)) = tokio::time::timeout(left, &mut result).await {
+                    return WaitEnd::Settled(self.id, settled);
+                }
+                let book = self.queue.lock();
+                self.queue
+                    .batched_end(&book, self.id, commit, result, ledger, clock.now())
+            }
             Ok(Err(_)) => {
                 self.settled = true;
                 WaitEnd::Closed
@@ -387,5 +448,14 @@ impl Drop for Ticket {
         if !self.settled {
             self.queue.clone().on_drop(self);
         }
+    }
+}
+
+/// How many calls go before a write `ahead` places back in its lane: one per write, or one per
+/// batch of `max_size` on a route that batches it.
+fn calls_ahead(route: &Route, batchable: Option<BatchKind>, ahead: usize) -> u64 {
+    match (route.batch, batchable) {
+        (Some(b), Some(_)) => (ahead / b.max_size.max(1)) as u64,
+        _ => ahead as u64,
     }
 }

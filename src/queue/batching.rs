@@ -9,7 +9,7 @@ use http::Method;
 
 use super::book::{Book, Entry};
 use super::entry::{Batched, Kept, Owner, State};
-use super::jobs::{Job, Pending};
+use super::jobs::{Job, Pending, Readback};
 use super::{Outcome, Queue, SCAN_LIMIT, earliest};
 use crate::clock::Time;
 use crate::crm::zendesk_batch::{self as zendesk, BatchKind, Item, ItemResult, JobState};
@@ -127,7 +127,8 @@ impl Queue {
     }
 
     /// `first` and the writes after it in its lane that may share its call, in arrival order:
-    /// same route and kind, same credential and headers, ready now, owned by the proxy, never
+    /// same route and kind, same credential and headers, ready now, in the log (or with their
+    /// client still waiting), never
     /// two updates of one ticket, and nothing overtaking an earlier write of the same record or
     /// key that cannot go.
     #[allow(clippy::too_many_arguments)]
@@ -164,9 +165,14 @@ impl Queue {
                 e.resource.as_ref().is_some_and(|r| {
                     book.busy.contains(r) || held.contains(&r) || taken.contains(&r)
                 }) || e.keys.iter().any(|(_, k)| held.contains(&k));
+            // A write whose client still waits rides along too: its client gets the result.
+            let waiting = match e.state() {
+                State::Queued(Owner::Proxy) => e.durable,
+                State::Queued(Owner::Client(_)) => true,
+                _ => false,
+            };
             let eligible = !blocked
-                && matches!(e.state(), State::Queued(Owner::Proxy))
-                && e.durable
+                && waiting
                 && !e.single
                 && e.route == first.route
                 && e.batchable == Some(kind)
@@ -377,10 +383,20 @@ impl Queue {
             self.metrics.batch_failure(&route, "job");
             tracing::warn!(job = %id, route, message = job.message.as_deref().unwrap_or(""), "a CRM batch job failed");
         }
+        let mut read_back = Vec::new();
         for (index, (m, result)) in batch.members.iter().zip(results).enumerate() {
             let outcome = match result {
                 ItemResult::Applied(ticket) => {
-                    Outcome::Done(zendesk::member_response(batch.kind, ticket, id, index))
+                    let answer = zendesk::member_response(batch.kind, ticket, id, index);
+                    // A client still waiting on a create gets the ticket itself, read back
+                    // with the others of its batch in one call.
+                    if batch.kind == BatchKind::Create
+                        && let Some(tx) = book.watchers.remove(m)
+                        && !tx.is_closed()
+                    {
+                        read_back.push((ticket, answer.clone(), tx));
+                    }
+                    Outcome::Done(answer)
                 }
                 ItemResult::Rejected(error) => {
                     self.metrics.batch_failure(&route, "item");
@@ -426,6 +442,16 @@ impl Queue {
             };
             self.settle_attempt(book, *m, outcome, now);
         }
+        if !read_back.is_empty() {
+            book.batch_seq += 1;
+            book.readbacks.push(Readback {
+                seq: book.batch_seq,
+                client: batch.client,
+                headers: batch.headers,
+                members: read_back,
+                reading: false,
+            });
+        }
     }
 
     /// After recovery: the jobs the log says hold writes, polled again at once.
@@ -449,7 +475,8 @@ impl Queue {
             let Some(req) = first.request() else {
                 continue;
             };
-            let (route, client, headers) = (first.route, first.client, req.outbound().headers);
+            let (route, client, lane) = (first.route, first.client, first.lane);
+            let headers = req.outbound().headers;
             let items: Vec<Option<Item>> = members
                 .iter()
                 .map(|m| {
@@ -468,6 +495,7 @@ impl Queue {
                         kind,
                         route,
                         client,
+                        lane,
                         members,
                         tickets: items
                             .iter()

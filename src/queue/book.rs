@@ -7,8 +7,10 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::Queue;
-use super::entry::{Batched, Kept, Owner, State};
-use super::jobs::{Job, Pending};
+use tokio::sync::oneshot;
+
+use super::entry::{Batched, Kept, Owner, Settled, State};
+use super::jobs::{Job, Pending, Readback};
 use crate::clock::Time;
 use crate::crm::zendesk_batch::BatchKind;
 use crate::ids::{ClientId, EntryId, Fingerprint, LaneId, QuotaId, RouteId};
@@ -139,6 +141,10 @@ pub(super) struct Book {
     pub batch_seq: u64,
     /// CRM jobs holding batches whose results are still to be read.
     pub jobs: HashMap<Arc<str>, Job>,
+    /// Clients still waiting for the result of a write that went in a batch call.
+    pub watchers: HashMap<EntryId, oneshot::Sender<Settled>>,
+    /// Created tickets to read back for the clients waiting on them, one read per batch.
+    pub readbacks: Vec<Readback>,
 }
 
 impl Book {
@@ -164,7 +170,18 @@ impl Book {
             sending: HashMap::new(),
             batch_seq: 0,
             jobs: HashMap::new(),
+            watchers: HashMap::new(),
+            readbacks: Vec::new(),
         }
+    }
+
+    /// Whether a batch call or CRM job of this client's lane has not settled yet: until it
+    /// has, nothing else of the lane goes, so the CRM applies the lane in arrival order.
+    pub fn batch_open(&self, client: ClientId, lane: LaneId) -> bool {
+        self.sending
+            .values()
+            .chain(self.jobs.values().map(|j| &j.batch))
+            .any(|p| p.client == client && p.lane == lane)
     }
 
     pub fn get(&self, id: &EntryId) -> Option<&Entry> {
@@ -239,6 +256,10 @@ impl Book {
             .expect("a transition of a known entry");
         account(&mut self.counts, &mut self.dead, e, false);
         let finished = matches!(state, State::Done(_) | State::Failed(..) | State::Expired);
+        if finished {
+            // A client still waiting hears of the end (if nobody told it) as a closed channel.
+            self.watchers.remove(id);
+        }
         let life = &mut e.life;
         life.finished_at = finished.then_some(now);
         if !state.holds_request() {

@@ -11,14 +11,42 @@ use crate::credentials::{Credentials, is_secret_name};
 use crate::message::{BufferedResponse, Outbound};
 use crate::quota::Grant;
 use crate::status::{FailReason, Status};
+use crate::store::Commit;
 
 /// Who answers the client of a queued entry.
 #[derive(Debug)]
 pub(super) enum Owner {
-    /// The client is still connected and waiting; a grant hands it the request to send itself.
-    Client(oneshot::Sender<(Outbound, Grant)>),
+    /// The client is still connected and waiting: a grant hands it the request to send itself,
+    /// or its write goes in a batch call and the client waits for the result.
+    Client(oneshot::Sender<Handoff>),
     /// The client got a 202: the proxy sends the request and keeps the result.
     Proxy,
+}
+
+/// What a waiting client is handed for its write.
+// Sent once through a channel and matched at once: boxing the grant would only add an
+// allocation to the path of every write that waited.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Handoff {
+    /// A slot: the client sends its write itself.
+    Send(Outbound, Grant),
+    /// Its write went in a batch call: the proxy owns it now (in the log once `commit` is
+    /// durable), and its result follows on `result` when the CRM's job tells it.
+    Batched {
+        commit: Commit,
+        result: oneshot::Receiver<Settled>,
+    },
+}
+
+/// How a write that went in a batch call ended, for its client still waiting.
+#[derive(Debug)]
+pub enum Settled {
+    /// Applied: the answer the CRM's own single call would have given (for a Zendesk create,
+    /// the ticket as read back, or its id when it could not be read).
+    Answer(BufferedResponse),
+    /// Given up: a dead letter.
+    Failed(FailReason, String),
 }
 
 #[derive(Debug)]

@@ -2,7 +2,7 @@
 //! purge of finished results, and the operator's retry and discard of dead letters.
 
 use super::book::{Book, Counts, response_bytes};
-use super::entry::{Owner, State};
+use super::entry::{Owner, Settled, State};
 use super::persistence::stored_response;
 use super::{OpError, Outcome, Queue, earliest};
 use crate::clock::Time;
@@ -150,6 +150,9 @@ impl Queue {
                 // it, and when even that is not enough its body is dropped (status and headers
                 // kept, marked).
                 let request = e.bytes;
+                if let Some(tx) = book.watchers.remove(&id) {
+                    let _ = tx.send(Settled::Answer(resp.clone()));
+                }
                 let needed = response_bytes(&resp).saturating_sub(request);
                 if !self.room_for_result(book, needed) {
                     let len = resp.body.len() as u64;
@@ -166,6 +169,9 @@ impl Queue {
             }
             Outcome::Failed(reason, error) => {
                 tracing::error!(request_id = %id, route, attempts = e.attempts, reason = reason.name(), %error, "parked write failed; kept as a dead letter");
+                if let Some(tx) = book.watchers.remove(&id) {
+                    let _ = tx.send(Settled::Failed(reason, error.clone()));
+                }
                 self.log(|| Record::Failed {
                     id: uid,
                     at: now.as_nanos(),

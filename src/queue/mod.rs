@@ -8,7 +8,8 @@
 //! - [`bulk`]: operator actions on every dead letter a filter selects;
 //! - [`persistence`]: writes and states as the log keeps them, recovery and compaction;
 //! - [`views`]: what clients, operators and `/status` see;
-//! - [`batching`]: which parked writes share a Zendesk batch call, its jobs and their polls.
+//! - [`batching`]: which parked writes share a Zendesk batch call, its jobs and their polls;
+//! - [`readback`]: the tickets a batch created, read back for the clients still waiting.
 
 mod admission;
 mod batching;
@@ -18,6 +19,7 @@ mod entry;
 mod jobs;
 mod lifecycle;
 mod persistence;
+mod readback;
 mod scheduling;
 mod views;
 
@@ -41,6 +43,8 @@ pub use admission::{Ticket, WaitEnd};
 pub use batching::{BatchDispatch, BatchOutcome, PollDispatch, PollOutcome};
 use book::Book;
 pub use bulk::{BulkResult, FILTER_KEYS, Filter, Selection};
+pub use entry::Settled;
+pub use readback::ReadbackDispatch;
 pub use views::{EntryDetail, EntrySummary, RequestView, ResponseView, StatusView};
 
 /// A write that may be parked: its request plus what the queue needs to order and guard it.
@@ -95,6 +99,8 @@ pub enum Step {
     Batch(BatchDispatch),
     /// Ask the CRM how some batch jobs are doing (quota for one call charged).
     Poll(PollDispatch),
+    /// Read back the tickets a batch created for the clients waiting on them (one call charged).
+    Readback(ReadbackDispatch),
     /// Nothing can go now; wake at this time (or on notification).
     Idle(Option<Time>),
 }

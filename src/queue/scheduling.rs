@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
+
 use super::batching::{BatchDispatch, Plan};
 use super::book::Book;
-use super::entry::Batched;
-use super::entry::{Owner, State};
+use super::entry::{Batched, Handoff, Owner, State};
 use super::jobs::Pending;
 use super::{Dispatch, Queue, SCAN_LIMIT, Step, earliest};
 use crate::clock::Time;
@@ -56,6 +57,9 @@ impl Queue {
         lanes.sort_unstable();
         let routes = self.routes();
         for (_, lane) in lanes {
+            if book.batch_open(client, LaneId(lane)) {
+                continue; // its batch's job settles first (a completion wakes us)
+            }
             let quotas = &routes.lane(LaneId(lane)).quotas;
             let mut held_back: Vec<&Arc<str>> = Vec::new();
             for &(_, id) in queue.lanes[lane].iter().take(SCAN_LIMIT) {
@@ -83,7 +87,7 @@ impl Queue {
                     continue;
                 }
                 let mut batch = None;
-                if matches!(e.state(), State::Queued(Owner::Proxy)) {
+                if matches!(e.state(), State::Queued(_)) {
                     match self.batch_plan(book, client, lane, e, now) {
                         Plan::Alone => {}
                         Plan::Together(members) => batch = Some(members),
@@ -143,6 +147,9 @@ impl Queue {
         let mut guard = self.lock();
         let book = &mut *guard;
         let mut wake_at = self.maintain(book, now);
+        if let Some(read) = self.readback_due(book, ledger, now, cap, &mut wake_at) {
+            return Step::Readback(read);
+        }
         if let Some(poll) = self.poll_due(book, ledger, now, cap, &mut wake_at) {
             return Step::Poll(poll);
         }
@@ -233,7 +240,7 @@ impl Queue {
         };
         // If the client vanished just now, its ticket's drop frees the resource; the quota spent
         // here is lost, which can only under-spend.
-        let _ = tx.send((request, grant));
+        let _ = tx.send(Handoff::Send(request, grant));
         None
     }
 
@@ -305,11 +312,25 @@ impl Queue {
             let e = book.get_mut(&mid).expect("a batch member exists");
             e.attempts += 1;
             e.batched = Some(Batched::Sending);
+            // The batch can go only once its records are durable, this write's with them.
+            e.durable = true;
             let attempt = e.attempts;
             if let Some(r) = e.resource.clone() {
                 book.busy.insert(r);
             }
-            book.transition(&mid, State::Dispatching, now);
+            let client_waits = matches!(book.entry(&mid).state(), State::Queued(Owner::Client(_)));
+            // A write whose client still waits is the proxy's from here: logged as accepted
+            // (before its `batch sent`), its client told to wait for the result.
+            let accepted = client_waits
+                .then(|| self.log(|| Record::Accepted(Box::new(self.stored(book.entry(&mid))))));
+            if let (State::Queued(Owner::Client(tx)), Some(commit)) =
+                (book.transition(&mid, State::Dispatching, now), accepted)
+            {
+                let (result_tx, result) = oneshot::channel();
+                if tx.send(Handoff::Batched { commit, result }).is_ok() {
+                    book.watchers.insert(mid, result_tx);
+                }
+            }
             // Records reach the log in order: the last one durable means all are.
             commit = self.log(|| Record::BatchSent {
                 id: mid.as_u128(),
@@ -328,6 +349,7 @@ impl Queue {
                 kind,
                 route: route.id,
                 client,
+                lane: route.lane,
                 members: out.iter().map(|(m, _)| *m).collect(),
                 tickets,
                 headers: headers.clone(),

@@ -127,7 +127,9 @@ impl Fixture {
         match self.next() {
             Step::Send(d) => d,
             Step::Idle(at) => panic!("nothing to send (wake at {at:?})"),
-            Step::Batch(_) | Step::Poll(_) => panic!("unexpected batch or poll"),
+            Step::Batch(_) | Step::Poll(_) | Step::Readback(_) => {
+                panic!("unexpected batch, poll or read-back")
+            }
         }
     }
 
@@ -135,7 +137,9 @@ impl Fixture {
         match self.next() {
             Step::Idle(at) => at,
             Step::Send(d) => panic!("unexpected send of {:?}", d.id),
-            Step::Batch(_) | Step::Poll(_) => panic!("unexpected batch or poll"),
+            Step::Batch(_) | Step::Poll(_) | Step::Readback(_) => {
+                panic!("unexpected batch, poll or read-back")
+            }
         }
     }
 
@@ -711,11 +715,33 @@ fn finished(
 }
 
 impl Fixture {
+    /// Polls `job` (the only one due) and has the CRM answer it completed, having created the
+    /// tickets `ids` in batch order.
+    fn finish_job(&self, job: &str, ids: &[u64]) {
+        let poll = self.poll();
+        assert_eq!(poll.jobs, [Arc::<str>::from(job)]);
+        let results = ids
+            .iter()
+            .enumerate()
+            .map(|(index, id)| serde_json::json!({"index": index, "id": id}))
+            .collect();
+        self.queue.complete_poll(
+            &poll.jobs,
+            PollOutcome::Jobs(vec![finished(
+                job,
+                crate::crm::zendesk_batch::JobState::Completed,
+                serde_json::Value::Array(results),
+            )]),
+            self.clock.now(),
+        );
+    }
+
     fn batch(&self) -> BatchDispatch {
         match self.next() {
             Step::Batch(b) => b,
             Step::Send(d) => panic!("a single send of {:?}", d.id),
             Step::Poll(_) => panic!("a poll"),
+            Step::Readback(_) => panic!("a read-back"),
             Step::Idle(at) => panic!("idle until {at:?}"),
         }
     }
@@ -953,18 +979,32 @@ async fn jobs_are_polled_again_after_a_crash_and_a_batch_in_flight_is_ambiguous(
         .unwrap();
     f.queue
         .complete_batch(first.batch, BatchOutcome::Job(running("J1")), clock.now());
+    // The lane's next batch waits for the job: the CRM applies the lane in arrival order.
+    // (idle until J1's first poll: nothing else of the lane goes while it runs)
+    assert_eq!(f.idle(), Some(clock.now() + Duration::from_secs(1)));
+    f.queue.sync().await.unwrap();
+    drop(f); // a crash while the CRM runs the job
+
+    let (store, recovered) = Store::open(&dir).unwrap();
+    let f = zendesk_fixture(store, clock.clone());
+    let report = f.queue.restore(recovered.entries, clock.now());
+    assert_eq!((report.in_jobs, report.queued), (3, 3), "{report:?}");
+    f.finish_job("J1", &[1, 2, 3]);
+    for id in &parked[..3] {
+        assert_eq!(f.status(*id), Status::Done);
+    }
     let mut second = f.batch();
     std::mem::replace(&mut second.commit, Commit::done())
         .durable()
         .await
         .unwrap();
     f.queue.sync().await.unwrap();
-    drop(f); // the crash: the second call's answer never came
+    drop(f); // a crash before the second call's answer came
 
     let (store, recovered) = Store::open(&dir).unwrap();
     let f = zendesk_fixture(store, clock.clone());
     let report = f.queue.restore(recovered.entries, clock.now());
-    assert_eq!((report.in_jobs, report.ambiguous), (3, 3), "{report:?}");
+    assert_eq!((report.in_jobs, report.ambiguous), (0, 3), "{report:?}");
     for id in &parked[3..] {
         let v = f.queue.inspect(*id).unwrap();
         assert_eq!(
@@ -973,23 +1013,82 @@ async fn jobs_are_polled_again_after_a_crash_and_a_batch_in_flight_is_ambiguous(
             "no blind resend of a batch"
         );
     }
-    let poll = f.poll();
-    assert_eq!(poll.jobs, [Arc::<str>::from("J1")]);
-    let results =
-        serde_json::json!([{"index": 0, "id": 1}, {"index": 1, "id": 2}, {"index": 2, "id": 3}]);
-    f.queue.complete_poll(
-        &poll.jobs,
-        PollOutcome::Jobs(vec![finished(
-            "J1",
-            crate::crm::zendesk_batch::JobState::Completed,
-            results,
-        )]),
-        clock.now(),
-    );
-    for id in &parked[..3] {
-        assert_eq!(f.status(*id), Status::Done);
-    }
     assert!(f.queue.is_drained());
+}
+
+/// Clients still waiting ride in their lane's batch in arrival order, a new write joins the
+/// line while the lane's job runs (quota free or not), and each client hears how its write
+/// ended: the ticket, read back once for the whole batch.
+#[tokio::test]
+async fn waiting_clients_ride_in_the_batch_and_get_their_ticket() {
+    let yaml = "upstream: { url: http://crm.test, crm: zendesk }\nfairness: { live_reserve: 0%, drain_min: 0%, read_reserve: 0% }\nquotas:\n  - { name: w, limit: 3, window: 10s, margin: 0s }\nroutes:\n  - { name: create, methods: [POST], path: /api/v2/tickets.json, max_wait: 30s, batch: { max_size: 3, max_linger: 1s } }\n  - { name: reads, methods: [GET], path: /api/v2/**, on_limit: wait, max_wait: 1s }\n";
+    let clock = ManualClock::at("2026-01-01T00:00:00Z");
+    let f = fixture_from(yaml, Store::memory(), clock.clone());
+    let path = "/api/v2/tickets.json";
+    for s in ["x", "y", "z"] {
+        assert!(matches!(
+            f.enter(Method::POST, path, &ticket(s)),
+            Enter::Go(..)
+        ));
+    }
+    let mut waiting: Vec<Ticket> = ["a", "b", "c"]
+        .iter()
+        .map(|s| match f.enter(Method::POST, path, &ticket(s)) {
+            Enter::Parked(t) => t,
+            _ => panic!("{s}: expected to wait for quota"),
+        })
+        .collect();
+    clock.advance(Duration::from_secs(10));
+    let call = f.batch();
+    let ids: Vec<EntryId> = waiting.iter().map(Ticket::id).collect();
+    let members: Vec<EntryId> = call.members.iter().map(|(id, _)| *id).collect();
+    assert_eq!(members, ids, "one call, in arrival order");
+    // Quota is free, but the lane's batch has not been applied yet: a new write waits its turn.
+    let Enter::Parked(mut d) = f.enter(Method::POST, path, &ticket("d")) else {
+        panic!("a new write overtook the lane's open batch");
+    };
+    f.queue
+        .complete_batch(call.batch, BatchOutcome::Job(running("J1")), clock.now());
+    assert_eq!(f.idle(), Some(clock.now() + Duration::from_secs(1)));
+    clock.advance(Duration::from_secs(1));
+    f.finish_job("J1", &[11, 12, 13]);
+    let Step::Readback(read) = f.next() else {
+        panic!("expected one read-back for the batch's waiting clients");
+    };
+    assert_eq!(
+        read.request.path_and_query,
+        "/api/v2/tickets/show_many.json?ids=11,12,13"
+    );
+    // The CRM left 13 out of its answer: that client gets its ticket's id alone.
+    let tickets = vec![
+        (11, serde_json::json!({"id": 11, "subject": "a"})),
+        (12, serde_json::json!({"id": 12, "subject": "b"})),
+    ];
+    f.queue.complete_readback(read.readback, Some(tickets));
+    for (t, (id, subject)) in waiting
+        .iter_mut()
+        .zip([(11, Some("a")), (12, Some("b")), (13, None)])
+    {
+        let WaitEnd::Settled(_, Settled::Answer(r)) =
+            t.wait(Duration::ZERO, &f.ledger, &f.clock).await
+        else {
+            panic!("ticket {id}: expected its answer");
+        };
+        assert_eq!(r.status, http::StatusCode::CREATED);
+        assert_eq!(r.headers["location"], format!("/api/v2/tickets/{id}.json"));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["ticket"]["id"], id);
+        assert_eq!(v["ticket"]["subject"].as_str(), subject);
+    }
+    // The batch, its poll and its read spent the window; in the next, the new write goes
+    // (alone, its linger over), handed to its waiting client.
+    assert_eq!(f.idle(), Some(clock.now() + Duration::from_secs(9)));
+    clock.advance(Duration::from_secs(9));
+    assert!(matches!(f.next(), Step::Idle(_)));
+    assert!(matches!(
+        d.wait(Duration::ZERO, &f.ledger, &f.clock).await,
+        WaitEnd::Granted(..)
+    ));
 }
 
 /// One step of a random life of the queue.
@@ -1057,7 +1156,7 @@ proptest! {
                             match t.wait(Duration::ZERO, &f.ledger, &f.clock).await {
                                 WaitEnd::Accepted(a) => f.queue.settle(a.id, true),
                                 WaitEnd::Granted(out, _) => sending.push_back((t, out)),
-                                WaitEnd::GaveUp { .. } | WaitEnd::Closed => {}
+                                WaitEnd::GaveUp { .. } | WaitEnd::Closed | WaitEnd::Settled(..) => {}
                             }
                         }
                     }

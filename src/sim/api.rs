@@ -87,6 +87,18 @@ pub(super) async fn route(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> 
                 &json!({ "id": format!("500{:012}", ticket.id), "success": true, "errors": [] }),
             )
         }
+        (&Method::GET, ["api", "v2", "tickets", "show_many"]) => {
+            let mut s = lock();
+            s.ticket_reads += 1;
+            let tickets: Vec<&Ticket> = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("ids="))
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|id| s.tickets.get(&id.parse::<u64>().ok()?))
+                .collect();
+            response::json_response(StatusCode::OK, &json!({ "tickets": tickets }))
+        }
         (&Method::GET, ["api", "v2", "tickets", id]) => match id
             .parse::<u64>()
             .ok()

@@ -139,6 +139,8 @@ pub struct SimStats {
     /// Accepted `create_many` / `update_many` calls, and job status polls.
     pub batch_calls: u64,
     pub job_polls: u64,
+    /// `tickets/show_many` reads (tickets read back for clients waiting on a batch).
+    pub ticket_reads: u64,
 }
 
 struct State {
@@ -152,6 +154,7 @@ struct State {
     /// Arrival times of accepted updates, per ticket.
     updates_at: BTreeMap<u64, Vec<u64>>,
     ticket_throttled: u64,
+    ticket_reads: u64,
     calls: u64,
     throttled: u64,
     tickets: BTreeMap<u64, Ticket>,
@@ -228,6 +231,7 @@ impl State {
             max_in_sliding_window: max_sliding as u32,
             tickets: self.tickets.len(),
             ticket_throttled: self.ticket_throttled,
+            ticket_reads: self.ticket_reads,
             batch_calls: self.jobs.batch_calls,
             job_polls: self.jobs.polls,
         }
@@ -254,6 +258,7 @@ impl Sim {
             idempotency: BTreeMap::new(),
             updates_at: BTreeMap::new(),
             ticket_throttled: 0,
+            ticket_reads: 0,
             calls: 0,
             throttled: 0,
             tickets: BTreeMap::new(),

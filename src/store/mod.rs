@@ -54,6 +54,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 }
 
 /// Waits for a record to be durable.
+#[derive(Debug)]
 pub struct Commit(Option<oneshot::Receiver<Result<(), String>>>);
 
 impl Commit {

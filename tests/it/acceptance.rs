@@ -1,7 +1,7 @@
 //! The foundation issue's acceptance run, at full size: a CRM allowing 400 calls per minute, ticket
 //! creates sent through the proxy at 3x that rate for three minutes. Takes about ten minutes, so it
 //! is ignored by default: `cargo test --release --test it acceptance -- --ignored --nocapture`.
-//! `ACCEPTANCE_SECS` shortens the load phase.
+//! `ACCEPTANCE_SECS` shortens the load phase. The second run drives the shipped Zendesk config.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,4 +56,58 @@ async fn three_minutes_at_three_times_a_400_per_minute_budget() {
         "no window over 400"
     );
     assert_each_ticket_once(&h.sim, total as usize);
+}
+
+/// Interactive first at full size, with the shipped `config/zendesk.yaml`: a simulated Zendesk
+/// at 400 calls per minute, creates at three times that for three minutes (`ACCEPTANCE_SECS`),
+/// searches at 5% of the budget, every client waiting:
+/// `cargo test --test it interactive_first -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a three-minute load run; see the module doc"]
+async fn interactive_first_with_the_shipped_zendesk_config() {
+    let secs: u64 = std::env::var("ACCEPTANCE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(180);
+    let sim = crm_quota_proxy::sim::Sim::start(SimConfig {
+        job_delay: Duration::from_millis(500),
+        ..SimConfig::new(400, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/zendesk.yaml"),
+    )
+    .unwrap();
+    let yaml = shipped
+        .replace("0.0.0.0:8080", "127.0.0.1:0")
+        .replace("0.0.0.0:9090", "127.0.0.1:0")
+        .replace("https://acme.zendesk.com", &sim.url())
+        .replace("/var/lib/crm-quota-proxy", dir.path().to_str().unwrap());
+    let h = Arc::new(Harness::with_config(sim, &yaml).await);
+    let load = Duration::from_secs(secs);
+    // 20 creates a second (1,200 a minute: three times the budget), a search every 3 s (5%).
+    let b = crate::interactive::burst(&h, load, Duration::from_millis(50), Duration::from_secs(3))
+        .await;
+    let answered = b.searches.iter().filter(|s| **s == 200).count();
+    let stats = h.sim.stats();
+    let backlog = stats.batch_calls + stats.job_polls + stats.ticket_reads;
+    let budget = 400 * secs / 60;
+    println!(
+        "{} creates, {} answered 201 with their ticket; {answered}/{} searches answered; backlog {backlog} calls of {budget}; overtaken {}; CRM: {stats:?}",
+        b.creates,
+        b.with_ticket,
+        b.searches.len(),
+        b.overtook
+    );
+    assert!(answered * 100 >= b.searches.len() * 99, "{:?}", b.searches);
+    assert_eq!(stats.throttled, 0, "zero 429s from the CRM");
+    assert_each_ticket_once(&h.sim, b.creates);
+    assert_eq!(b.overtook, 0, "arrival order per lane");
+    assert!(backlog * 10 <= budget, "the backlog's share of the budget");
+    assert!(
+        b.with_ticket * 100 >= b.creates * 95,
+        "waiting clients got tickets"
+    );
 }

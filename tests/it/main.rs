@@ -10,6 +10,7 @@ mod crm_truth;
 mod durability;
 mod fairness;
 mod hostile;
+mod interactive;
 mod ledger;
 mod lifecycle;
 mod operations;
