@@ -82,9 +82,12 @@ async fn interactive_first_with_the_shipped_zendesk_config() {
     .unwrap();
     let yaml = shipped
         .replace("0.0.0.0:8080", "127.0.0.1:0")
-        .replace("0.0.0.0:9090", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0")
         .replace("https://acme.zendesk.com", &sim.url())
-        .replace("/var/lib/crm-quota-proxy", dir.path().to_str().unwrap());
+        .replace(
+            "/var/lib/crm-quota-proxy",
+            dir.path().join("data").to_str().unwrap(),
+        );
     let h = Arc::new(Harness::with_config(sim, &yaml).await);
     let load = Duration::from_secs(secs);
     // 20 creates a second (1,200 a minute: three times the budget), a search every 3 s (5%).
