@@ -142,6 +142,12 @@ impl Proxy {
             &lane_names,
             &clients.names(),
         ));
+        let crm = config.upstream.crm;
+        metrics.expect_crm(
+            &routes.names(),
+            crm.throttle_reasons(),
+            crm.rate_limit_headers(),
+        );
         let now = clock.now();
         let ledger = Ledger::for_config(&config, now);
         // A configured read route (not the built-in default) says searches will come.

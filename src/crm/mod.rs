@@ -272,6 +272,57 @@ impl Crm {
         out
     }
 
+    /// The rate-limit headers [`Crm::observe`] reads, as it names them when one is malformed
+    /// (the label values of the header-error metric, known at start).
+    pub fn rate_limit_headers(self) -> &'static [&'static str] {
+        match self {
+            Crm::Zendesk => &[
+                "ratelimit-limit",
+                "x-rate-limit",
+                "ratelimit-remaining",
+                "x-rate-limit-remaining",
+                "ratelimit-reset",
+                "zendesk-ratelimit-*",
+            ],
+            Crm::Salesforce => &["sforce-limit-info"],
+            Crm::HubSpot => &[
+                "x-hubspot-ratelimit-max",
+                "x-hubspot-ratelimit-remaining",
+                "x-hubspot-ratelimit-interval-milliseconds",
+                "x-hubspot-ratelimit-secondly",
+                "x-hubspot-ratelimit-secondly-remaining",
+                "x-hubspot-ratelimit-daily",
+                "x-hubspot-ratelimit-daily-remaining",
+            ],
+            Crm::Freshdesk => &[
+                "x-ratelimit-total",
+                "x-ratelimit-remaining",
+                "x-ratelimit-used-currentrequest",
+            ],
+            Crm::Kustomer | Crm::Generic => &[
+                "x-ratelimit-limit",
+                "ratelimit-limit",
+                "x-ratelimit-remaining",
+                "ratelimit-remaining",
+                "x-ratelimit-reset",
+                "ratelimit-reset",
+            ],
+            Crm::ServiceNow => &["x-ratelimit-limit", "x-ratelimit-reset"],
+            Crm::Dynamics => &[],
+        }
+    }
+
+    /// The reasons [`Crm::throttle`] names for this CRM's throttle answers (and Zendesk's
+    /// `too_many_jobs` for batch calls): the throttle metric's label values, known at start.
+    pub fn throttle_reasons(self) -> &'static [&'static str] {
+        match self {
+            Crm::Zendesk => &["429", "account", "endpoint", "too_many_jobs"],
+            Crm::Salesforce => &["429", "request_limit_exceeded", "concurrent_limit"],
+            Crm::HubSpot => &["429", "daily", "ten_secondly_rolling", "secondly"],
+            _ => &["429"],
+        }
+    }
+
     /// Whether classifying a response with this status needs its body.
     pub fn needs_body(self, status: StatusCode) -> bool {
         matches!(

@@ -321,3 +321,27 @@ proptest! {
         }
     }
 }
+
+/// The header-error metric's label values known at start are exactly the names `observe`
+/// reports for malformed headers: every listed header, garbled, is reported under its name,
+/// and nothing else is.
+#[test]
+fn the_listed_rate_limit_headers_are_those_observe_reads() {
+    for crm in Crm::ALL {
+        let mut headers = HeaderMap::new();
+        for name in crm.rate_limit_headers() {
+            let name = name.replace('*', "bucket");
+            headers.insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                http::HeaderValue::from_static("garbage"),
+            );
+        }
+        let mut reported = Vec::new();
+        crm.observe(&headers, Time::from_nanos(1), &mut |h| reported.push(h));
+        reported.sort_unstable();
+        reported.dedup();
+        let mut listed = crm.rate_limit_headers().to_vec();
+        listed.sort_unstable();
+        assert_eq!(reported, listed, "{}", crm.name());
+    }
+}

@@ -24,7 +24,12 @@ pub const OUTCOMES: &[&str] = &[
     "bad_path",
     "method_not_allowed",
     "upstream_error",
+    "batched",
+    "failed",
 ];
+
+/// Why a call to the CRM got no response (`crm_proxy_upstream_errors_total`).
+pub const UPSTREAM_ERROR_KINDS: &[&str] = &["connect", "timeout", "io"];
 
 /// The listeners whose connections are counted.
 pub const LISTENERS: &[&str] = &["data", "admin"];
@@ -201,6 +206,19 @@ impl Metrics {
             self.crm_limit
                 .with_label_values(&[quota])
                 .set(i64::try_from(l).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Creates at zero the series a CRM dialect can produce: its throttle reasons per route, its
+    /// rate-limit headers' error counts; and the build-info series.
+    pub fn expect_crm(&self, routes: &[&str], throttle_reasons: &[&str], headers: &[&str]) {
+        for route in routes {
+            for reason in throttle_reasons {
+                self.throttled.with_label_values(&[route, reason]);
+            }
+        }
+        for header in headers {
+            self.header_errors.with_label_values(&[header]);
         }
     }
 

@@ -6,7 +6,7 @@ use prometheus::{
     Registry,
 };
 
-use super::{CLOSE_REASONS, LISTENERS, Metrics, OUTCOMES};
+use super::{CLOSE_REASONS, LISTENERS, Metrics, OUTCOMES, UPSTREAM_ERROR_KINDS};
 use crate::status::FailReason;
 
 /// Registers a metric without labels and returns its handle.
@@ -399,6 +399,20 @@ impl Metrics {
             "crm_proxy_breaker_open",
             "1 while the drain is paused because calls to the CRM keep failing as a whole (it probes one write at a time).",
         );
+        let build_info = gauge(
+            r,
+            "crm_proxy_build_info",
+            "Always 1; the labels say which build runs (version, and profile: release or debug).",
+            &["version", "profile"],
+        );
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), profile])
+            .set(1);
         let config_reloads = counter(
             r,
             "crm_proxy_config_reloads_total",
@@ -464,6 +478,14 @@ impl Metrics {
             for kind in ["batch", "job", "item"] {
                 batch_failures.with_label_values(&[route, kind]);
             }
+            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                upstream_responses.with_label_values(&[route, class]);
+            }
+            for kind in UPSTREAM_ERROR_KINDS {
+                upstream_errors.with_label_values(&[route, kind]);
+            }
+            upstream_duration.with_label_values(&[route]);
+            batch_size.with_label_values(&[route]);
         }
         for q in quotas {
             for g in [&quota_limit, &quota_used, &quota_remaining, &quota_frozen] {
