@@ -102,7 +102,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
             };
             response::json_response(StatusCode::OK, &status)
         }
-        _ => response::not_found(),
+        _ => response::admin_not_found(),
     }
 }
 

@@ -25,10 +25,14 @@ pub enum QueueAction {
         status: Option<Status>,
     },
     /// Show one parked write as JSON, credentials redacted.
-    Show { id: EntryId },
+    Show {
+        /// The write's id (as `queue list` or a 202's `id` gives it).
+        id: EntryId,
+    },
     /// Queue a failed or expired write again (fresh attempts and TTL); it is sent after start.
     /// Without an id: every dead letter the filters select (a count first; `--yes` acts).
     Retry {
+        /// The write's id; without one, the filters select.
         id: Option<EntryId>,
         #[command(flatten)]
         filter: FilterArgs,
@@ -36,6 +40,7 @@ pub enum QueueAction {
     /// Give a failed or expired write up for good. Without an id: every dead letter the
     /// filters select (a count first; `--yes` acts).
     Discard {
+        /// The write's id; without one, the filters select.
         id: Option<EntryId>,
         #[command(flatten)]
         filter: FilterArgs,

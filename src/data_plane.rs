@@ -542,7 +542,7 @@ fn own_endpoint(p: &Proxy, req: &Request<Incoming>, path: &str) -> Response<Body
         None => (rest, false),
     };
     let Ok(id) = id_text.parse::<EntryId>() else {
-        return response::not_found();
+        return response::status_not_found();
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return response::method_not_allowed("GET, HEAD");
@@ -558,7 +558,7 @@ fn own_endpoint(p: &Proxy, req: &Request<Incoming>, path: &str) -> Response<Body
     };
     let now = p.clock.now();
     let Some(view) = owner.and_then(|o| p.queue.status(id, o, &p.ledger, now)) else {
-        return response::not_found();
+        return response::status_not_found();
     };
     if replay {
         return match view.stored {

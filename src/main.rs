@@ -30,15 +30,24 @@ const EXIT_BAD_CONFIG: u8 = 64;
     about = "Rate-limiting sidecar that spends a CRM's API quota on purpose"
 )]
 struct Cli {
-    /// Log line format.
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    /// Log line format of `run` and `queue` (also accepted after the command).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// `--log-format`, for the commands that log (`run`, `queue`).
+#[derive(Args)]
+struct Logging {
+    /// Log line format (logs go to standard error) [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, Default, ValueEnum)]
 enum LogFormat {
+    #[default]
     Text,
     Json,
 }
@@ -46,9 +55,11 @@ enum LogFormat {
 /// `--config FILE` (or `CRM_PROXY_CONFIG`), shared by the commands that read a config.
 #[derive(Args)]
 struct ConfigPath {
+    /// The config file (YAML; see the README's configuration reference).
     #[arg(
         long = "config",
         short = 'c',
+        global = true,
         env = "CRM_PROXY_CONFIG",
         default_value = "/etc/crm-quota-proxy/config.yaml"
     )]
@@ -61,6 +72,8 @@ enum Command {
     Run {
         #[command(flatten)]
         config: ConfigPath,
+        #[command(flatten)]
+        logging: Logging,
     },
     /// Validate a config file: exit 0 if valid, 64 with every problem listed if not.
     Check {
@@ -76,6 +89,8 @@ enum Command {
     Queue {
         #[command(flatten)]
         config: ConfigPath,
+        #[command(flatten)]
+        logging: Logging,
         #[command(subcommand)]
         action: QueueAction,
     },
@@ -154,10 +169,11 @@ impl LogLevel {
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|errors| {
+        let n = errors.0.len();
         eprintln!(
-            "{}: invalid config ({} problems):",
+            "{}: invalid config ({n} problem{}):",
             path.display(),
-            errors.0.len()
+            if n == 1 { "" } else { "s" }
         );
         for e in &errors.0 {
             eprintln!("  {e}");
@@ -309,11 +325,15 @@ async fn command(cli: Cli) -> anyhow::Result<ExitCode> {
                     eprintln!("{}: {f}", config.display());
                     return Ok(ExitCode::from(f.exit_code()));
                 }
+                let count = |n: usize, what: &str| match n {
+                    1 => format!("1 {what}"),
+                    n => format!("{n} {what}s"),
+                };
                 println!(
-                    "{}: valid ({} quotas, {} routes, upstream {}){}",
+                    "{}: valid ({}, {}, upstream {}){}",
                     config.display(),
-                    c.quotas.len(),
-                    c.routes.len(),
+                    count(c.quotas.len(), "quota"),
+                    count(c.routes.len(), "route"),
                     c.upstream.url,
                     if runtime {
                         "; data directory and listen addresses usable"
@@ -327,12 +347,21 @@ async fn command(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Run {
             config: ConfigPath { path },
-        } => Ok(run(cli.log_format, &path).await),
+            logging,
+        } => Ok(run(
+            logging.log_format.or(cli.log_format).unwrap_or_default(),
+            &path,
+        )
+        .await),
         Command::Queue {
             config: ConfigPath { path: config },
+            logging,
             action,
         } => {
-            init_tracing(cli.log_format, "warn");
+            init_tracing(
+                logging.log_format.or(cli.log_format).unwrap_or_default(),
+                "warn",
+            );
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
@@ -340,9 +369,20 @@ async fn command(cli: Cli) -> anyhow::Result<ExitCode> {
             queue_command(config, action).await
         }
         Command::Fingerprint => {
+            if std::io::stdin().is_terminal() {
+                eprintln!(
+                    "reading the credential (the whole Authorization value) from standard input; end with Ctrl-D"
+                );
+            }
             let mut credential = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut credential)?;
-            let value = http::HeaderValue::from_str(credential.trim_end_matches(['\r', '\n']))
+            let credential = credential.trim_end_matches(['\r', '\n']);
+            if credential.trim().is_empty() {
+                anyhow::bail!(
+                    "no credential on standard input: pipe the Authorization value in, e.g. printf %s \"Bearer $TOKEN\" | crm-quota-proxy fingerprint"
+                );
+            }
+            let value = http::HeaderValue::from_str(credential)
                 .context("the credential is not a valid header value")?;
             let mut headers = http::HeaderMap::new();
             headers.insert(http::header::AUTHORIZATION, value);
@@ -356,7 +396,7 @@ async fn command(cli: Cli) -> anyhow::Result<ExitCode> {
             searches,
         } => {
             // The demo prints its own live view; only warnings and errors are logged.
-            init_tracing(cli.log_format, "warn");
+            init_tracing(LogFormat::Text, "warn");
             let opts = DemoOptions {
                 limit,
                 window,

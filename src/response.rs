@@ -262,9 +262,25 @@ pub fn accepted(
 }
 
 pub fn not_found() -> Response<Body> {
-    json_response(
+    problem(StatusCode::NOT_FOUND, "not_found", "no such request")
+}
+
+/// 404 for a parked write's status: the id is unknown, or the reader is not its owner (both
+/// answer alike, so ids cannot be probed).
+pub fn status_not_found() -> Response<Body> {
+    problem(
         StatusCode::NOT_FOUND,
-        &json!({ "error": "not_found", "description": "no such request" }),
+        "not_found",
+        "no parked write with this id for this credential: read it with the Authorization header (or cookie, API key) the write was sent with, or with the `token` of its status URL when it had none",
+    )
+}
+
+/// 404 on the admin listener for a path it does not serve, listing those it does.
+pub fn admin_not_found() -> Response<Body> {
+    problem(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such admin endpoint; these exist: GET /healthz, /readyz, /metrics, /status, /requests, /requests/{id}; POST /requests/{id}/retry, /requests/retry, /requests/discard, /quotas/{name}/resume, /reload; DELETE /requests/{id}",
     )
 }
 

@@ -30,7 +30,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let part = match unit {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
-            "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad)?,
+            "m" | "min" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad)?,
             "h" => n
                 .checked_mul(3_600)
                 .map(Duration::from_secs)
@@ -39,7 +39,23 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
                 .checked_mul(86_400)
                 .map(Duration::from_secs)
                 .ok_or_else(bad)?,
-            _ => return Err(bad()),
+            "" => {
+                return Err(format!(
+                    "{text:?} has no unit: write it with one, e.g. \"{n}s\" (units: ms, s, m, h, d)"
+                ));
+            }
+            _ => {
+                let hint = match unit.trim().to_ascii_lowercase().as_str() {
+                    "sec" | "secs" | "second" | "seconds" => format!(" (write {n}s)"),
+                    "mins" | "minute" | "minutes" => format!(" (write {n}m)"),
+                    "hr" | "hrs" | "hour" | "hours" => format!(" (write {n}h)"),
+                    "day" | "days" => format!(" (write {n}d)"),
+                    _ => String::new(),
+                };
+                return Err(format!(
+                    "{text:?} is not a duration: unknown unit {unit:?}{hint}; units: ms, s, m (or min), h, d, e.g. 250ms, 10s, 1m, 1h30m, 1d"
+                ));
+            }
         };
         total = total.checked_add(part).ok_or_else(bad)?;
     }

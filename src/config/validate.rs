@@ -218,7 +218,7 @@ impl Validator {
     }
 
     fn duration(&mut self, path: &str, field: Option<Raw<String>>, default: Duration) -> Duration {
-        match self.take(path, field) {
+        match self.take(path, with_unit_hint(field)) {
             None => default,
             Some(text) => parse_duration(&text).unwrap_or_else(|e| {
                 self.err(path, e);
@@ -1075,7 +1075,7 @@ impl Validator {
             );
         }
         let window_path = format!("{path}.window");
-        let window = match self.required(&window_path, raw.window) {
+        let window = match self.required(&window_path, with_unit_hint(raw.window)) {
             None => None,
             Some(text) => match parse_duration(&text) {
                 Ok(d) if d < WINDOW.0 || d > WINDOW.1 => {
@@ -1547,4 +1547,22 @@ fn default_replica_id() -> String {
                 .filter(|h| !h.is_empty())
         })
         .unwrap_or_else(|| "replica".to_string())
+}
+
+/// A bare number where a duration is due (`window: 60`) gets the unit hint, not a type error.
+fn with_unit_hint(field: Option<Raw<String>>) -> Option<Raw<String>> {
+    field.map(|Raw(r)| {
+        Raw(r.map_err(|e| {
+            let number = e
+                .strip_prefix("invalid type: integer `")
+                .or_else(|| e.strip_prefix("invalid type: floating point `"))
+                .and_then(|rest| rest.split('`').next());
+            match number {
+                Some(n) => format!(
+                    "{n} has no unit: write it with one, e.g. \"{n}s\" (units: ms, s, m, h, d)"
+                ),
+                None => e,
+            }
+        }))
+    })
 }

@@ -203,3 +203,70 @@ fn fingerprint_prints_what_credential_rules_match_and_never_the_credential() {
     );
     assert!(!printed.contains("secret"));
 }
+
+/// The rough edges a new operator met: a bare number for a duration gets the unit hint, `1min`
+/// is a minute, one problem is "1 problem", `fingerprint` with nothing on standard input says
+/// what it wants, and `-c` works after the `queue` action too.
+#[test]
+fn small_mistakes_get_a_hint_and_flags_go_where_users_put_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |yaml: &str| {
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, text) = check(
+        "upstream: { url: https://a.example }\nquotas:\n  - { name: m, limit: 10, window: 60 }\n",
+    );
+    assert_eq!(code, Some(64), "{text}");
+    assert!(text.contains("(1 problem):"), "{text}");
+    assert!(
+        text.contains("quotas[0].window: 60 has no unit: write it with one, e.g. \"60s\""),
+        "{text}"
+    );
+    let (code, text) = check(
+        "upstream: { url: https://a.example }\nquotas:\n  - { name: m, limit: 10, window: 1min }\n",
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("valid (1 quota, 0 routes"), "{text}");
+    let (_, text) = check(
+        "upstream: { url: https://a.example }\nquotas:\n  - { name: m, limit: 10, window: 10secs }\n",
+    );
+    assert!(text.contains("unknown unit \"secs\" (write 10s)"), "{text}");
+
+    let out = bin()
+        .arg("fingerprint")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no credential on standard input"));
+
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "upstream: {{ url: https://a.example }}\nqueue: {{ store: disk, data_dir: {} }}\nquotas:\n  - {{ name: m, limit: 10, window: 1m }}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["queue", "list", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
