@@ -17,7 +17,7 @@ RUN mkdir -m 0700 /data
 # glibc + libgcc, no shell, no package manager; uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/crm-quota-proxy /usr/local/bin/crm-quota-proxy
-COPY config/zendesk.yaml /etc/crm-quota-proxy/config.yaml
+COPY config/zendesk-container.yaml /etc/crm-quota-proxy/config.yaml
 COPY --from=build --chown=nonroot:nonroot /data /var/lib/crm-quota-proxy
 VOLUME /var/lib/crm-quota-proxy
 USER nonroot:nonroot

@@ -14,7 +14,7 @@ use crate::queue::{OpError, QueueStatus};
 use crate::quota::QuotaStatus;
 use crate::response::{self, Body};
 use crate::shared_ledger::LedgerView;
-use crate::status::Status as EntryStatus;
+use crate::status::{FailReason, Status as EntryStatus};
 use crate::upstream::Health;
 
 #[derive(Serialize)]
@@ -37,6 +37,9 @@ struct Status {
 }
 
 pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
+    if let Some(refusal) = proxy.admin_guard.check(&req) {
+        return refusal;
+    }
     let path = req.uri().path();
     if path == "/requests" || path.starts_with("/requests/") {
         return requests(&proxy, req.method(), path, req.uri().query()).await;
@@ -190,7 +193,20 @@ async fn requests(
         }
         (None, &Method::DELETE) => proxy.queue.discard(id),
         (None, _) => return response::method_not_allowed("GET, HEAD, DELETE"),
-        (Some("retry"), &Method::POST) => proxy.queue.retry(id, proxy.clock.now()),
+        (Some("retry"), &Method::POST) => {
+            let ambiguous = proxy
+                .queue
+                .inspect(id)
+                .is_some_and(|d| d.summary.reason == Some(FailReason::Ambiguous));
+            if ambiguous && !confirms_ambiguous(query) {
+                return response::problem(
+                    StatusCode::CONFLICT,
+                    "ambiguous",
+                    "the CRM may already have applied this write; sending it again may apply it twice. Check the CRM, then POST again with confirm_ambiguous=true",
+                );
+            }
+            proxy.queue.retry(id, proxy.clock.now())
+        }
         (Some("retry"), _) => return response::method_not_allowed("POST"),
         (Some(_), _) => return response::not_found(),
     };
@@ -228,6 +244,7 @@ async fn bulk(proxy: &Proxy, retry: bool, query: Option<&str>) -> Response<Body>
     let mut problems = Vec::new();
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         let set = match &*key {
+            "confirm_ambiguous" => Ok(()),
             "confirm" => value
                 .parse::<usize>()
                 .map(|n| confirm = Some(n))
@@ -252,6 +269,8 @@ async fn bulk(proxy: &Proxy, retry: bool, query: Option<&str>) -> Response<Body>
     };
     let matched = selection.ids.len();
     let action = if retry { "retry" } else { "discard" };
+    // Sending ambiguous writes again may apply them twice: the operator says so explicitly.
+    let needs_ambiguous = retry && selection.ambiguous > 0 && !confirms_ambiguous(query);
     let Some(confirm) = confirm else {
         let first: Vec<String> = selection
             .ids
@@ -267,10 +286,24 @@ async fn bulk(proxy: &Proxy, retry: bool, query: Option<&str>) -> Response<Body>
                 "matched": matched,
                 "ambiguous": selection.ambiguous,
                 "ids": first,
-                "to_act": format!("POST again with confirm={matched}"),
+                "to_act": if needs_ambiguous {
+                    format!("POST again with confirm={matched}&confirm_ambiguous=true (the CRM may already have applied the {} ambiguous ones)", selection.ambiguous)
+                } else {
+                    format!("POST again with confirm={matched}")
+                },
             }),
         );
     };
+    if needs_ambiguous {
+        return response::problem(
+            StatusCode::CONFLICT,
+            "ambiguous",
+            format!(
+                "{} of the selected writes are ambiguous: the CRM may already have applied them. Check the CRM, then add confirm_ambiguous=true; nothing was done",
+                selection.ambiguous
+            ),
+        );
+    }
     if confirm != matched {
         return response::problem(
             StatusCode::CONFLICT,
@@ -307,6 +340,12 @@ async fn bulk(proxy: &Proxy, retry: bool, query: Option<&str>) -> Response<Body>
         StatusCode::OK,
         &serde_json::json!({ "action": action, "matched": matched, "done": result.done, "skipped": result.skipped }),
     )
+}
+
+/// Whether the query confirms that ambiguous writes may be sent again.
+fn confirms_ambiguous(query: Option<&str>) -> bool {
+    form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .any(|(k, v)| k == "confirm_ambiguous" && v == "true")
 }
 
 /// `status` and `limit` of a listing; anything else is an error.

@@ -19,6 +19,7 @@
 //! - tools: [`sim`] (a simulated CRM for tests, benches and `demo`), [`demo`].
 
 pub mod admin;
+pub mod admin_guard;
 pub mod breaker;
 pub mod client;
 pub mod clock;

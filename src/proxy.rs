@@ -9,6 +9,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use std::hash::{BuildHasher, RandomState};
 
+use crate::admin_guard::AdminGuard;
 use crate::breaker::Breaker;
 use crate::client::Clients;
 use crate::clock::{SharedClock, Time};
@@ -73,6 +74,8 @@ pub enum Phase {
 pub struct Proxy {
     /// The config in force (a reload replaces it; see [`Proxy::config`]).
     config: Live<Config>,
+    /// Who may use the admin listener (the token is read at start).
+    pub admin_guard: AdminGuard,
     pub clock: SharedClock,
     pub ledger: Ledger,
     /// Shared with the queue.
@@ -165,8 +168,10 @@ impl Proxy {
             store,
         ));
         let intake = Intake::new(&config.listen, config.max_body_bytes);
+        let admin_guard = AdminGuard::new(&config.listen)?;
         Ok(Proxy {
             intake,
+            admin_guard,
             breaker: Breaker::default(),
             credentials: Credentials::new(&config.credentials),
             data_conns: Arc::default(),

@@ -160,7 +160,17 @@ pub struct Listen {
     pub body_min_rate: u64,
     pub max_buffered_bytes: u64,
     pub h2_max_streams: u32,
+    /// Where the admin listener's bearer token is read from at start (`ADMIN_TOKEN_ENV` first).
+    pub admin_token_file: Option<PathBuf>,
+    /// Admin paths served without the token (a subset of [`ADMIN_OPEN`]).
+    pub admin_open: Vec<String>,
 }
+
+/// Environment variable holding the admin listener's bearer token (before `admin_token_file`).
+pub const ADMIN_TOKEN_ENV: &str = "CRM_PROXY_ADMIN_TOKEN";
+
+/// The admin paths that may be served without the token: what probes and scrapers read.
+pub const ADMIN_OPEN: &[&str] = &["/metrics", "/healthz", "/readyz"];
 
 /// The CRM the proxy forwards to, and how.
 #[derive(Debug, Clone)]

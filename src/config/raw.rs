@@ -198,6 +198,12 @@ pub struct RawListen {
     pub max_buffered_bytes: Option<Raw<NumberOrText>>,
     /// Concurrent HTTP/2 streams per connection. Default `100`.
     pub h2_max_streams: Option<Raw<u32>>,
+    /// A file holding the admin listener's bearer token (never the token itself in this file;
+    /// `CRM_PROXY_ADMIN_TOKEN` takes precedence). Unset: the admin listener asks for none.
+    pub admin_token_file: Option<Raw<String>>,
+    /// Admin paths served without the token: any of `/metrics`, `/healthz`, `/readyz`. Default
+    /// all three.
+    pub admin_open: Option<Raw<Vec<String>>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }

@@ -115,7 +115,7 @@ queue:
 "#;
     let got = errors(yaml);
     let expected = [
-        "listen.extra: unknown field (expected one of: data, admin, max_concurrent_requests, max_connections, header_timeout, idle_timeout, body_timeout, body_min_rate, max_buffered_bytes, h2_max_streams)",
+        "listen.extra: unknown field (expected one of: data, admin, max_concurrent_requests, max_connections, header_timeout, idle_timeout, body_timeout, body_min_rate, max_buffered_bytes, h2_max_streams, admin_token_file, admin_open)",
         "listen.data: \"nowhere\" is not an address (write IP:port, e.g. 0.0.0.0:8080)",
         "upstream.url: \"acme.zendesk.com\" must start with http:// or https://",
         "upstream.connect_timeout: \"5 seconds\" is not a duration (write a number and a unit: 250ms, 10s, 1m, 1h30m, 1d)",
@@ -477,5 +477,31 @@ quotas:
         got.iter()
             .any(|e| e.starts_with("quotas[0].margin: must be from")),
         "{got:#?}"
+    );
+}
+
+#[test]
+fn the_admin_token_is_named_by_file_and_only_probes_and_scrapes_may_be_open() {
+    let c = Config::from_yaml(MINIMAL, None).unwrap();
+    assert_eq!(c.listen.admin_token_file, None);
+    assert_eq!(c.listen.admin_open, ["/metrics", "/healthz", "/readyz"]);
+    let yaml = format!(
+        "{MINIMAL}listen: {{ admin_token_file: /run/secrets/t, admin_open: [/healthz] }}\n"
+    );
+    let c = Config::from_yaml(&yaml, None).unwrap();
+    assert_eq!(
+        c.listen.admin_token_file.as_deref(),
+        Some(std::path::Path::new("/run/secrets/t"))
+    );
+    assert_eq!(c.listen.admin_open, ["/healthz"]);
+    let yaml = format!(
+        "{MINIMAL}listen: {{ admin_token_file: \" \", admin_open: [/healthz, /status] }}\n"
+    );
+    assert_eq!(
+        errors(&yaml),
+        [
+            "listen.admin_token_file: is empty (name a file holding the token)",
+            "listen.admin_open[1]: \"/status\" cannot be opened (only /metrics, /healthz, /readyz)",
+        ]
     );
 }

@@ -55,6 +55,8 @@ const LISTEN_FIELDS: &[&str] = &[
     "body_min_rate",
     "max_buffered_bytes",
     "h2_max_streams",
+    "admin_token_file",
+    "admin_open",
 ];
 const UPSTREAM_FIELDS: &[&str] = &[
     "url",
@@ -779,6 +781,32 @@ impl Validator {
             TIB,
         );
         let h2_max_streams = self.count("listen.h2_max_streams", raw.h2_max_streams, 100, STREAMS);
+        let admin_token_file = self
+            .take("listen.admin_token_file", raw.admin_token_file)
+            .and_then(|f| match f.trim() {
+                "" => {
+                    self.err(
+                        "listen.admin_token_file",
+                        "is empty (name a file holding the token)",
+                    );
+                    None
+                }
+                f => Some(PathBuf::from(f)),
+            });
+        let admin_open = match self.take("listen.admin_open", raw.admin_open) {
+            None => ADMIN_OPEN.iter().map(|p| p.to_string()).collect(),
+            Some(paths) => {
+                for (i, p) in paths.iter().enumerate() {
+                    if !ADMIN_OPEN.contains(&p.as_str()) {
+                        self.err(
+                            format!("listen.admin_open[{i}]"),
+                            format!("{p:?} cannot be opened (only {})", ADMIN_OPEN.join(", ")),
+                        );
+                    }
+                }
+                paths
+            }
+        };
         Some(Listen {
             data: data?,
             admin: admin?,
@@ -790,6 +818,8 @@ impl Validator {
             body_min_rate,
             max_buffered_bytes,
             h2_max_streams,
+            admin_token_file,
+            admin_open,
         })
     }
 

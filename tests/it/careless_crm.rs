@@ -350,7 +350,7 @@ async fn dead_letters_are_retried_and_discarded_in_bulk_by_filter() {
     let left = h.admin_get("/requests?status=failed").await.json();
     assert_eq!(left["total"], 4);
     let again = h
-        .admin_post("/requests/retry?reason=ambiguous&confirm=4")
+        .admin_post("/requests/retry?reason=ambiguous&confirm=4&confirm_ambiguous=true")
         .await
         .json();
     assert_eq!(again["done"], 4, "{again}");

@@ -202,6 +202,11 @@ const ABSENT: &[(&str, &[&str])] = &[
 /// pause every quota as long as a CRM could ask, report.
 fn run(mut config: Config) {
     let dir = tempfile::tempdir().unwrap();
+    if config.listen.admin_token_file.is_some() {
+        let token = dir.path().join("admin-token");
+        std::fs::write(&token, "a-token").unwrap();
+        config.listen.admin_token_file = Some(token);
+    }
     if config.queue.data_dir.is_some() {
         config.queue = QueueConfig {
             data_dir: Some(dir.path().join("data")),

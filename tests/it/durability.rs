@@ -488,7 +488,14 @@ async fn operators_list_inspect_retry_and_discard_dead_letters_on_the_admin_list
         404
     );
 
+    // b is ambiguous: sending it again needs the operator's explicit word.
     let r = admin(Method::POST, format!("/requests/{b}/retry")).await;
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    let r = admin(
+        Method::POST,
+        format!("/requests/{b}/retry?confirm_ambiguous=true"),
+    )
+    .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     eventually(
         "the retried write to be sent",

@@ -1,6 +1,7 @@
 //! Integration tests: real HTTP between a client, the proxy and a simulated CRM on 127.0.0.1:0.
 
 mod acceptance;
+mod admin_security;
 mod batching;
 mod bounds;
 mod careless_crm;
