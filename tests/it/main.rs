@@ -8,6 +8,7 @@ mod careless_crm;
 mod cli;
 mod config_fuzz;
 mod crm_truth;
+mod deploy;
 mod durability;
 mod fairness;
 mod hostile;
