@@ -375,6 +375,10 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
                         match zendesk_batch::parse_job_status(&resp.body) {
                             Some(job) => BatchOutcome::Job(job),
                             None => {
+                                proxy.queue.stop_batching(&format!(
+                                    "a batch call was answered {} without a job status",
+                                    resp.status
+                                ));
                                 // Taken, but with no job to follow: as if no answer had come.
                                 let lost = Sent {
                                     answer: None,
@@ -389,6 +393,13 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
                             }
                         }
                     } else {
+                        if matches!(resp.status.as_u16(), 404 | 405 | 501) {
+                            // No such endpoint: not Zendesk's batch API. Nothing was applied.
+                            proxy.queue.stop_batching(&format!(
+                                "its batch endpoint answered {}",
+                                resp.status
+                            ));
+                        }
                         let text = String::from_utf8_lossy(&resp.body);
                         let snippet: String = text.chars().take(200).collect();
                         BatchOutcome::Refused(format!("CRM answered {}: {snippet}", resp.status))

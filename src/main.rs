@@ -1,4 +1,4 @@
-//! The `crm-quota-proxy` binary: `run`, `check`, `queue`, `fingerprint` and `demo`.
+//! The `crm-quota-proxy` binary: `run`, `check`, `queue`, `fingerprint`, `sim` and `demo`.
 
 mod cli_queue;
 
@@ -17,6 +17,8 @@ use crm_quota_proxy::config::Config;
 use crm_quota_proxy::demo::{self, DemoOptions};
 use crm_quota_proxy::ids::Fingerprint;
 use crm_quota_proxy::server::{Control, Failure, serve_with};
+use crm_quota_proxy::sim::command::{Outage, SimOptions};
+use crm_quota_proxy::sim::{self, SimConfig, SimFlavor, SimWindow};
 use crm_quota_proxy::store::Store;
 use crm_quota_proxy::units::parse_duration;
 
@@ -43,6 +45,19 @@ struct Logging {
     /// Log line format (logs go to standard error) [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Flavor {
+    Zendesk,
+    Salesforce,
+    Hubspot,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WindowArg {
+    Fixed,
+    Sliding,
 }
 
 #[derive(Clone, Copy, Default, ValueEnum)]
@@ -97,6 +112,37 @@ enum Command {
     /// Print the fingerprint of a credential read from standard input (the whole value of its
     /// Authorization header, e.g. "Bearer …"), for client `credential` rules. Nothing is stored.
     Fingerprint,
+    /// Run the simulated CRM: it counts its quota and answers like the CRM it imitates (429s,
+    /// rate-limit headers, Zendesk's batch jobs), to try a preset locally. Stops on Ctrl-C.
+    Sim {
+        /// Where it listens.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+        /// Which CRM it imitates.
+        #[arg(long, value_enum, default_value = "zendesk")]
+        flavor: Flavor,
+        /// Calls accepted per window; more get the CRM's over-limit answer.
+        #[arg(long, default_value_t = 400)]
+        limit: u32,
+        /// The quota's window.
+        #[arg(long, default_value = "1m", value_parser = parse_duration)]
+        window: Duration,
+        /// Windows aligned to the clock (like Zendesk's minute) or sliding.
+        #[arg(long, value_enum, default_value = "fixed")]
+        kind: WindowArg,
+        /// Added before every answer.
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        latency: Duration,
+        /// How long a batch job (create_many, update_many) runs.
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        job_delay: Duration,
+        /// An outage, START:LENGTH:KIND, e.g. 30s:20s:503 (KIND: a status, reset or hang).
+        #[arg(long, value_parser = Outage::parse)]
+        outage: Option<Outage>,
+        /// Answer 404 to the batch endpoints, like a CRM (or stub) that knows only single calls.
+        #[arg(long)]
+        no_batch_endpoints: bool,
+    },
     /// Start a simulated CRM and the proxy on loopback and show a burst going through (no config needed).
     Demo {
         /// The simulated CRM's calls per window.
@@ -387,6 +433,47 @@ async fn command(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut headers = http::HeaderMap::new();
             headers.insert(http::header::AUTHORIZATION, value);
             println!("{}", Fingerprint::of(&headers).to_hex());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sim {
+            listen,
+            flavor,
+            limit,
+            window,
+            kind,
+            latency,
+            job_delay,
+            outage,
+            no_batch_endpoints,
+        } => {
+            init_tracing(LogFormat::Text, "warn");
+            let config = SimConfig {
+                kind: match kind {
+                    WindowArg::Fixed => SimWindow::Fixed,
+                    WindowArg::Sliding => SimWindow::Sliding,
+                },
+                flavor: match flavor {
+                    Flavor::Zendesk => SimFlavor::Zendesk,
+                    Flavor::Salesforce => SimFlavor::Salesforce,
+                    Flavor::Hubspot => SimFlavor::HubSpot,
+                },
+                latency,
+                job_delay,
+                batch_endpoints: !no_batch_endpoints,
+                ..SimConfig::new(limit, window)
+            };
+            let opts = SimOptions {
+                listen,
+                config,
+                outage,
+                every: Duration::from_secs(5),
+            };
+            let stop = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            sim::command::serve(opts, &mut std::io::stdout(), stop)
+                .await
+                .with_context(|| format!("cannot serve the simulated CRM on {listen}"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {

@@ -53,7 +53,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
                     _ => String::new(),
                 };
                 return Err(format!(
-                    "{text:?} is not a duration: unknown unit {unit:?}{hint}; units: ms, s, m (or min), h, d, e.g. 250ms, 10s, 1m, 1h30m, 1d"
+                    "{text:?} is not a duration: unknown unit {:?}{hint}; units: ms, s, m (or min), h, d, e.g. 250ms, 10s, 1m, 1h30m, 1d",
+                    unit.trim()
                 ));
             }
         };
@@ -147,7 +148,10 @@ mod tests {
             "99999999999999999999d",
         ] {
             let err = parse_duration(bad).unwrap_err();
-            assert!(err.contains("is not a duration"), "{bad}: {err}");
+            assert!(
+                err.contains("is not a duration") || err.contains("has no unit: write it with one"),
+                "{bad}: {err}"
+            );
         }
         assert!(
             parse_duration("1 dya")

@@ -87,6 +87,21 @@ impl Queue {
         zendesk::item(request).map(|i| i.kind)
     }
 
+    /// The upstream does not answer like Zendesk's batch endpoints: says so once, and from now
+    /// on every write goes on its own (a reload or restart tries batching again).
+    pub fn stop_batching(&self, why: &str) {
+        if !self
+            .batching_off
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::error!(
+                why,
+                "the upstream does not answer like Zendesk's batch endpoints; batching is off, every write goes on its own (a reload or restart tries again)"
+            );
+        }
+        self.wake();
+    }
+
     fn jobs_full(&self, book: &Book) -> bool {
         book.jobs.len() + book.sending.len() >= self.cfg().max_jobs
     }
@@ -107,7 +122,7 @@ impl Queue {
         let (Some(cfg), Some(kind)) = (route.batch, first.batchable) else {
             return Plan::Alone;
         };
-        if first.single {
+        if first.single || self.batching_off.load(std::sync::atomic::Ordering::Relaxed) {
             return Plan::Alone;
         }
         let jobs_full = self.jobs_full(book);

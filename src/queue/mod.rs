@@ -210,6 +210,9 @@ pub struct Queue {
     wake: Notify,
     /// What is redacted in views of requests and answers.
     credentials: Credentials,
+    /// Set when the upstream turned out not to answer like Zendesk's batch endpoints: writes
+    /// go one by one (until a restart or reload).
+    batching_off: std::sync::atomic::AtomicBool,
 }
 
 impl Queue {
@@ -233,6 +236,7 @@ impl Queue {
             store,
             wake: Notify::new(),
             credentials: Credentials::new(&config.credentials),
+            batching_off: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -253,6 +257,8 @@ impl Queue {
     pub fn reconfigure(&self, config: &Config) {
         self.cfg.set(config.queue.clone());
         self.client_configs.set(config.clients.clone());
+        self.batching_off
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.wake();
     }
 

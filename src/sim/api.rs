@@ -42,7 +42,10 @@ pub(super) async fn route(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> 
         .map(|c| c.to_bytes())
         .unwrap_or_default();
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(resp) = jobs::route(&mut lock(), &method, &segments, &query, &body) {
+    let batch_endpoints = lock().cfg.batch_endpoints;
+    if batch_endpoints
+        && let Some(resp) = jobs::route(&mut lock(), &method, &segments, &query, &body)
+    {
         return resp;
     }
     match (&method, segments.as_slice()) {

@@ -3,6 +3,7 @@
 //! (`create_many`, `update_many`, job statuses: see [`jobs`]), and can inject faults.
 
 mod api;
+pub mod command;
 mod jobs;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -58,6 +59,9 @@ pub struct SimConfig {
     /// Jobs (numbered from 1 in the order their batch calls arrive) that fail as a whole,
     /// applying nothing.
     pub fail_jobs: Vec<u64>,
+    /// Whether it has Zendesk's batch endpoints; without, they answer 404 like any unknown path
+    /// (a CRM, or a stub, that only knows single calls).
+    pub batch_endpoints: bool,
 }
 
 impl SimConfig {
@@ -72,6 +76,7 @@ impl SimConfig {
             job_delay: Duration::from_millis(200),
             max_jobs: 30,
             fail_jobs: Vec::new(),
+            batch_endpoints: true,
         }
     }
 
@@ -249,7 +254,12 @@ pub struct Sim {
 impl Sim {
     /// Binds `127.0.0.1:0` and serves until [`Sim::shutdown`] (or drop).
     pub async fn start(cfg: SimConfig) -> std::io::Result<Sim> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Sim::start_on(cfg, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts it on `addr` (the `sim` command).
+    pub async fn start_on(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<Sim> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
             cfg,

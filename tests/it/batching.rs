@@ -130,6 +130,38 @@ async fn zenpy_creating_over_budget_gets_tickets_with_ids() {
     h.stop().await;
 }
 
+/// An upstream without Zendesk's batch endpoints (a stub, another CRM behind a zendesk config):
+/// the first batch call's 404 turns batching off, and every write goes on its own instead of
+/// becoming a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_without_batch_endpoints_gets_single_calls_and_no_dead_letters() {
+    let sim = SimConfig {
+        batch_endpoints: false,
+        ..sim(100)
+    };
+    let h = Harness::start(sim, &config(2, "0s")).await;
+    let subjects: Vec<String> = (0..12).map(|i| format!("s-{i:02}")).collect();
+    let answers = create_all(&h, &subjects).await;
+    until_drained(&h, Duration::from_secs(30)).await;
+    for (subject, r) in &answers {
+        if r.status == StatusCode::ACCEPTED {
+            let id = r.json()["id"].as_str().unwrap().to_string();
+            let v = h.status_of(&id).await.json();
+            assert_eq!(v["status"], "done", "{subject}: {v}");
+        }
+    }
+    assert_each_ticket_once(&h.sim, 12);
+    let status = h.admin_get("/status").await.json();
+    assert_eq!(status["queue"]["failed"], 0, "{status}");
+    assert_eq!(
+        h.metric("crm_proxy_batch_failures_total{kind=\"batch\",route=\"ticket-create\"}")
+            .await,
+        1.0,
+        "one batch call found out, the rest went alone"
+    );
+    h.stop().await;
+}
+
 /// The README's batching measurement: the same backlog of 1,000 creates drained with and
 /// without batching (the latter takes about a minute, so it runs on request:
 /// `cargo test --release --test it batching_measurement -- --ignored --nocapture`).

@@ -270,3 +270,86 @@ fn small_mistakes_get_a_hint_and_flags_go_where_users_put_them() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The README's "Try it locally", with its commands (on free ports): `sim` with the README's
+/// arguments, the proxy on `config/local-trial.yaml`, 30 creates at once. Every create gets its
+/// ticket and the sim answers no 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_local_trial_runs_as_written() {
+    use std::io::{BufRead, BufReader};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let trial = &readme[readme.find("### Try it locally").unwrap()..];
+    let sim_args: Vec<&str> = trial
+        .lines()
+        .find_map(|l| l.strip_prefix("cargo run --release -- sim"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let config = trial
+        .lines()
+        .find_map(|l| l.strip_prefix("cargo run --release -- run --config "))
+        .unwrap()
+        .trim();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sim = bin()
+        .arg("sim")
+        .args(&sim_args)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(sim.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.contains("simulated Zendesk CRM on"), "{first}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join(config))
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
+    let path = dir.path().join("trial.yaml");
+    std::fs::write(&path, text).unwrap();
+    let proxy = Process::start(&path, &format!("http://127.0.0.1:{port}")).await;
+    let client = crate::support::client();
+    let creates: Vec<_> = (1..=30)
+        .map(|i| {
+            let (client, url) = (
+                client.clone(),
+                format!("{}/api/v2/tickets.json", proxy.data),
+            );
+            tokio::spawn(async move {
+                let body = format!(r#"{{"ticket":{{"subject":"trial {i}"}}}}"#);
+                let headers = [
+                    ("authorization", "Bearer local-trial"),
+                    ("content-type", "application/json"),
+                ];
+                (
+                    i,
+                    crate::support::send(&client, http::Method::POST, &url, &headers, body).await,
+                )
+            })
+        })
+        .collect();
+    for c in creates {
+        let (i, r) = c.await.unwrap();
+        assert_eq!(r.status, 201, "create {i}: {:?}", r.body);
+        assert_eq!(r.json()["ticket"]["subject"], format!("trial {i}"));
+    }
+    assert_eq!(proxy.admin_get(&client, "/status").await.status, 200);
+    drop(proxy);
+    let ok = std::process::Command::new("kill")
+        .args(["-INT", &sim.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let rest: Vec<String> = out.lines().map(Result::unwrap).collect();
+    assert!(sim.wait().unwrap().success());
+    let last = rest.last().unwrap();
+    assert!(last.contains(", 0 answered 429, 30 tickets"), "{rest:?}");
+}
