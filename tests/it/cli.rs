@@ -353,3 +353,54 @@ async fn the_readmes_local_trial_runs_as_written() {
     let last = rest.last().unwrap();
     assert!(last.contains(", 0 answered 429, 30 tickets"), "{rest:?}");
 }
+
+/// `config/zendesk-explicit.yaml` says it spells out what `config/zendesk.yaml` gets from the
+/// preset: the two configs agree setting by setting.
+#[test]
+fn the_explicit_zendesk_example_is_the_preset_spelled_out() {
+    let load = |name: &str| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .join(name);
+        Config::from_yaml(&std::fs::read_to_string(path).unwrap(), None).unwrap()
+    };
+    let (preset, explicit) = (load("zendesk.yaml"), load("zendesk-explicit.yaml"));
+    let same = |what: &str, a: String, b: String| assert_eq!(a, b, "{what} differ");
+    // Quotas by name (their order is not a setting); routes in order (first match wins).
+    let by_name = |c: &Config| {
+        let mut q: Vec<String> = c.quotas.iter().map(|q| format!("{q:?}")).collect();
+        q.sort();
+        q.join("\n")
+    };
+    same("quotas", by_name(&preset), by_name(&explicit));
+    same(
+        "routes",
+        format!("{:?}", preset.routes),
+        format!("{:?}", explicit.routes),
+    );
+    same(
+        "clients",
+        format!("{:?}", preset.clients),
+        format!("{:?}", explicit.clients),
+    );
+    same(
+        "fairness",
+        format!("{:?}", preset.fairness),
+        format!("{:?}", explicit.fairness),
+    );
+    same(
+        "queue",
+        format!("{:?}", preset.queue),
+        format!("{:?}", explicit.queue),
+    );
+    same(
+        "upstream",
+        format!("{:?}", preset.upstream),
+        format!("{:?}", explicit.upstream),
+    );
+    same(
+        "listen",
+        format!("{:?}", preset.listen),
+        format!("{:?}", explicit.listen),
+    );
+}

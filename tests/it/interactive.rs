@@ -1,5 +1,5 @@
 //! Interactive first, on short windows: a CRM allowing 40 calls per 2 s (1,200 a minute), creates
-//! sent through the proxy at three times that for 20 s with every client waiting, and a contact
+//! sent through the proxy at three times that for 12 s with every client waiting, and a contact
 //! search each second (5% of the budget). Searches are answered, waiting clients get their
 //! tickets, the backlog rides in batches that fill, and the CRM applies each lane in arrival order.
 
@@ -126,7 +126,7 @@ async fn a_burst_at_three_times_the_budget_answers_searches_and_gives_waiting_cl
         ..SimConfig::new(40, Duration::from_secs(2))
     };
     let h = Arc::new(Harness::start(sim, YAML).await);
-    let load = Duration::from_secs(20);
+    let load = Duration::from_secs(12);
     // 60 creates a second (three times the budget), a search a second (5% of it).
     let b = burst(
         &h,
