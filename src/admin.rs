@@ -21,6 +21,8 @@ use crate::upstream::Health;
 struct Status {
     version: &'static str,
     ready: bool,
+    /// `false`: shadow mode for the whole proxy (routes and quotas say their own).
+    enforce: bool,
     now: String,
     upstream: Health,
     quotas: Vec<QuotaStatus>,
@@ -93,6 +95,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
             let status = Status {
                 version: env!("CARGO_PKG_VERSION"),
                 ready: proxy.is_ready(),
+                enforce: proxy.config().enforce,
                 now: now.to_string(),
                 upstream: proxy.upstream().health(),
                 quotas: proxy.ledger.snapshot(now),

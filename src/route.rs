@@ -30,6 +30,8 @@ pub struct Route {
     pub keyed: Vec<(QuotaId, Vec<KeyPart>)>,
     /// Parked writes of this route share the CRM's batch calls (Zendesk).
     pub batch: Option<BatchConfig>,
+    /// `false`: shadow mode (the route's or the whole proxy's `enforce: false`).
+    pub enforce: bool,
 }
 
 impl Route {
@@ -140,6 +142,7 @@ impl RouteTable {
                 idempotency_key: rc.idempotency_key,
                 retry_ambiguous: rc.retry_ambiguous,
                 batch: rc.batch,
+                enforce: config.enforce && rc.enforce,
             });
         }
         let configured = routes.len();
@@ -164,6 +167,7 @@ impl RouteTable {
                 retry_ambiguous: false,
                 keyed: keyed(&account),
                 batch: None,
+                enforce: config.enforce,
             });
         }
         RouteTable {

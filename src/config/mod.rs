@@ -41,6 +41,8 @@ pub struct Config {
     pub credentials: Vec<String>,
     /// The log filter (`RUST_LOG` syntax).
     pub log_level: String,
+    /// `false`: shadow mode for every route (forward all, count, report what would have been done).
+    pub enforce: bool,
 }
 
 /// Environment variable that overrides `ledger.url` (keeps a Redis password out of the file).
@@ -245,6 +247,8 @@ pub struct QuotaConfig {
     pub reserve: u32,
     /// Parts of the key when the quota is counted per key (empty: one count).
     pub key: Vec<KeyPart>,
+    /// `false`: counted but never the reason a request waits, parks or is refused (shadow mode).
+    pub enforce: bool,
     pub max_keys: usize,
 }
 
@@ -294,6 +298,8 @@ pub struct RouteConfig {
     pub quotas: Vec<String>,
     pub idempotency_key: bool,
     pub retry_ambiguous: bool,
+    /// `false`: shadow mode for this route.
+    pub enforce: bool,
     pub batch: Option<BatchConfig>,
 }
 

@@ -94,6 +94,9 @@ pub struct RawConfig {
     /// What is logged: a level (`error`, `warn`, `info`, `debug`, `trace`) or filter directives
     /// (`info,crm_quota_proxy=debug`). `RUST_LOG`, when set, wins. Default `info`.
     pub log_level: Option<Raw<String>>,
+    /// `false`: shadow mode for the whole proxy; every request is forwarded, the ledger counts
+    /// it, and what the proxy would have done is counted in metrics. Default `true`.
+    pub enforce: Option<Raw<bool>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -292,6 +295,8 @@ pub struct RawQuota {
     /// Most keys tracked at once; keys beyond it share one overflow window (still within the
     /// limit, more strictly). Idle keys are dropped once their window has passed. Default `10000`.
     pub max_keys: Option<Raw<usize>>,
+    /// `false`: counted, never enforced (shadow mode for this quota). Default `true`.
+    pub enforce: Option<Raw<bool>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }
@@ -321,6 +326,8 @@ pub struct RawRoute {
     /// Retry a write whose outcome is unknown (timeout or reset after sending, 500) even without
     /// an idempotency key; it may then be applied twice. Default `false`.
     pub retry_ambiguous: Option<Raw<bool>>,
+    /// `false`: shadow mode for this route's requests. Default `true`.
+    pub enforce: Option<Raw<bool>>,
     /// Zendesk only: parked ticket creates and updates of this route share `create_many` /
     /// `update_many` calls. Default: off.
     pub batch: Option<Raw<RawBatch>>,

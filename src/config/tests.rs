@@ -195,7 +195,7 @@ fn unknown_top_level_and_nested_fields_are_errors() {
     assert_eq!(
         errors(&yaml),
         vec![
-            "quotas[0].windw: unknown field (expected one of: name, limit, window, kind, scope, reset_at, time_zone, margin, sync, reserve, key, max_keys)"
+            "quotas[0].windw: unknown field (expected one of: name, limit, window, kind, scope, reset_at, time_zone, margin, sync, reserve, key, max_keys, enforce)"
         ]
     );
 }

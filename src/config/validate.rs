@@ -43,6 +43,7 @@ const TOP_FIELDS: &[&str] = &[
     "ledger",
     "credentials",
     "log_level",
+    "enforce",
 ];
 const LISTEN_FIELDS: &[&str] = &[
     "data",
@@ -86,6 +87,7 @@ const QUOTA_FIELDS: &[&str] = &[
     "reserve",
     "key",
     "max_keys",
+    "enforce",
 ];
 const CLIENT_FIELDS: &[&str] = &["name", "weight", "match", "caps"];
 const MATCH_FIELDS: &[&str] = &["header", "user_agent", "credential", "source"];
@@ -102,6 +104,7 @@ const ROUTE_FIELDS: &[&str] = &[
     "idempotency_key",
     "retry_ambiguous",
     "batch",
+    "enforce",
 ];
 const LEDGER_FIELDS: &[&str] = &[
     "store",
@@ -346,6 +349,7 @@ impl Validator {
         let clients = self.clients(raw.clients, &quota_list);
         let fairness = self.fairness(raw.fairness);
         let ledger = self.ledger(raw.ledger, redis_override);
+        let enforce = self.take("enforce", raw.enforce).unwrap_or(true);
         let log_level = self
             .take("log_level", raw.log_level)
             .unwrap_or_else(|| "info".into());
@@ -469,6 +473,7 @@ impl Validator {
             ledger: ledger?,
             credentials: credentials.iter().map(|n| n.to_ascii_lowercase()).collect(),
             log_level,
+            enforce,
         })
     }
 
@@ -1250,6 +1255,9 @@ impl Validator {
                 "must leave the proxy something: below the limit",
             );
         }
+        let enforce = self
+            .take(&format!("{path}.enforce"), raw.enforce)
+            .unwrap_or(true);
         Some(QuotaConfig {
             name: name?,
             limit: limit?,
@@ -1261,6 +1269,7 @@ impl Validator {
             reserve,
             key,
             max_keys,
+            enforce,
         })
     }
 
@@ -1451,7 +1460,11 @@ impl Validator {
             .take(&format!("{path}.retry_ambiguous"), raw.retry_ambiguous)
             .unwrap_or(false);
         let batch = self.batch(&format!("{path}.batch"), raw.batch, on_limit, crm);
+        let enforce = self
+            .take(&format!("{path}.enforce"), raw.enforce)
+            .unwrap_or(true);
         Some(RouteConfig {
+            enforce,
             name: name?,
             methods,
             paths,

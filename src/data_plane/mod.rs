@@ -1,6 +1,10 @@
 //! The data plane: classify → ledger → forward | park | reject, and the `/_proxy/` status
 //! endpoints on the data listener.
 
+mod answers;
+
+use answers::{accepted, batched, reject, shadow_decision};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -18,12 +22,11 @@ use crate::intake::IntakeError;
 use crate::message::{IDEMPOTENCY_KEY, Outbound, prepare_request_headers, strip_hop_by_hop};
 use crate::path;
 use crate::proxy::Proxy;
-use crate::queue::{Accepted, Enter, Parkable, Settled, Ticket, WaitEnd};
-use crate::quota::{Demand, Grant};
+use crate::queue::{Enter, Parkable, Ticket, WaitEnd};
+use crate::quota::{Demand, Denied, Grant};
 use crate::response::{self, Body, PROXY_PREFIX, ProxyError};
 use crate::route::Route;
 use crate::shared_ledger::Admission;
-use crate::status::FailReason;
 use crate::units::format_duration;
 use crate::upstream::ForwardError;
 use crate::verdict::{Attempt, Verdict};
@@ -153,6 +156,15 @@ async fn forward(
         body,
     };
     let now = p.clock.now();
+    if !route.enforce {
+        let call = Call {
+            route,
+            client,
+            keys: &keys,
+            token: None,
+        };
+        return shadow(p, &call, out, now).await;
+    }
 
     if !route.parks() {
         let demand = Demand {
@@ -166,6 +178,9 @@ async fn forward(
             Ok(grant) => grant,
             Err(denied) => return Ok(reject(p, route, denied.retry_at, denied.binding, now)),
         };
+        if grant.would.is_some() {
+            shadow_decision(p, route, grant.would, now);
+        }
         return match p.admit(&route.quotas, &keys, &mut grant).await {
             Admission::Granted => {
                 let call = Call {
@@ -200,6 +215,9 @@ async fn forward(
     };
     match p.queue.enter(&p.ledger, route, parkable, now) {
         Enter::Go(ticket, out, grant) => {
+            if grant.would.is_some() {
+                shadow_decision(p, route, grant.would, now);
+            }
             let next = Some((out, grant, "forwarded"));
             live_write(p, &call, ticket, next, deadline).await
         }
@@ -328,95 +346,33 @@ fn keys(
         .collect()
 }
 
-/// The 202 for a write the proxy took over, once the store holds it; when it cannot, the
-/// write is dropped and the client told 503, so a 202 always means "kept".
-async fn accepted(
+/// Shadow mode: the request goes to the CRM whatever the budget says; the ledger counts it, what
+/// enforcing would have done is counted (`crm_proxy_shadow_decisions_total`) and shows in its
+/// `RateLimit` headers; nothing is parked, and a CRM 429 reaches the client as is.
+async fn shadow(
     p: &Proxy,
-    route: &Route,
-    a: Accepted,
-    token: Option<&str>,
-    why: &str,
-) -> Result<Response<Body>, ProxyError> {
-    if let Err(e) = a.commit.durable().await {
-        p.queue.settle(a.id, false);
-        tracing::error!(request_id = %a.id, route = %route.name, error = %e, "cannot store a parked write; answering 503");
-        return Err(ProxyError::NotStored {
-            retry_after: p.config().upstream.retry_after_default.as_secs().max(1),
-        });
-    }
-    p.queue.settle(a.id, true);
-    p.metrics.request(&route.name, "queued");
-    tracing::info!(request_id = %a.id, route = %route.name, position = a.position, "{why}");
-    Ok(response::accepted(
-        a.id,
-        a.position,
-        a.estimated_dispatch_at,
-        token,
-    ))
-}
-
-/// The answer to a client whose write went in a batch call and ended within its `max_wait`:
-/// what the CRM's single call would have answered (for a create, `201` with the ticket); an
-/// item the CRM refused gets `422` with its error; a write given up otherwise (a dead letter)
-/// `502`. Both refusals point at the write's status.
-fn batched(
-    p: &Proxy,
-    route: &Route,
-    id: EntryId,
-    settled: Settled,
-    token: Option<&str>,
-) -> Response<Body> {
-    let now = p.clock.now();
-    let mut resp = match settled {
-        Settled::Answer(answer) => {
-            p.metrics.request(&route.name, "batched");
-            let mut resp = Response::new(response::full(answer.body));
-            *resp.status_mut() = answer.status;
-            *resp.headers_mut() = answer.headers;
-            resp
-        }
-        Settled::Failed(reason, error) => {
-            p.metrics.request(&route.name, "failed");
-            let status_url = response::status_url(id, token);
-            let mut resp = if reason == FailReason::Rejected {
-                response::problem(StatusCode::UNPROCESSABLE_ENTITY, "RecordInvalid", &error)
-            } else {
-                let why = format!("{error}; the write is kept as a dead letter at {status_url}");
-                response::problem(StatusCode::BAD_GATEWAY, reason.name(), why)
-            };
-            if let Ok(v) = HeaderValue::from_str(&status_url) {
-                resp.headers_mut().insert(header::LOCATION, v);
-            }
-            resp
-        }
-    };
-    let usage = p.ledger.usage(&route.quotas, now);
-    response::add_rate_limit_headers(resp.headers_mut(), &p.ledger, &usage, now);
-    resp
-}
-
-/// The over-limit answer for a request that cannot be sent in time.
-fn reject(
-    p: &Proxy,
-    route: &Route,
-    retry_at: Time,
-    binding: Option<QuotaId>,
+    call: &Call<'_>,
+    out: Outbound,
     now: Time,
-) -> Response<Body> {
-    p.metrics.request(&route.name, "rejected");
-    let mut usage = p.ledger.usage(&route.quotas, now);
-    // When the decision came from the queue, the binding quota is the one with least left.
-    let binding = binding.or_else(|| usage.first().map(|u| u.quota));
-    // One truth: for this request the binding quota has nothing left until `Retry-After` (a
-    // reserve, a share or a CRM pause may hold room the window alone would show).
-    for u in usage.iter_mut().filter(|u| Some(u.quota) == binding) {
-        u.remaining = 0;
-        u.reset_at = u.reset_at.max(retry_at);
+) -> Result<Response<Body>, ProxyError> {
+    let route = call.route;
+    let demand = Demand {
+        quotas: &route.quotas,
+        keys: call.keys,
+        client: call.client,
+        live: true,
+        read: route.class == Class::Read,
+    };
+    let mut grant = p.ledger.acquire_anyway(&demand, now);
+    let mut would = grant.would;
+    if let Admission::Denied { retry_at, binding } =
+        p.admit(&route.quotas, call.keys, &mut grant).await
+    {
+        // The shared ledger had no room either (and charges nothing when it refuses).
+        would = would.or(Some(Denied { retry_at, binding }));
     }
-    let quota = binding.map(|q| p.ledger.config(q));
-    let mut resp = response::over_limit(p.config().upstream.crm, retry_at, now, quota.as_deref());
-    response::add_rate_limit_headers(resp.headers_mut(), &p.ledger, &usage, now);
-    resp
+    shadow_decision(p, route, would, now);
+    forward_live(p, call, out, grant, "forwarded", None).await
 }
 
 /// Sends a live request (quota already charged) and streams the CRM's answer back. For a

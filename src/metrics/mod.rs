@@ -28,6 +28,10 @@ pub const OUTCOMES: &[&str] = &[
     "failed",
 ];
 
+/// What enforcing would have done with a request in shadow mode
+/// (`crm_proxy_shadow_decisions_total`).
+pub const SHADOW_DECISIONS: &[&str] = &["allowed", "waited", "queued", "rejected"];
+
 /// Why a call to the CRM got no response (`crm_proxy_upstream_errors_total`).
 pub const UPSTREAM_ERROR_KINDS: &[&str] = &["connect", "timeout", "io"];
 
@@ -48,6 +52,7 @@ pub struct Metrics {
     crm_remaining: IntGaugeVec,
     crm_limit: IntGaugeVec,
     header_errors: IntCounterVec,
+    shadow_decisions: IntCounterVec,
     ambiguous: IntCounterVec,
     idempotent_replays: IntCounterVec,
     dispatched: IntCounterVec,
@@ -220,6 +225,12 @@ impl Metrics {
         for header in headers {
             self.header_errors.with_label_values(&[header]);
         }
+    }
+
+    pub fn shadow_decision(&self, route: &str, decision: &str) {
+        self.shadow_decisions
+            .with_label_values(&[route, decision])
+            .inc();
     }
 
     pub fn header_error(&self, header: &str) {

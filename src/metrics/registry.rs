@@ -6,7 +6,7 @@ use prometheus::{
     Registry,
 };
 
-use super::{CLOSE_REASONS, LISTENERS, Metrics, OUTCOMES, UPSTREAM_ERROR_KINDS};
+use super::{CLOSE_REASONS, LISTENERS, Metrics, OUTCOMES, SHADOW_DECISIONS, UPSTREAM_ERROR_KINDS};
 use crate::status::FailReason;
 
 /// Registers a metric without labels and returns its handle.
@@ -399,6 +399,12 @@ impl Metrics {
             "crm_proxy_breaker_open",
             "1 while the drain is paused because calls to the CRM keep failing as a whole (it probes one write at a time).",
         );
+        let shadow_decisions = counter(
+            r,
+            "crm_proxy_shadow_decisions_total",
+            "Requests in shadow mode (enforce: false), by route and what enforcing would have done: allowed, waited (a slot within max_wait), queued (parked, 202), rejected (over-limit answer). Every one was forwarded.",
+            &["route", "decision"],
+        );
         let build_info = gauge(
             r,
             "crm_proxy_build_info",
@@ -486,6 +492,9 @@ impl Metrics {
             }
             upstream_duration.with_label_values(&[route]);
             batch_size.with_label_values(&[route]);
+            for decision in SHADOW_DECISIONS {
+                shadow_decisions.with_label_values(&[route, decision]);
+            }
         }
         for q in quotas {
             for g in [&quota_limit, &quota_used, &quota_remaining, &quota_frozen] {
@@ -513,6 +522,7 @@ impl Metrics {
             crm_remaining,
             crm_limit,
             header_errors,
+            shadow_decisions,
             ambiguous,
             idempotent_replays,
             dispatched,

@@ -119,6 +119,7 @@ mod tests {
             reserve: 0,
             key: vec![crate::config::KeyPart::Path("id".into())],
             max_keys,
+            enforce: true,
         })
     }
 

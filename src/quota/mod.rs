@@ -87,6 +87,9 @@ pub struct Grant {
     shared: Option<Arc<Shared>>,
     /// What the shared ledger (Redis) said of it, when one decides too.
     pub remote: Option<Box<Remote>>,
+    /// Granted although a quota in shadow mode (`enforce: false`) had no room: what enforcing
+    /// it would have done.
+    pub would: Option<Denied>,
 }
 
 /// The shared ledger's side of a grant: its marks on the account-wide grant counters of the
@@ -166,8 +169,16 @@ impl std::fmt::Debug for Inner {
 
 impl Inner {
     /// The denial for `d` at `now`, naming the quota that blocks longest; `None` if all have room.
-    fn blocked(&mut self, board: &WaitingBoard, d: &Demand<'_>, now: Time) -> Option<Denied> {
+    /// Why `d` cannot go now: the quotas that enforce, and (second) those in shadow mode that
+    /// would have held it (`enforce: false`: counted, never enforced).
+    fn blocked(
+        &mut self,
+        board: &WaitingBoard,
+        d: &Demand<'_>,
+        now: Time,
+    ) -> (Option<Denied>, Option<Denied>) {
         let mut denied: Option<Denied> = None;
+        let mut would: Option<Denied> = None;
         let Inner {
             configs,
             sharing,
@@ -192,16 +203,21 @@ impl Inner {
                 board,
                 now,
             };
-            if let Some(at) = state.blocked_until(&ask)
-                && denied.is_none_or(|d| at > d.retry_at)
-            {
-                denied = Some(Denied {
-                    retry_at: at,
-                    binding: Some(q),
-                });
+            if let Some(at) = state.blocked_until(&ask) {
+                let slot = if configs[q.0].enforce {
+                    &mut denied
+                } else {
+                    &mut would
+                };
+                if slot.is_none_or(|d| at > d.retry_at) {
+                    *slot = Some(Denied {
+                        retry_at: at,
+                        binding: Some(q),
+                    });
+                }
             }
         }
-        denied
+        (denied, would)
     }
 }
 
@@ -357,7 +373,8 @@ impl Ledger {
     /// Charges every quota of `d` if all of them have room now; otherwise charges none.
     pub fn try_acquire(&self, d: &Demand<'_>, now: Time) -> Result<Grant, Denied> {
         let mut inner = self.lock();
-        if let Some(denied) = inner.blocked(&self.board, d, now) {
+        let (denied, would) = inner.blocked(&self.board, d, now);
+        if let Some(denied) = denied {
             return Err(denied);
         }
         if let Some(pacer) = &inner.pacer
@@ -368,9 +385,40 @@ impl Ledger {
                 binding: None,
             });
         }
+        Ok(Self::charge(&mut inner, &self.shared, d, would, now))
+    }
+
+    /// Shadow mode: charges `d` whatever the budget says (the CRM counts the call all the
+    /// same); the grant tells what enforcing would have done.
+    pub fn acquire_anyway(&self, d: &Demand<'_>, now: Time) -> Grant {
+        let mut inner = self.lock();
+        let (denied, would) = inner.blocked(&self.board, d, now);
+        let mut would = match (denied, would) {
+            (Some(a), Some(b)) => Some(if b.retry_at > a.retry_at { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        if let Some(pacer) = &inner.pacer
+            && let Err(at) = pacer.check(now)
+            && would.is_none()
+        {
+            would = Some(Denied {
+                retry_at: at,
+                binding: None,
+            });
+        }
+        Self::charge(&mut inner, &self.shared, d, would, now)
+    }
+
+    /// Charges every quota of `d` and returns the grant.
+    fn charge(
+        inner: &mut Inner,
+        shared: &Arc<Shared>,
+        d: &Demand<'_>,
+        would: Option<Denied>,
+        now: Time,
+    ) -> Grant {
         // Only synced quotas need marks and count answers outstanding.
         let mut marks = Vec::new();
-        let inner = &mut *inner;
         for &q in d.quotas {
             let state = &mut inner.quotas[q.0];
             match &mut state.keyed {
@@ -402,8 +450,8 @@ impl Ledger {
                 marks.push((q, state.grants));
             }
         }
-        let shared = (!marks.is_empty()).then(|| self.shared.clone());
-        Ok(Grant {
+        let shared = (!marks.is_empty()).then(|| shared.clone());
+        Grant {
             at: now,
             client: d.client.0 as u32,
             live: d.live,
@@ -411,7 +459,8 @@ impl Ledger {
             marks,
             shared,
             remote: None,
-        })
+            would,
+        }
     }
 
     /// Takes back what `grant` charged to `quotas` (unkeyed ones) in this process: its call
@@ -446,7 +495,10 @@ impl Ledger {
 
     /// Whether `try_acquire` would grant now, without charging (the pacer is not consulted).
     pub fn check(&self, d: &Demand<'_>, now: Time) -> Result<(), Denied> {
-        self.lock().blocked(&self.board, d, now).map_or(Ok(()), Err)
+        self.lock()
+            .blocked(&self.board, d, now)
+            .0
+            .map_or(Ok(()), Err)
     }
 }
 

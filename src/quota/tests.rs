@@ -25,6 +25,7 @@ fn quota(name: &str, limit: u32, window: Duration, kind: WindowKind) -> QuotaCon
         reserve: 0,
         key: Vec::new(),
         max_keys: 10_000,
+        enforce: true,
     }
 }
 

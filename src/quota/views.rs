@@ -30,6 +30,8 @@ pub struct QuotaStatus {
     pub remaining: u32,
     /// When the count next goes down (sliding) or the window resets (fixed).
     pub next_reset_at: String,
+    /// `false`: shadow mode, counted but never enforced.
+    pub enforce: bool,
     /// Set while a CRM throttle answer paused this quota.
     pub frozen_until: Option<String>,
     /// The CRM's last reported remaining calls for the synced scope (before the reserve).
@@ -175,6 +177,7 @@ impl Ledger {
                     used: s.window.used(now),
                     remaining,
                     next_reset_at: Self::next_reset(s, remaining, now).to_string(),
+                    enforce: c.enforce,
                     frozen_until: (now < s.frozen_until).then(|| s.frozen_until.to_string()),
                     crm_remaining: s.crm_remaining,
                     crm_limit: s.crm_limit,

@@ -43,6 +43,7 @@ fn quota(name: &str, limit: u32, window: u64, margin: u64, fixed: bool) -> Quota
         reserve: 0,
         key: Vec::new(),
         max_keys: 10_000,
+        enforce: true,
     }
 }
 

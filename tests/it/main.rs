@@ -17,6 +17,7 @@ mod ledger;
 mod lifecycle;
 mod operations;
 mod over_budget;
+mod shadow;
 mod support;
 mod transparency;
 mod upstream;
