@@ -1,4 +1,5 @@
-//! The `crm-quota-proxy` binary: `run`, `check`, `queue`, `fingerprint`, `sim` and `demo`.
+//! The `crm-quota-proxy` binary: `run`, `check`, `queue`, `fingerprint`, `sim`, `demo` and
+//! `completions`.
 
 mod cli_queue;
 
@@ -112,6 +113,12 @@ enum Command {
     /// Print the fingerprint of a credential read from standard input (the whole value of its
     /// Authorization header, e.g. "Bearer …"), for client `credential` rules. Nothing is stored.
     Fingerprint,
+    /// Print a completion script for a shell, e.g.
+    /// `crm-quota-proxy completions bash > /etc/bash_completion.d/crm-quota-proxy`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Run the simulated CRM: it counts its quota and answers like the CRM it imitates (429s,
     /// rate-limit headers, Zendesk's batch jobs), to try a preset locally. Stops on Ctrl-C.
     Sim {
@@ -433,6 +440,11 @@ async fn command(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut headers = http::HeaderMap::new();
             headers.insert(http::header::AUTHORIZATION, value);
             println!("{}", Fingerprint::of(&headers).to_hex());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "crm-quota-proxy", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Command::Sim {

@@ -404,3 +404,39 @@ fn the_explicit_zendesk_example_is_the_preset_spelled_out() {
         format!("{:?}", explicit.listen),
     );
 }
+
+/// `completions <shell>` prints a script the shell accepts, naming every command.
+#[test]
+fn completions_are_scripts_the_shells_accept() {
+    let out = bin().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    for command in [
+        "run",
+        "check",
+        "queue",
+        "fingerprint",
+        "sim",
+        "demo",
+        "completions",
+    ] {
+        assert!(script.contains(command), "{command} is completed");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crm-quota-proxy.bash");
+    std::fs::write(&path, &script).unwrap();
+    let syntax = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        syntax.status.success(),
+        "{}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let out = bin().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
+    }
+}
