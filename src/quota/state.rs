@@ -277,12 +277,13 @@ impl QuotaState {
             (Some(0), Some(_)) if self.outstanding > 0 => {
                 return Some(now + Duration::from_secs(1));
             }
-            // Near the wall, probing a new window, or near it on news older than a second:
+            // Near the wall (closer when other apps spend fast: what they spend in a second
+            // counts as gone), probing a new window, or near it on news older than a second:
             // wait for the answers still out.
             (Some(left), Some(c))
                 if self.outstanding > 0
                     && (!c.confirmed
-                        || left < careful_below(crm_limit)
+                        || left < careful_below(crm_limit) + c.others_per_sec.ceil() as u64
                         || (now.saturating_since(c.observed_at) > STALE_AFTER
                             && left < crm_limit / 4)) =>
             {

@@ -160,6 +160,8 @@ struct State {
     updates_at: BTreeMap<u64, Vec<u64>>,
     ticket_throttled: u64,
     ticket_reads: u64,
+    /// Arrival times (ns since the Unix epoch) of the calls it answered 429 over its quota.
+    throttled_at: Vec<u64>,
     calls: u64,
     throttled: u64,
     tickets: BTreeMap<u64, Ticket>,
@@ -269,6 +271,7 @@ impl Sim {
             updates_at: BTreeMap::new(),
             ticket_throttled: 0,
             ticket_reads: 0,
+            throttled_at: Vec::new(),
             calls: 0,
             throttled: 0,
             tickets: BTreeMap::new(),
@@ -329,6 +332,11 @@ impl Sim {
     /// Arrival times (ns since the Unix epoch) of every call accepted within the quota.
     pub fn accepted_times(&self) -> Vec<u64> {
         self.lock().accepted.clone()
+    }
+
+    /// Arrival times (ns since the Unix epoch) of the calls answered 429 over the quota.
+    pub fn throttled_times(&self) -> Vec<u64> {
+        self.lock().throttled_at.clone()
     }
 
     /// Another app spends `n` calls directly on the CRM, now.
@@ -499,6 +507,7 @@ async fn handle(
             .max(1);
         if used >= limit {
             s.throttled += 1;
+            s.throttled_at.push(now);
             drop(s);
             let mut resp = over_limit(flavor, reset_secs);
             rate_headers(&mut resp, flavor, limit, 0, reset_secs, window);
