@@ -303,6 +303,33 @@ impl Queue {
         debug_assert!(ids.contains(&first));
         let names: Vec<&str> = ids.iter().map(|i| &**i).collect();
         let request = zendesk::poll_request(&names, &headers);
+        let (route, grant) = self.charge_own_read(&request, client, false, ledger, now, wake_at)?;
+        for id in &ids {
+            if let Some(j) = book.jobs.get_mut(id) {
+                j.polling = true;
+            }
+        }
+        book.in_flight += 1;
+        self.metrics.job_poll();
+        Some(PollDispatch {
+            jobs: ids,
+            route,
+            request,
+            grant,
+        })
+    }
+
+    /// Charges a GET the proxy makes itself (a job poll, a read-back) as the route it classifies
+    /// as; `None` when the quotas have no room (`wake_at` then says when they may).
+    pub(super) fn charge_own_read(
+        &self,
+        request: &Outbound,
+        client: ClientId,
+        live: bool,
+        ledger: &Ledger,
+        now: Time,
+        wake_at: &mut Option<Time>,
+    ) -> Option<(RouteId, Grant)> {
         let path = request.path_and_query.split('?').next().unwrap_or_default();
         let routes = self.routes();
         let route = routes.classify(&Method::GET, path);
@@ -310,25 +337,11 @@ impl Queue {
             quotas: &route.quotas,
             keys: &[],
             client,
-            live: false,
+            live,
             read: false,
         };
         match ledger.try_acquire(&demand, now) {
-            Ok(grant) => {
-                for id in &ids {
-                    if let Some(j) = book.jobs.get_mut(id) {
-                        j.polling = true;
-                    }
-                }
-                book.in_flight += 1;
-                self.metrics.job_poll();
-                Some(PollDispatch {
-                    jobs: ids,
-                    route: route.id,
-                    request,
-                    grant,
-                })
-            }
+            Ok(grant) => Some((route.id, grant)),
             Err(denied) => {
                 *wake_at = earliest(*wake_at, denied.retry_at);
                 None

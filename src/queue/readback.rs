@@ -2,17 +2,16 @@
 //! `tickets/show_many` read per batch, so a client written for the CRM (zenpy, say) gets the
 //! ticket itself from its create, as a single call would have given it.
 
-use http::Method;
 use serde_json::Value;
 
+use super::Queue;
 use super::book::Book;
 use super::entry::Settled;
-use super::{Queue, earliest};
 use crate::clock::Time;
 use crate::crm::zendesk_batch as zendesk;
 use crate::ids::RouteId;
 use crate::message::Outbound;
-use crate::quota::{Demand, Grant, Ledger};
+use crate::quota::{Grant, Ledger};
 
 /// A read-back handed to the dispatcher.
 pub struct ReadbackDispatch {
@@ -45,33 +44,17 @@ impl Queue {
         }
         let ids: Vec<u64> = r.members.iter().map(|(id, _, _)| *id).collect();
         let request = zendesk::show_tickets_request(&ids, &r.headers);
-        let path = request.path_and_query.split('?').next().unwrap_or_default();
-        let routes = self.routes();
-        let route = routes.classify(&Method::GET, path);
         // Its clients are waiting: it counts as live traffic.
-        let demand = Demand {
-            quotas: &route.quotas,
-            keys: &[],
-            client: r.client,
-            live: true,
-            read: false,
-        };
-        match ledger.try_acquire(&demand, now) {
-            Ok(grant) => {
-                r.reading = true;
-                book.in_flight += 1;
-                Some(ReadbackDispatch {
-                    readback: r.seq,
-                    route: route.id,
-                    request,
-                    grant,
-                })
-            }
-            Err(denied) => {
-                *wake_at = earliest(*wake_at, denied.retry_at);
-                None
-            }
-        }
+        let (route, grant) =
+            self.charge_own_read(&request, r.client, true, ledger, now, wake_at)?;
+        r.reading = true;
+        book.in_flight += 1;
+        Some(ReadbackDispatch {
+            readback: r.seq,
+            route,
+            request,
+            grant,
+        })
     }
 
     /// Answers the clients of a read-back: each gets its ticket as Zendesk's single create

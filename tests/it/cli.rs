@@ -373,36 +373,40 @@ fn the_explicit_zendesk_example_is_the_preset_spelled_out() {
         q.join("\n")
     };
     same("quotas", by_name(&preset), by_name(&explicit));
-    same(
-        "routes",
-        format!("{:?}", preset.routes),
-        format!("{:?}", explicit.routes),
-    );
-    same(
-        "clients",
-        format!("{:?}", preset.clients),
-        format!("{:?}", explicit.clients),
-    );
-    same(
-        "fairness",
-        format!("{:?}", preset.fairness),
-        format!("{:?}", explicit.fairness),
-    );
-    same(
-        "queue",
-        format!("{:?}", preset.queue),
-        format!("{:?}", explicit.queue),
-    );
-    same(
-        "upstream",
-        format!("{:?}", preset.upstream),
-        format!("{:?}", explicit.upstream),
-    );
-    same(
-        "listen",
-        format!("{:?}", preset.listen),
-        format!("{:?}", explicit.listen),
-    );
+    for (what, a, b) in [
+        (
+            "routes",
+            format!("{:?}", preset.routes),
+            format!("{:?}", explicit.routes),
+        ),
+        (
+            "clients",
+            format!("{:?}", preset.clients),
+            format!("{:?}", explicit.clients),
+        ),
+        (
+            "fairness",
+            format!("{:?}", preset.fairness),
+            format!("{:?}", explicit.fairness),
+        ),
+        (
+            "queue",
+            format!("{:?}", preset.queue),
+            format!("{:?}", explicit.queue),
+        ),
+        (
+            "upstream",
+            format!("{:?}", preset.upstream),
+            format!("{:?}", explicit.upstream),
+        ),
+        (
+            "listen",
+            format!("{:?}", preset.listen),
+            format!("{:?}", explicit.listen),
+        ),
+    ] {
+        same(what, a, b);
+    }
 }
 
 /// `completions <shell>` prints a script the shell accepts, naming every command.
