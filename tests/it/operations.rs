@@ -146,11 +146,13 @@ async fn a_broken_file_on_sighup_keeps_the_running_config() {
     )
     .unwrap();
     kill(&proxy, "HUP");
+    // The refusal and each problem are lines of their own: wait for the last one to be read.
     eventually("the reload to be refused", Duration::from_secs(10), || {
-        let refused = proxy
-            .lines()
+        let lines = proxy.lines();
+        let refused = lines
             .iter()
-            .any(|l| l.contains("the reloaded config is invalid"));
+            .any(|l| l.contains("the reloaded config is invalid"))
+            && lines.iter().any(|l| l.contains("mystery"));
         async move { refused.then_some(()) }
     })
     .await;
