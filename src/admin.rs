@@ -15,6 +15,7 @@ use crate::quota::QuotaStatus;
 use crate::response::{self, Body};
 use crate::shared_ledger::LedgerView;
 use crate::status::{FailReason, Status as EntryStatus};
+use crate::status_page;
 use crate::upstream::Health;
 
 #[derive(Serialize)]
@@ -67,6 +68,9 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return response::method_not_allowed("GET, HEAD");
     }
+    if let Some(page) = status_page::serve(path, proxy.admin_guard.protected()) {
+        return page;
+    }
     match path {
         "/healthz" => match proxy.stuck() {
             None => response::text(StatusCode::OK, "ok\n"),
@@ -91,7 +95,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
         }
         "/status" => {
             let now = proxy.clock.now();
-            let queue = proxy.queue.snapshot(now);
+            let queue = proxy.queue.overview(&proxy.ledger, now);
             let status = Status {
                 version: env!("CARGO_PKG_VERSION"),
                 ready: proxy.is_ready(),

@@ -1,12 +1,14 @@
 //! Who may use the admin listener: an optional bearer token for everything that reveals request
 //! data or changes state (probes and scrapers keep what `listen.admin_open` lists), and no
-//! cross-origin browser request may change state, token or not.
+//! cross-origin browser request may change state, token or not. The status page's own files
+//! (no data in them) are always served.
 
 use http::header::{self, AsHeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::config::{ADMIN_TOKEN_ENV, Listen};
 use crate::response::{self, Body};
+use crate::status_page;
 
 /// The admin listener's access rule.
 pub struct AdminGuard {
@@ -60,7 +62,7 @@ impl AdminGuard {
             return Some(refusal);
         }
         let path = req.uri().path();
-        if reads && self.open.iter().any(|p| p == path) {
+        if reads && (self.open.iter().any(|p| p == path) || status_page::is_page(path)) {
             return None;
         }
         let token = self.token.as_deref()?;

@@ -47,6 +47,7 @@ pub mod server;
 pub mod shared_ledger;
 pub mod sim;
 pub mod status;
+pub mod status_page;
 pub mod store;
 pub mod tls;
 pub mod units;

@@ -254,7 +254,7 @@ async fn run(format: LogFormat, path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    if let Err(e) = log_level.set(&config.log_level) {
+    if let Err(e) = log_level.set(&config.log_filter()) {
         tracing::warn!(error = %e, "log_level not applied");
     }
     let listeners = match Listeners::bind(&config).await {

@@ -50,7 +50,7 @@ impl Proxy {
                 problems: errors.0.iter().map(|e| e.to_string()).collect(),
             },
             Ok(new) => {
-                let level = new.log_level.clone();
+                let level = new.log_filter();
                 let report = self.reload(new, file_hash(&reloader.path));
                 if let Some(set) = &reloader.log_level
                     && let Err(e) = set(&level)
@@ -208,6 +208,7 @@ impl Proxy {
                 old.listen.body_min_rate != new.listen.body_min_rate,
             ),
             ("log_level", old.log_level != new.log_level),
+            ("access_log", old.access_log != new.access_log),
         ] {
             if differs {
                 changed.push(what.to_string());

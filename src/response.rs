@@ -280,7 +280,7 @@ pub fn admin_not_found() -> Response<Body> {
     problem(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such admin endpoint; these exist: GET /healthz, /readyz, /metrics, /status, /requests, /requests/{id}; POST /requests/{id}/retry, /requests/retry, /requests/discard, /quotas/{name}/resume, /reload; DELETE /requests/{id}",
+        "no such admin endpoint; these exist: GET / (the status page), /healthz, /readyz, /metrics, /status, /requests, /requests/{id}; POST /requests/{id}/retry, /requests/retry, /requests/discard, /quotas/{name}/resume, /reload; DELETE /requests/{id}",
     )
 }
 

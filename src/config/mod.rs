@@ -43,7 +43,32 @@ pub struct Config {
     pub log_level: String,
     /// `false`: shadow mode for every route (forward all, count, report what would have been done).
     pub enforce: bool,
+    pub access_log: AccessLog,
 }
+
+/// The access log: one structured line per request (log target `access`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AccessLog {
+    pub enabled: bool,
+    /// Fraction of requests logged (evenly spread: 0.1 logs every tenth).
+    pub sample: f64,
+    /// Answers of 400 and above, and requests whose client went away, are logged whatever the
+    /// sample.
+    pub all_errors: bool,
+}
+
+impl Default for AccessLog {
+    fn default() -> AccessLog {
+        AccessLog {
+            enabled: false,
+            sample: 1.0,
+            all_errors: true,
+        }
+    }
+}
+
+/// The tracing target of access-log lines.
+pub const ACCESS_TARGET: &str = "access";
 
 /// Environment variable that overrides `ledger.url` (keeps a Redis password out of the file).
 pub const REDIS_URL_ENV: &str = "CRM_PROXY_REDIS_URL";
@@ -261,6 +286,13 @@ pub enum Class {
 }
 
 impl Class {
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Read => "read",
+            Class::Write => "write",
+        }
+    }
+
     /// `read` for GET, HEAD and OPTIONS, `write` for everything else.
     pub fn for_method(m: &Method) -> Class {
         if matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS) {
@@ -371,6 +403,20 @@ impl ConfigErrors {
 }
 
 impl Config {
+    /// The log filter the process runs with: `log_level`, plus the access log's target at
+    /// `info` when the access log is on (unless `log_level` names that target itself).
+    pub fn log_filter(&self) -> String {
+        let named = self
+            .log_level
+            .split(',')
+            .any(|d| d.trim().starts_with(&format!("{ACCESS_TARGET}=")));
+        if self.access_log.enabled && !named {
+            format!("{},{ACCESS_TARGET}=info", self.log_level)
+        } else {
+            self.log_level.clone()
+        }
+    }
+
     /// Reads and validates a config file; `CRM_PROXY_UPSTREAM_URL` overrides `upstream.url`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)

@@ -97,6 +97,22 @@ pub struct RawConfig {
     /// `false`: shadow mode for the whole proxy; every request is forwarded, the ledger counts
     /// it, and what the proxy would have done is counted in metrics. Default `true`.
     pub enforce: Option<Raw<bool>>,
+    /// One structured line per request: method, path (never its query), route, class, client,
+    /// outcome, status, time waited, CRM latency, request id.
+    pub access_log: Option<Raw<RawAccessLog>>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAccessLog {
+    /// Default `false`.
+    pub enabled: Option<Raw<bool>>,
+    /// Share of requests logged, evenly spread (`10%` logs every tenth). Default `100%`.
+    pub sample: Option<Raw<String>>,
+    /// Answers of 400 and above, and requests whose client went away before the answer, are
+    /// logged whatever the sample. Default `true`.
+    pub all_errors: Option<Raw<bool>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }

@@ -44,7 +44,9 @@ const TOP_FIELDS: &[&str] = &[
     "credentials",
     "log_level",
     "enforce",
+    "access_log",
 ];
+const ACCESS_LOG_FIELDS: &[&str] = &["enabled", "sample", "all_errors"];
 const LISTEN_FIELDS: &[&str] = &[
     "data",
     "admin",
@@ -350,6 +352,7 @@ impl Validator {
         let fairness = self.fairness(raw.fairness);
         let ledger = self.ledger(raw.ledger, redis_override);
         let enforce = self.take("enforce", raw.enforce).unwrap_or(true);
+        let access_log = self.access_log(raw.access_log);
         let log_level = self
             .take("log_level", raw.log_level)
             .unwrap_or_else(|| "info".into());
@@ -474,7 +477,36 @@ impl Validator {
             credentials: credentials.iter().map(|n| n.to_ascii_lowercase()).collect(),
             log_level,
             enforce,
+            access_log,
         })
+    }
+
+    fn access_log(&mut self, field: Option<Raw<raw::RawAccessLog>>) -> AccessLog {
+        let raw = self.take("access_log", field).unwrap_or_default();
+        self.unknown("access_log", &raw.unknown, ACCESS_LOG_FIELDS);
+        let default = AccessLog::default();
+        let sample = match self.take("access_log.sample", raw.sample) {
+            None => default.sample,
+            Some(t) => match parse_share(&t, 100.0 + f64::EPSILON * 100.0) {
+                Some(f) if f > 0.0 => f.min(1.0),
+                _ => {
+                    self.err(
+                        "access_log.sample",
+                        format!("{t:?} is not a share above 0% and at most 100% (e.g. 10%)"),
+                    );
+                    default.sample
+                }
+            },
+        };
+        AccessLog {
+            enabled: self
+                .take("access_log.enabled", raw.enabled)
+                .unwrap_or(default.enabled),
+            sample,
+            all_errors: self
+                .take("access_log.all_errors", raw.all_errors)
+                .unwrap_or(default.all_errors),
+        }
     }
 
     fn ledger(

@@ -3,6 +3,7 @@
 
 use http::{HeaderValue, Response, StatusCode, header};
 
+use super::access;
 use crate::clock::Time;
 use crate::config::OnLimit;
 use crate::ids::{EntryId, QuotaId};
@@ -30,7 +31,8 @@ pub(super) async fn accepted(
         });
     }
     p.queue.settle(a.id, true);
-    p.metrics.request(&route.name, "queued");
+    access::outcome(p, &route.name, "queued");
+    access::id(a.id);
     tracing::info!(request_id = %a.id, route = %route.name, position = a.position, "{why}");
     Ok(response::accepted(
         a.id,
@@ -52,16 +54,17 @@ pub(super) fn batched(
     token: Option<&str>,
 ) -> Response<Body> {
     let now = p.clock.now();
+    access::id(id);
     let mut resp = match settled {
         Settled::Answer(answer) => {
-            p.metrics.request(&route.name, "batched");
+            access::outcome(p, &route.name, "batched");
             let mut resp = Response::new(response::full(answer.body));
             *resp.status_mut() = answer.status;
             *resp.headers_mut() = answer.headers;
             resp
         }
         Settled::Failed(reason, error) => {
-            p.metrics.request(&route.name, "failed");
+            access::outcome(p, &route.name, "failed");
             let status_url = response::status_url(id, token);
             let mut resp = if reason == FailReason::Rejected {
                 response::problem(StatusCode::UNPROCESSABLE_ENTITY, "RecordInvalid", &error)
@@ -88,7 +91,7 @@ pub(super) fn reject(
     binding: Option<QuotaId>,
     now: Time,
 ) -> Response<Body> {
-    p.metrics.request(&route.name, "rejected");
+    access::outcome(p, &route.name, "rejected");
     let mut usage = p.ledger.usage(&route.quotas, now);
     // When the decision came from the queue, the binding quota is the one with least left.
     let binding = binding.or_else(|| usage.first().map(|u| u.quota));

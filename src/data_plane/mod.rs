@@ -1,6 +1,7 @@
 //! The data plane: classify → ledger → forward | park | reject, and the `/_proxy/` status
 //! endpoints on the data listener.
 
+mod access;
 mod answers;
 
 use answers::{accepted, batched, reject, shadow_decision};
@@ -49,15 +50,19 @@ fn is_crm_method(m: &Method) -> bool {
 
 /// Handles one client request on the data listener.
 pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    access::logged(&proxy, req, peer, |req| answer(&proxy, req, peer)).await
+}
+
+async fn answer(proxy: &Proxy, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     if !is_crm_method(req.method()) {
-        proxy.metrics.request(DEFAULT_ROUTE, "method_not_allowed");
+        access::outcome(proxy, DEFAULT_ROUTE, "method_not_allowed");
         return response::method_not_allowed(METHODS);
     }
     // Every spelling of a path counts and waits as one; the request goes on as sent.
     let canon = match path::canonical(req.uri().path()) {
         Ok(c) => c,
         Err(e) => {
-            proxy.metrics.request(DEFAULT_ROUTE, "bad_path");
+            access::outcome(proxy, DEFAULT_ROUTE, "bad_path");
             return response::error(&ProxyError::BadPath(e.to_string()));
         }
     };
@@ -69,14 +74,15 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: SocketAddr)
         } else {
             &canon
         };
-        return own_endpoint(&proxy, &req, path);
+        return own_endpoint(proxy, &req, path);
     }
     let routes = proxy.routes();
     let route = routes.classify(req.method(), &canon);
-    match forward(&proxy, route, req, &canon, peer).await {
+    access::route(&route.name, route.class);
+    match forward(proxy, route, req, &canon, peer).await {
         Ok(resp) => resp,
         Err(e) => {
-            proxy.metrics.request(&route.name, e.outcome());
+            access::outcome(proxy, &route.name, e.outcome());
             if let ProxyError::Upstream(fe) = &e {
                 tracing::warn!(route = %route.name, error = %fe, "CRM request failed");
             }
@@ -137,6 +143,7 @@ async fn forward(
         fingerprint,
     });
     p.metrics.client_request(&p.clients().get(client).name);
+    access::client(&p.clients().get(client).name);
     let keys = keys(p, route, canon, &headers, client, fingerprint);
     prepare_request_headers(&mut headers, peer.ip());
     if route.idempotency_key && !headers.contains_key(IDEMPOTENCY_KEY) {
@@ -215,13 +222,17 @@ async fn forward(
     };
     match p.queue.enter(&p.ledger, route, parkable, now) {
         Enter::Go(ticket, out, grant) => {
+            access::id(ticket.id());
             if grant.would.is_some() {
                 shadow_decision(p, route, grant.would, now);
             }
             let next = Some((out, grant, "forwarded"));
             live_write(p, &call, ticket, next, deadline).await
         }
-        Enter::Parked(ticket) => live_write(p, &call, ticket, None, deadline).await,
+        Enter::Parked(ticket) => {
+            access::id(ticket.id());
+            live_write(p, &call, ticket, None, deadline).await
+        }
         Enter::Full => {
             let retry_at = p
                 .ledger
@@ -393,6 +404,7 @@ async fn forward_live(
     let started = tokio::time::Instant::now();
     p.metrics.client_call(&p.clients().get(client).name);
     let result = p.upstream().send(out).await;
+    access::crm(started.elapsed());
     let now = p.clock.now();
     // A live request is its write's first attempt.
     let attempt = Some(1);
@@ -479,7 +491,7 @@ async fn forward_live(
         .await;
     }
     drop(ticket);
-    p.metrics.request(&route.name, outcome);
+    access::outcome(p, &route.name, outcome);
     strip_hop_by_hop(&mut parts.headers);
     let usage = p.ledger.usage(&route.quotas, now);
     response::add_rate_limit_headers(&mut parts.headers, &p.ledger, &usage, now);

@@ -71,6 +71,7 @@ pub struct Metrics {
     quota_class_reserved: IntGaugeVec,
     queue_depth: IntGaugeVec,
     queue_oldest_age: GaugeVec,
+    queue_drain_eta: prometheus::Gauge,
     queue_entries: IntGauge,
     queue_bytes: IntGauge,
     queue_in_flight: IntGauge,
@@ -321,6 +322,10 @@ impl Metrics {
         self.queue_oldest_age
             .with_label_values(&[lane])
             .set(oldest_age_seconds);
+    }
+
+    pub fn set_drain_eta(&self, seconds: f64) {
+        self.queue_drain_eta.set(seconds);
     }
 
     /// The queue's totals: entries and bytes the bounds count, writes being sent, dead letters.

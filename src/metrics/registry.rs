@@ -268,6 +268,13 @@ impl Metrics {
                 &["lane"],
             ),
         );
+        let queue_drain_eta = register(
+            r,
+            prometheus::Gauge::new(
+                "crm_proxy_queue_drain_eta_seconds",
+                "Estimated seconds until the parked writes waiting now are sent, if only the drain spent the quotas.",
+            ),
+        );
         let plain = |name: &str, help: &str| register(r, IntGauge::new(name, help));
         let queue_entries = plain(
             "crm_proxy_queue_entries",
@@ -541,6 +548,7 @@ impl Metrics {
             quota_class_reserved,
             queue_depth,
             queue_oldest_age,
+            queue_drain_eta,
             queue_entries,
             queue_bytes,
             queue_in_flight,

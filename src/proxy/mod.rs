@@ -6,7 +6,7 @@ mod views;
 pub use views::{ClientQuotaView, ClientView, KeysView};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use http::{HeaderMap, StatusCode};
 use serde::Serialize;
@@ -102,6 +102,8 @@ pub struct Proxy {
     pub admin_conns: Arc<ListenerStats>,
     /// Starting (the queue is being restored), ready, or stopping: `/readyz` answers it.
     phase: AtomicU8,
+    /// Requests the data listener has taken: the access log's sample is spread evenly by it.
+    pub access_seq: AtomicU64,
     /// Where a reload reads the config (set when started from a file).
     reloader: std::sync::OnceLock<Reloader>,
     /// The config in force: its file's hash and when it was loaded.
@@ -164,6 +166,7 @@ impl Proxy {
             shared,
             grant_log: None,
             phase: AtomicU8::new(Phase::Starting as u8),
+            access_seq: AtomicU64::new(0),
             reloader: std::sync::OnceLock::new(),
             loaded: Live::new(Loaded {
                 sha256: None,

@@ -114,7 +114,8 @@ impl Proxy {
             self.intake
                 .buffered(self.config().listen.max_buffered_bytes),
         );
-        let queue = self.queue.snapshot(now);
+        let queue = self.queue.overview(&self.ledger, now);
+        m.set_drain_eta(queue.drain_eta_seconds);
         // The queue keeps a lane per (client, quotas); the metric is per quota set.
         let mut by_name: Vec<(&str, usize, f64)> = Vec::new();
         for lane in &queue.lanes {

@@ -453,7 +453,7 @@ impl Drop for Ticket {
 
 /// How many calls go before a write `ahead` places back in its lane: one per write, or one per
 /// batch of `max_size` on a route that batches it.
-fn calls_ahead(route: &Route, batchable: Option<BatchKind>, ahead: usize) -> u64 {
+pub(super) fn calls_ahead(route: &Route, batchable: Option<BatchKind>, ahead: usize) -> u64 {
     match (route.batch, batchable) {
         (Some(b), Some(_)) => (ahead / b.max_size.max(1)) as u64,
         _ => ahead as u64,

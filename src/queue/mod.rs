@@ -165,6 +165,10 @@ pub struct QueueStatus {
     pub failed: usize,
     pub expired: usize,
     pub lanes: Vec<LaneStatus>,
+    /// Seconds until every write waiting now would have been sent if only the drain spent the
+    /// quotas (live requests and other replicas make it later); 0 when none wait. Filled by
+    /// [`Queue::overview`].
+    pub drain_eta_seconds: f64,
     /// The most recent failed or expired writes (dead letters), newest first, at most 100.
     pub dead_letters: Vec<EntrySummary>,
 }

@@ -1219,3 +1219,26 @@ proptest! {
         })?;
     }
 }
+
+#[tokio::test]
+async fn the_drain_eta_is_when_the_quota_lets_the_last_waiting_write_go() {
+    let f = fixture("");
+    assert_eq!(
+        f.queue.overview(&f.ledger, f.clock.now()).drain_eta_seconds,
+        0.0
+    );
+    f.spend_the_window();
+    for b in ["a", "b", "c", "d", "e"] {
+        f.park(Method::POST, "/tickets", b).await;
+    }
+    // Two calls per 10 s, both spent now: calls 1-2 at 10 s, 3-4 at 20 s, 5 at 30 s.
+    let eta = |f: &Fixture| f.queue.overview(&f.ledger, f.clock.now()).drain_eta_seconds;
+    assert_eq!(eta(&f), 30.0);
+    // Another write spending the same quota shares its pace.
+    f.park(Method::PUT, "/tickets/7", "f").await;
+    assert_eq!(eta(&f), 30.0);
+    f.park(Method::PUT, "/tickets/8", "g").await;
+    assert_eq!(eta(&f), 40.0);
+    f.clock.advance(Duration::from_secs(4));
+    assert_eq!(eta(&f), 36.0, "counts down as time passes");
+}

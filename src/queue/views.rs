@@ -2,14 +2,17 @@
 //! the detail (credentials redacted), and `/status` the totals and lanes, read from the book's
 //! running aggregates so a scrape never walks every parked write.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
+use super::admission::calls_ahead;
 use super::book::Entry;
 use super::entry::{Kept, Owner, State};
 use super::{LaneStatus, Queue, QueueStatus};
 use crate::clock::Time;
 use crate::credentials::Credentials;
-use crate::ids::{EntryId, Fingerprint, LaneId};
+use crate::ids::{EntryId, Fingerprint, LaneId, QuotaId};
 use crate::message::BufferedResponse;
 use crate::quota::Ledger;
 use crate::status::{FailReason, Status};
@@ -190,6 +193,40 @@ impl Queue {
 
     /// Totals, every lane's depth and oldest age, and the newest dead letters: O(lanes + shown
     /// dead letters) under the lock, whatever the backlog.
+    /// [`Queue::snapshot`] with the drain's estimated time to empty.
+    pub fn overview(&self, ledger: &Ledger, now: Time) -> QueueStatus {
+        let mut status = self.snapshot(now);
+        status.drain_eta_seconds = self.drain_eta(ledger, now);
+        status
+    }
+
+    /// Seconds until the writes waiting now would all have been sent, if only the drain spent
+    /// the quotas: each quota's calls (a batch counts once) from the lanes that spend it, at the
+    /// pace its window allows, and no sooner than a write's backoff allows.
+    fn drain_eta(&self, ledger: &Ledger, now: Time) -> f64 {
+        let book = self.lock();
+        let routes = self.routes();
+        let mut calls: BTreeMap<QuotaId, u64> = BTreeMap::new();
+        let mut empty_at = now;
+        for client in &book.clients {
+            for (l, lane) in client.lanes.iter().enumerate() {
+                let Some((_, last)) = lane.back() else {
+                    continue;
+                };
+                let e = book.entry(last);
+                let n = calls_ahead(routes.get(e.route), e.batchable, lane.len() - 1) + 1;
+                for &q in &routes.lane(LaneId(l)).quotas {
+                    *calls.entry(q).or_default() += n;
+                }
+                empty_at = empty_at.max(e.not_before);
+            }
+        }
+        for (q, n) in calls {
+            empty_at = empty_at.max(ledger.estimate(&[q], n - 1, now));
+        }
+        empty_at.saturating_since(now).as_secs_f64()
+    }
+
     pub fn snapshot(&self, now: Time) -> QueueStatus {
         let book = self.lock();
         let mut lanes = Vec::new();
@@ -215,6 +252,7 @@ impl Queue {
         }
         let counts = book.counts();
         QueueStatus {
+            drain_eta_seconds: 0.0,
             entries: counts.held,
             bytes: counts.held_bytes + counts.done_bytes,
             results: counts.done,

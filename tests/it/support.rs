@@ -311,7 +311,11 @@ impl Process {
             }
             return Err(process.lines());
         };
+        let json = serde_json::from_str::<Value>(&listening).ok();
         let field = |name: &str| -> String {
+            if let Some(line) = &json {
+                return line["fields"][name].as_str().unwrap().to_string();
+            }
             let at = listening.find(&format!("{name}=")).unwrap() + name.len() + 1;
             listening[at..]
                 .split_whitespace()
@@ -453,6 +457,30 @@ pub fn redis_url() -> String {
          (or point CRM_PROXY_TEST_REDIS at one); .ci/run starts it when missing"
     );
     url
+}
+
+/// A loopback port nothing listens on now, for a server that must be told its port (a process
+/// of someone else's: chromedriver, Prometheus).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until a GET of `url` answers with a success status (a server that was just started).
+pub async fn until_serving(what: &str, url: &str) {
+    let http = client();
+    eventually(what, Duration::from_secs(30), || {
+        let (http, url) = (http.clone(), url.to_string());
+        async move {
+            let req = Request::get(&url).body(Full::new(Bytes::new())).unwrap();
+            let ok = http.request(req).await.ok()?.status().is_success();
+            ok.then_some(())
+        }
+    })
+    .await;
 }
 
 /// A key prefix no other test (or earlier run) uses.
