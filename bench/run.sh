@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark harness (README, "Benchmarks"): in one run on this machine,
-#   1. GET load straight at a fast upstream, through crm-quota-proxy (budgets that never bind),
-#      and through nginx proxy_pass with an equivalent limit_req, alternating rounds: at
-#      saturation (wrk) and at a fixed 1,000 req/s (loadgen, open loop);
+#   1. GET load straight at a fast upstream, through crm-quota-proxy (budgets that never bind;
+#      also with data_threads: 0, the shared runtime), and through nginx proxy_pass with an
+#      equivalent limit_req, alternating rounds: at
+#      saturation (wrk; with the CPU time each server spent per request) and at a fixed
+#      1,000 req/s (loadgen, open loop);
 #   2. a backlog run: creates at 3x the budget against the simulated CRM (utilization, CRM 429s,
 #      how soon a window's first parked write goes), with a sliding and with a fixed local window;
 #   3. memory: resident size with 100,000 parked 1 KiB writes;
@@ -66,7 +68,7 @@ wait_port() {
     exit 1
 }
 UP=$(free_port) NGX=$(free_port) PX=$(free_port) PXA=$(free_port)
-RP=$(free_port) PXR=$(free_port) PXRA=$(free_port)
+RP=$(free_port) PXR=$(free_port) PXRA=$(free_port) PXS=$(free_port) PXSA=$(free_port)
 
 # The fast upstream: nginx answering every request with a small JSON body.
 nginx_conf() { # name workers server-block
@@ -95,8 +97,10 @@ nginx_conf nginx auto "limit_req_zone \$server_name zone=crm:1m rate=100000r/s;
         proxy_pass http://crm; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 "$NGINX" -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" &
 PIDS+=($!)
+declare -A SERVER=([direct]=$!)
 "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" &
 PIDS+=($!)
+SERVER[nginx]=$!
 cat >"$WORK/proxy.yaml" <<EOF
 listen: { data: 127.0.0.1:$PX, admin: 127.0.0.1:$PXA }
 upstream: { url: http://127.0.0.1:$UP }
@@ -107,6 +111,13 @@ routes:
 EOF
 RUST_LOG=warn "$BIN" run --config "$WORK/proxy.yaml" 2>"$WORK/proxy.log" &
 PIDS+=($!)
+SERVER[proxy]=$!
+# The same proxy serving its connections on the shared multi-threaded runtime
+# (listen.data_threads: 0) instead of a thread per core.
+sed -e "s/127.0.0.1:$PX,/127.0.0.1:$PXS,/" -e "s/127.0.0.1:$PXA }/127.0.0.1:$PXSA, data_threads: 0 }/" "$WORK/proxy.yaml" >"$WORK/proxy-shared.yaml"
+RUST_LOG=warn "$BIN" run --config "$WORK/proxy-shared.yaml" 2>"$WORK/proxy-shared.log" &
+PIDS+=($!)
+SERVER[proxy_shared]=$!
 # The same proxy with its ledger on Redis (the harness's own, nothing kept on disk).
 redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
 PIDS+=($!)
@@ -115,10 +126,10 @@ sed -e "s/127.0.0.1:$PX,/127.0.0.1:$PXR,/" -e "s/127.0.0.1:$PXA }/127.0.0.1:$PXR
 echo "ledger: { store: redis, url: \"redis://127.0.0.1:$RP\", key_prefix: bench, replica_id: bench }" >>"$WORK/proxy-redis.yaml"
 RUST_LOG=warn "$BIN" run --config "$WORK/proxy-redis.yaml" 2>"$WORK/proxy-redis.log" &
 PIDS+=($!)
-wait_port "$UP"; wait_port "$NGX"; wait_port "$PX"; wait_port "$PXR"
+wait_port "$UP"; wait_port "$NGX"; wait_port "$PX"; wait_port "$PXR"; wait_port "$PXS"
 
 PATH_Q="/api/v2/users/search.json?query=ada"
-declare -A URL=([direct]="http://127.0.0.1:$UP$PATH_Q" [proxy]="http://127.0.0.1:$PX$PATH_Q" [nginx]="http://127.0.0.1:$NGX$PATH_Q" [proxy_redis]="http://127.0.0.1:$PXR$PATH_Q")
+declare -A URL=([direct]="http://127.0.0.1:$UP$PATH_Q" [proxy]="http://127.0.0.1:$PX$PATH_Q" [nginx]="http://127.0.0.1:$NGX$PATH_Q" [proxy_redis]="http://127.0.0.1:$PXR$PATH_Q" [proxy_shared]="http://127.0.0.1:$PXS$PATH_Q")
 cat >"$WORK/report.lua" <<'EOF'
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -129,12 +140,28 @@ done = function(summary, latency, requests)
 end
 EOF
 
+# CPU time (user + system, in clock ticks) a server has spent: the process and, for nginx, its
+# worker processes. Divided by the requests of a saturation run it gives CPU per request, a
+# figure the shared machine's noise moves far less than throughput.
+cpu_ticks() {
+    local total=0 pid
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+TICK=$(getconf CLK_TCK)
+
 RESULTS="$WORK/results"
 for round in $(seq 1 "$ROUNDS"); do
-    for target in direct proxy nginx; do
+    for target in direct proxy nginx proxy_shared; do
         echo "bench: round $round, $target" >&2
+        before=$(cpu_ticks "${SERVER[$target]}")
         line=$(wrk -t1 -c32 -d"${SAT_SECS}s" -s "$WORK/report.lua" "${URL[$target]}" | tail -1)
-        echo "saturation $target $line" >>"$RESULTS"
+        spent=$(($(cpu_ticks "${SERVER[$target]}") - before))
+        requests=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$line")
+        cpu=$(awk -v t="$spent" -v hz="$TICK" -v n="$requests" 'BEGIN { printf "%.2f", t * 1e6 / hz / (n > 0 ? n : 1) }')
+        echo "saturation $target $line cpu_us=$cpu" >>"$RESULTS"
         line=$("$LOADGEN" rate "${URL[$target]}" "$RATE" "$RATE_SECS")
         echo "rate $target $line" >>"$RESULTS"
     done
@@ -177,21 +204,28 @@ print(f"### Benchmark run {datetime.date.today()} ({cores} cores, {mem}; "
 for kind, title in (("saturation", "saturation (wrk, 1 thread, 32 connections)"),
                     ("rate", f"fixed rate, {rate} req/s (open loop; latency from each request's due time)")):
     print(f"{title}:\n")
-    print("| target | req/s | p50 | p99 | p99.9 | errors |")
-    print("|---|---|---|---|---|---|")
-    for t in ("direct", "proxy", "nginx", "proxy_redis"):
+    cpu = kind == "saturation"
+    print("| target | req/s | p50 | p99 | p99.9 | errors |" + (" CPU per request |" if cpu else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if cpu else ""))
+    for t in ("direct", "proxy", "nginx", "proxy_shared", "proxy_redis"):
         if (kind, t) not in rows:
             continue
         errors = sum(int(r["errors"]) for r in rows[(kind, t)])
         if errors:
             failed.append(f"{kind} {t}: {errors} errors")
         print(f"| {t} | {med(kind, t, 'rps'):,.0f} | {med(kind, t, 'p50_us') / 1e3:.2f} ms "
-              f"| {med(kind, t, 'p99_us') / 1e3:.2f} ms | {med(kind, t, 'p999_us') / 1e3:.2f} ms | {errors} |")
+              f"| {med(kind, t, 'p99_us') / 1e3:.2f} ms | {med(kind, t, 'p999_us') / 1e3:.2f} ms | {errors} |"
+              + (f" {med(kind, t, 'cpu_us'):.1f} µs |" if cpu else ""))
     print()
 s = lambda t, k: med("saturation", t, k)
 r = lambda t, k: med("rate", t, k)
 print(f"- saturation throughput: proxy/direct {s('proxy', 'rps') / s('direct', 'rps'):.2f}, "
       f"proxy/nginx {s('proxy', 'rps') / s('nginx', 'rps'):.2f}")
+print(f"- CPU per request at saturation (the server's processes, user + system): proxy "
+      f"{s('proxy', 'cpu_us'):.1f} µs, nginx {s('nginx', 'cpu_us'):.1f} µs, proxy/nginx "
+      f"{s('proxy', 'cpu_us') / max(s('nginx', 'cpu_us'), 0.01):.2f}; the proxy on the shared runtime "
+      f"(`data_threads: 0`) {s('proxy_shared', 'cpu_us'):.1f} µs and {s('proxy_shared', 'rps'):,.0f} req/s "
+      f"(the upstream itself: {s('direct', 'cpu_us'):.1f} µs)")
 print(f"- p99 at {rate} req/s: proxy/direct {r('proxy', 'p99_us') / r('direct', 'p99_us'):.2f}, "
       f"proxy/nginx {r('proxy', 'p99_us') / r('nginx', 'p99_us'):.2f}; added by the proxy "
       f"{(r('proxy', 'p99_us') - r('direct', 'p99_us')) / 1e3:.2f} ms, by nginx "

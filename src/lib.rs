@@ -53,5 +53,6 @@ pub mod tls;
 pub mod units;
 pub mod upstream;
 pub mod verdict;
+pub mod workers;
 
 pub use server::{Listeners, Stopped, open, serve};

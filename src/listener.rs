@@ -290,7 +290,9 @@ impl Throttled {
 }
 
 /// Accepts connections until `stop` completes, then closes the listener, asks every open
-/// connection to finish its requests and close, and waits up to `grace` for them.
+/// connection to finish its requests and close, and waits up to `grace` for them. Each
+/// connection is served on the next of `runtimes` in turn (its requests stay on that one
+/// thread), or on the calling runtime when there are none.
 pub async fn accept_loop<F, S>(
     listener: TcpListener,
     limits: ConnLimits,
@@ -298,6 +300,7 @@ pub async fn accept_loop<F, S>(
     make_service: F,
     stop: impl Future<Output = ()>,
     grace: Duration,
+    runtimes: &[tokio::runtime::Handle],
 ) where
     F: Fn(SocketAddr, Arc<Activity>) -> S,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
@@ -317,6 +320,7 @@ pub async fn accept_loop<F, S>(
         .keep_alive_interval(Some(limits.idle_timeout.min(Duration::from_secs(30))))
         .keep_alive_timeout(limits.header_timeout);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut next_runtime = 0usize;
     let (closing_tx, closing) = watch::channel(false);
     let (done_tx, mut done) = mpsc::channel::<()>(1);
     let (mut refused_log, mut failed_log) = (
@@ -356,20 +360,42 @@ pub async fn accept_loop<F, S>(
                 };
                 let _ = stream.set_nodelay(true);
                 let activity = Activity::new();
-                let io = Watched { io: stream, activity: activity.clone() };
-                let conn = builder
-                    .serve_connection(TokioIo::new(io), make_service(peer, activity.clone()))
-                    .into_owned();
-                let (limits, stats, closing, done) =
-                    (limits.clone(), stats.clone(), closing.clone(), done_tx.clone());
-                tokio::spawn(async move {
+                let service = make_service(peer, activity.clone());
+                let (builder, limits, stats, closing, done) = (
+                    builder.clone(),
+                    limits.clone(),
+                    stats.clone(),
+                    closing.clone(),
+                    done_tx.clone(),
+                );
+                let serve = move |stream: TcpStream| async move {
+                    let io = Watched { io: stream, activity: activity.clone() };
+                    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
                     stats.open.fetch_add(1, Relaxed);
                     tokio::pin!(conn);
                     let close = |c: Pin<&mut _>| auto::Connection::graceful_shutdown(c);
                     watch_connection(conn, close, &activity, &limits, &stats, closing, peer).await;
                     stats.open.fetch_sub(1, Relaxed);
                     drop((slot, done));
-                });
+                };
+                if runtimes.is_empty() {
+                    tokio::spawn(serve(stream));
+                    continue;
+                }
+                // The socket moves to the runtime that serves it: registered with its driver there.
+                let runtime = &runtimes[next_runtime % runtimes.len()];
+                next_runtime = next_runtime.wrapping_add(1);
+                match stream.into_std() {
+                    Ok(stream) => {
+                        runtime.spawn(async move {
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => serve(stream).await,
+                                Err(e) => tracing::warn!(error = %e, %peer, "cannot serve an accepted connection on its thread; closed"),
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, %peer, "cannot hand an accepted connection to a data thread; closed"),
+                }
             }
             _ = &mut stop => break,
         }

@@ -115,6 +115,7 @@ impl Proxy {
                 "listen.h2_max_streams",
                 l.0.h2_max_streams != l.1.h2_max_streams,
             ),
+            ("listen.data_threads", l.0.data_threads != l.1.data_threads),
             ("queue.data_dir", old.queue.data_dir != new.queue.data_dir),
             ("ledger", old.ledger != new.ledger),
             ("credentials", old.credentials != new.credentials),

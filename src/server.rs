@@ -24,6 +24,7 @@ use crate::listener::{ConnLimits, accept_loop, raise_descriptor_limit};
 use crate::proxy::{Phase, Proxy, Reloader, SetLogLevel};
 use crate::quota::shadow_grants;
 use crate::store::{GrantLog, LoggedGrant, Recovered, Store, StoreError};
+use crate::workers::DataThreads;
 use std::path::PathBuf;
 
 /// The two sockets the proxy serves: client traffic and admin.
@@ -181,6 +182,7 @@ pub async fn serve_with(
             let _ = admin_stop.wait_for(|stop| *stop).await;
         },
         Duration::from_secs(1),
+        &[],
     ));
 
     // The admin listener answers (`/readyz`: 503) while the queue is rebuilt; data waits.
@@ -228,6 +230,8 @@ pub async fn serve_with(
     let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let failed = failure.clone();
 
+    let data_threads = DataThreads::start(proxy.config().listen.data_threads)
+        .map_err(|e| Failure::Io(format!("listen.data_threads: cannot start a thread: {e}")))?;
     let data_proxy = proxy.clone();
     let drain_proxy = proxy.clone();
     let (began_tx, began_rx) = tokio::sync::oneshot::channel();
@@ -260,8 +264,10 @@ pub async fn serve_with(
             tracing::info!(grace = ?grace, "shutting down: no new connections; finishing in-flight requests and draining parked writes");
         },
         grace,
+        data_threads.handles(),
     )
     .await;
+    data_threads.stop().await;
 
     // In-flight requests are done (or out of time); give the drain what is left of the grace.
     let deadline = began_rx

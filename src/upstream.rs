@@ -1,7 +1,9 @@
 //! The upstream client: pooled HTTP/1.1 (and HTTP/2 by ALPN) over rustls, timeouts, and what
 //! the last requests to the CRM looked like.
 
+use std::cell::{Cell, RefCell};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -17,6 +19,13 @@ use crate::clock::SharedClock;
 use crate::config::UpstreamConfig;
 use crate::message::{BufferedResponse, Outbound, drop_body, strip_hop_by_hop};
 use crate::tls;
+
+fn pool(connector: HttpsConnector<HttpConnector>, idle_timeout: Duration, max_idle: usize) -> Pool {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle)
+        .build(connector)
+}
 
 /// Why a request to the CRM produced no response.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +51,33 @@ impl ForwardError {
     }
 }
 
+type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Distinguishes the clients a process builds (a reload builds a new one), so a thread's own
+/// pool is rebuilt when the client it was built for is replaced.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// On a data-plane thread: its own pool for the client of the given generation.
+    static THREAD_POOL: RefCell<Option<(u64, Pool)>> = const { RefCell::new(None) };
+    static OWN_POOL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as one with a runtime of its own: requests sent from it use a
+/// connection pool of its own, so their connections are driven on that thread too.
+pub fn use_thread_pool() {
+    OWN_POOL.with(|own| own.set(true));
+}
+
 /// Pooled client for one upstream.
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The pool of threads without a pool of their own (the shared runtime: the drain, tests).
+    client: Pool,
+    /// What a thread's own pool is built from.
+    connector: HttpsConnector<HttpConnector>,
+    pool_idle_timeout: Duration,
+    pool_max_idle: usize,
+    generation: u64,
     clock: SharedClock,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
@@ -79,10 +112,7 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .build(connector);
+        let client = pool(connector.clone(), cfg.pool_idle_timeout, cfg.pool_max_idle);
         let scheme = cfg
             .url
             .scheme()
@@ -95,6 +125,10 @@ impl UpstreamClient {
             .ok_or("upstream URL has no host")?;
         Ok(UpstreamClient {
             client,
+            connector,
+            pool_idle_timeout: cfg.pool_idle_timeout,
+            pool_max_idle: cfg.pool_max_idle,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             clock,
             scheme,
             authority,
@@ -104,6 +138,28 @@ impl UpstreamClient {
                 url: cfg.url.to_string(),
                 ..Health::default()
             }),
+        })
+    }
+
+    /// The pool to send from: the calling thread's own on a data-plane thread, else the shared one.
+    fn pool(&self) -> Pool {
+        if !OWN_POOL.with(Cell::get) {
+            return self.client.clone();
+        }
+        THREAD_POOL.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            match &*slot {
+                Some((generation, pool)) if *generation == self.generation => pool.clone(),
+                _ => {
+                    let own = pool(
+                        self.connector.clone(),
+                        self.pool_idle_timeout,
+                        self.pool_max_idle,
+                    );
+                    *slot = Some((self.generation, own.clone()));
+                    own
+                }
+            }
         })
     }
 
@@ -126,7 +182,7 @@ impl UpstreamClient {
             .map_err(|e| ForwardError::Io(format!("cannot build request: {e}")))?;
         *req.headers_mut() = out.headers;
         let result =
-            match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+            match tokio::time::timeout(self.request_timeout, self.pool().request(req)).await {
                 Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
                 Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
                 Ok(Err(e)) => Err(ForwardError::Io(error_chain(&e))),

@@ -187,6 +187,9 @@ pub struct Listen {
     pub body_min_rate: u64,
     pub max_buffered_bytes: u64,
     pub h2_max_streams: u32,
+    /// Threads serving client connections, each with its own runtime and CRM connection pool
+    /// (`None`: one per core; `Some(0)`: the shared multi-threaded runtime).
+    pub data_threads: Option<usize>,
     /// Where the admin listener's bearer token is read from at start (`ADMIN_TOKEN_ENV` first).
     pub admin_token_file: Option<PathBuf>,
     /// Admin paths served without the token (a subset of [`ADMIN_OPEN`]).

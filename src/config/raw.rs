@@ -217,6 +217,10 @@ pub struct RawListen {
     pub max_buffered_bytes: Option<Raw<NumberOrText>>,
     /// Concurrent HTTP/2 streams per connection. Default `100`.
     pub h2_max_streams: Option<Raw<u32>>,
+    /// Threads that serve client connections, each with a runtime and a CRM connection pool of
+    /// its own, so a request and its CRM call run on one thread. Default: one per core; `0`
+    /// serves them on the shared multi-threaded runtime.
+    pub data_threads: Option<Raw<u32>>,
     /// A file holding the admin listener's bearer token (never the token itself in this file;
     /// `CRM_PROXY_ADMIN_TOKEN` takes precedence). Unset: the admin listener asks for none.
     pub admin_token_file: Option<Raw<String>>,

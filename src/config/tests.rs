@@ -115,7 +115,7 @@ queue:
 "#;
     let got = errors(yaml);
     let expected = [
-        "listen.extra: unknown field (expected one of: data, admin, max_concurrent_requests, max_connections, header_timeout, idle_timeout, body_timeout, body_min_rate, max_buffered_bytes, h2_max_streams, admin_token_file, admin_open)",
+        "listen.extra: unknown field (expected one of: data, admin, max_concurrent_requests, max_connections, header_timeout, idle_timeout, body_timeout, body_min_rate, max_buffered_bytes, h2_max_streams, data_threads, admin_token_file, admin_open)",
         "listen.data: \"nowhere\" is not an address (write IP:port, e.g. 0.0.0.0:8080)",
         "upstream.url: \"acme.zendesk.com\" must start with http:// or https://",
         "upstream.connect_timeout: \"5 seconds\" is not a duration: unknown unit \"seconds\" (write 5s); units: ms, s, m (or min), h, d, e.g. 250ms, 10s, 1m, 1h30m, 1d",

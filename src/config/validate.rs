@@ -58,6 +58,7 @@ const LISTEN_FIELDS: &[&str] = &[
     "body_min_rate",
     "max_buffered_bytes",
     "h2_max_streams",
+    "data_threads",
     "admin_token_file",
     "admin_open",
 ];
@@ -165,6 +166,7 @@ const BODY_TIMEOUT: (Duration, Duration) = (ms(100), secs(HOUR));
 const LEDGER_TIMEOUT: (Duration, Duration) = (ms(10), secs(10));
 const CONNECTIONS: (usize, usize) = (1, 1_000_000);
 const STREAMS: (u32, u32) = (1, 10_000);
+const THREADS: (u32, u32) = (0, 1_024);
 const WEIGHT: (u32, u32) = (1, 10_000);
 const LIMIT: (u32, u32) = (1, 1_000_000_000);
 const BURST: (u32, u32) = (1, 1_000_000);
@@ -818,6 +820,10 @@ impl Validator {
             TIB,
         );
         let h2_max_streams = self.count("listen.h2_max_streams", raw.h2_max_streams, 100, STREAMS);
+        let data_threads = raw
+            .data_threads
+            .is_some()
+            .then(|| self.count("listen.data_threads", raw.data_threads, 0, THREADS) as usize);
         let admin_token_file = self
             .take("listen.admin_token_file", raw.admin_token_file)
             .and_then(|f| match f.trim() {
@@ -855,6 +861,7 @@ impl Validator {
             body_min_rate,
             max_buffered_bytes,
             h2_max_streams,
+            data_threads,
             admin_token_file,
             admin_open,
         })

@@ -300,6 +300,7 @@ impl Sim {
                 let _ = stopped.await;
             },
             Duration::from_secs(1),
+            &[],
         ));
         Ok(Sim {
             addr,

@@ -200,3 +200,28 @@ async fn every_metric_of_the_readme_is_there_from_the_start() {
     }
     assert!(text.contains("crm_proxy_build_info{profile="), "build info");
 }
+
+/// The data plane on threads of its own (the default, one per core) and on the shared runtime
+/// (`listen.data_threads: 0`) answer alike, over many connections spread across the threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_threads_and_the_shared_runtime_answer_alike() {
+    let mut answers = Vec::new();
+    for threads in ["0", "3"] {
+        let yaml = format!(
+            "listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0, data_threads: {threads} }}\n{ROOMY}"
+        );
+        let h = Harness::start(roomy_sim(), &yaml).await;
+        let mut got = Vec::new();
+        // A fresh client (and connection) per request: they are handed to the threads in turn.
+        for i in 0..6 {
+            let url = format!("{}/echo/t/{i}?q={i}", h.url);
+            let r = send(&client(), Method::POST, &url, &[], format!("body {i}")).await;
+            let v = r.json();
+            got.push((r.status, v["path"].clone(), v["body_sha256"].clone()));
+        }
+        assert_eq!(h.sim.stats().calls, 6, "data_threads {threads}");
+        answers.push(got);
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0][5].1, "/echo/t/5");
+}
