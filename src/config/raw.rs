@@ -252,7 +252,8 @@ pub struct RawUpstream {
     pub request_timeout: Option<Raw<String>>,
     /// Idle pooled connections are closed after this long. Default `90s`.
     pub pool_idle_timeout: Option<Raw<String>>,
-    /// Idle pooled connections kept per host. Default `32`.
+    /// Idle pooled connections kept, per pool (each data thread has one, the drain another).
+    /// Default `32`.
     pub pool_max_idle: Option<Raw<usize>>,
     /// After a CRM 429 without `Retry-After`, the quotas of that route pause this long.
     /// Default `60s`.
