@@ -61,7 +61,7 @@ where
         started: tokio::time::Instant::now(),
         peer,
         method: req.method().clone(),
-        path: req.uri().path().to_string(),
+        path: shortened(req.uri().path()),
         route: String::new(),
         class: "",
         client: None,
@@ -72,7 +72,11 @@ where
         client_request_id: headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .filter(|v| {
+                v.len() <= 128
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            })
             .map(str::to_string),
     };
     NOTE.scope(RefCell::new(note), async {
@@ -81,6 +85,20 @@ where
         resp
     })
     .await
+}
+
+/// Paths longer than this are logged cut, with `…`.
+const PATH_LOGGED: usize = 512;
+
+fn shortened(path: &str) -> String {
+    if path.len() <= PATH_LOGGED {
+        return path.to_string();
+    }
+    let mut end = PATH_LOGGED;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &path[..end])
 }
 
 fn with(f: impl FnOnce(&mut Note)) {
@@ -155,6 +173,14 @@ impl Drop for Note {
 #[cfg(test)]
 mod tests {
     use super::sampled;
+
+    #[test]
+    fn long_paths_are_cut() {
+        assert_eq!(super::shortened("/api/v2/x"), "/api/v2/x");
+        let long = format!("/{}", "é".repeat(400));
+        let cut = super::shortened(&long);
+        assert!(cut.ends_with('…') && cut.len() <= super::PATH_LOGGED + '…'.len_utf8());
+    }
 
     #[test]
     fn the_sample_is_spread_evenly() {
