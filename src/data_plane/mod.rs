@@ -137,13 +137,15 @@ async fn forward(
                 (fp, Some(token))
             }
         });
-    let client = p.clients().identify(&Caller {
+    let clients = p.clients();
+    let client = clients.identify(&Caller {
         headers: &headers,
         source: peer.ip(),
         fingerprint,
     });
-    p.metrics.client_request(&p.clients().get(client).name);
-    access::client(&p.clients().get(client).name);
+    let name = &clients.get(client).name;
+    p.metrics.client_request(name);
+    access::client(name);
     let keys = keys(p, route, canon, &headers, client, fingerprint);
     prepare_request_headers(&mut headers, peer.ip());
     if route.idempotency_key && !headers.contains_key(IDEMPOTENCY_KEY) {
