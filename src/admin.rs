@@ -11,7 +11,7 @@ use crate::ids::EntryId;
 use crate::proxy::{ClientView, KeysView, Loaded, Phase, Proxy};
 use crate::queue::Filter;
 use crate::queue::{OpError, QueueStatus};
-use crate::quota::QuotaStatus;
+use crate::quota::{Forecast, QuotaStatus};
 use crate::response::{self, Body};
 use crate::shared_ledger::LedgerView;
 use crate::status::{FailReason, Status as EntryStatus};
@@ -27,6 +27,8 @@ struct Status {
     now: String,
     upstream: Health,
     quotas: Vec<QuotaStatus>,
+    /// Daily (long fixed) quotas: when each is forecast to run out, and its backlog's outlook.
+    forecasts: Vec<Forecast>,
     /// Keyed quotas: keys tracked and overflow.
     keyed_quotas: Vec<KeysView>,
     clients: Vec<ClientView>,
@@ -103,6 +105,7 @@ pub async fn handle<B>(proxy: Arc<Proxy>, req: Request<B>) -> Response<Body> {
                 now: now.to_string(),
                 upstream: proxy.upstream().health(),
                 quotas: proxy.ledger.snapshot(now),
+                forecasts: proxy.forecasts(now),
                 keyed_quotas: proxy.keys_views(),
                 clients: proxy.client_views(&queue, now),
                 queue,

@@ -164,6 +164,11 @@ enum Command {
         /// Contact searches spread over one window while the creates go through.
         #[arg(long, default_value_t = 6)]
         searches: usize,
+        /// Instead: a licence's day compressed into a minute (120 calls a day, 30 per 5 s), a
+        /// backlog parked at its start and searches through it, spent first come, first served
+        /// beside a proxy that paces the day (the other options do not apply).
+        #[arg(long)]
+        day: bool,
     },
 }
 
@@ -493,7 +498,16 @@ async fn command(cli: Cli) -> anyhow::Result<ExitCode> {
             window,
             creates,
             searches,
+            day,
         } => {
+            if day {
+                // It ends with backlogs still parked, on purpose: not worth a warning each.
+                init_tracing(LogFormat::Text, "warn,crm_quota_proxy::server=off");
+                demo::day::run(demo::day::DayOptions::default(), &mut std::io::stdout())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             // The demo prints its own live view; only warnings and errors are logged.
             init_tracing(LogFormat::Text, "warn");
             let opts = DemoOptions {

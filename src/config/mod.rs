@@ -278,6 +278,22 @@ pub struct QuotaConfig {
     /// `false`: counted but never the reason a request waits, parks or is refused (shadow mode).
     pub enforce: bool,
     pub max_keys: usize,
+    /// A fixed window's allowance released to parked writes over the window rather than all
+    /// at once (`None`: all at once).
+    pub schedule: Option<Schedule>,
+    /// Whether `/status` and the metrics forecast when the window runs out (fixed windows).
+    pub forecast: bool,
+}
+
+/// How a fixed window releases its allowance to deferrable traffic (parked writes): a share at
+/// the window's start, the rest evenly across the business hours (or the whole window), all of
+/// it by their end. Live requests and reads may spend beyond it, up to the limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    /// Business hours in the quota's time zone (daily windows only): `[start, end)`.
+    pub hours: Option<(jiff::civil::Time, jiff::civil::Time)>,
+    /// The share of the limit released at the window's start.
+    pub at_once: f64,
 }
 
 /// Whether a request reads or writes; decides the default `on_limit`.

@@ -318,6 +318,23 @@ pub struct RawQuota {
     pub max_keys: Option<Raw<usize>>,
     /// `false`: counted, never enforced (shadow mode for this quota). Default `true`.
     pub enforce: Option<Raw<bool>>,
+    /// Fixed windows only: release the allowance to parked writes over the window instead of
+    /// all at once (reads and live requests may still spend it all).
+    pub schedule: Option<Raw<RawSchedule>>,
+    /// Fixed windows only: forecast when the window runs out and how much of the backlog it
+    /// carries. Default: on for windows of an hour or more and for scheduled ones.
+    pub forecast: Option<Raw<bool>>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawSchedule {
+    /// Daily windows only: business hours `HH:MM-HH:MM` in the quota's time zone; the allowance
+    /// is released evenly across them. Default: evenly across the whole window.
+    pub hours: Option<Raw<String>>,
+    /// The share of the limit released at the window's start, e.g. `10%`. Default `0%`.
+    pub at_once: Option<Raw<String>>,
     #[serde(flatten)]
     pub unknown: Unknown,
 }

@@ -195,7 +195,7 @@ fn unknown_top_level_and_nested_fields_are_errors() {
     assert_eq!(
         errors(&yaml),
         vec![
-            "quotas[0].windw: unknown field (expected one of: name, limit, window, kind, scope, reset_at, time_zone, margin, sync, reserve, key, max_keys, enforce)"
+            "quotas[0].windw: unknown field (expected one of: name, limit, window, kind, scope, reset_at, time_zone, margin, sync, reserve, key, max_keys, enforce, schedule, forecast)"
         ]
     );
 }
@@ -502,6 +502,87 @@ fn the_admin_token_is_named_by_file_and_only_probes_and_scrapes_may_be_open() {
         [
             "listen.admin_token_file: is empty (name a file holding the token)",
             "listen.admin_open[1]: \"/status\" cannot be opened (only /metrics, /healthz, /readyz)",
+        ]
+    );
+}
+
+#[test]
+fn a_release_schedule_is_validated_with_every_problem_at_its_path() {
+    let ok = r#"
+upstream: { url: "https://acme.zendesk.com" }
+quotas:
+  - name: day
+    limit: 2500
+    window: 1d
+    kind: fixed
+    time_zone: America/New_York
+    schedule: { hours: "08:00-18:00", at_once: 10% }
+  - { name: short-day, limit: 300, window: 10m, kind: fixed, schedule: {} }
+"#;
+    let c = Config::from_yaml(ok, None).unwrap();
+    let s = c.quotas[0].schedule.clone().unwrap();
+    assert_eq!(s.at_once, 0.1);
+    assert_eq!(
+        s.hours,
+        Some((
+            jiff::civil::Time::constant(8, 0, 0, 0),
+            jiff::civil::Time::constant(18, 0, 0, 0)
+        ))
+    );
+    assert_eq!(
+        c.quotas[1].schedule,
+        Some(Schedule {
+            hours: None,
+            at_once: 0.0
+        })
+    );
+    let bad = r#"
+upstream: { url: "https://acme.zendesk.com" }
+quotas:
+  - { name: a, limit: 10, window: 1m, schedule: {} }
+  - { name: b, limit: 10, window: 10m, kind: fixed, schedule: { hours: "08:00-18:00" } }
+  - { name: c, limit: 10, window: 1d, kind: fixed, schedule: { hours: "18:00-08:00", at_once: 100% } }
+  - { name: d, limit: 10, window: 1d, kind: fixed, reset_at: "12:00", schedule: { hours: "8-18", houres: 1 } }
+  - { name: e, limit: 10, window: 1d, kind: fixed, reset_at: "12:00", schedule: { hours: "08:00-18:00" } }
+"#;
+    assert_eq!(
+        errors(bad),
+        [
+            "quotas[0].schedule: applies only to kind: fixed (a schedule releases a window that starts and ends on the clock)",
+            "quotas[1].schedule.hours: applies only to daily windows (kind: fixed, window: 1d)",
+            "quotas[2].schedule.at_once: \"100%\" is not a share (write a percentage under 100%, e.g. 10%)",
+            "quotas[2].schedule.hours: must start before they end (hours across midnight are not supported)",
+            "quotas[3].schedule.houres: unknown field (expected one of: hours, at_once)",
+            "quotas[3].schedule.hours: \"8-18\" is not business hours (write HH:MM-HH:MM, e.g. 08:00-18:00)",
+            "quotas[4].schedule.hours: must not span the window's reset at 12:00:00",
+        ]
+    );
+}
+
+#[test]
+fn the_forecast_is_on_for_long_fixed_windows_and_scheduled_ones_unless_said_otherwise() {
+    let yaml = r#"
+upstream: { url: "https://acme.zendesk.com" }
+quotas:
+  - { name: minute, limit: 400, window: 1m }
+  - { name: ten, limit: 300, window: 10m, kind: fixed }
+  - { name: paced, limit: 300, window: 10m, kind: fixed, schedule: {} }
+  - { name: day, limit: 2500, window: 1d, kind: fixed }
+  - { name: quiet-day, limit: 2500, window: 1d, kind: fixed, forecast: false }
+  - { name: asked, limit: 300, window: 10m, kind: fixed, forecast: true }
+"#;
+    let c = Config::from_yaml(yaml, None).unwrap();
+    let on: Vec<bool> = c.quotas.iter().map(|q| q.forecast).collect();
+    assert_eq!(on, [false, false, true, true, false, true]);
+    let bad = r#"
+upstream: { url: "https://acme.zendesk.com" }
+quotas:
+  - { name: minute, limit: 400, window: 1m, forecast: true }
+"#;
+    assert_eq!(
+        errors(bad),
+        [
+            "quotas[0].forecast: applies only to unkeyed quotas of kind: fixed (a window that resets on the clock)"
         ]
     );
 }

@@ -91,7 +91,12 @@ const QUOTA_FIELDS: &[&str] = &[
     "key",
     "max_keys",
     "enforce",
+    "schedule",
+    "forecast",
 ];
+/// Fixed windows at least this long are forecast unless the config says otherwise.
+const FORECAST_FROM: Duration = Duration::from_secs(3_600);
+const SCHEDULE_FIELDS: &[&str] = &["hours", "at_once"];
 const CLIENT_FIELDS: &[&str] = &["name", "weight", "match", "caps"];
 const MATCH_FIELDS: &[&str] = &["header", "user_agent", "credential", "source"];
 const HEADER_MATCH_FIELDS: &[&str] = &["name", "value"];
@@ -1297,6 +1302,25 @@ impl Validator {
         let enforce = self
             .take(&format!("{path}.enforce"), raw.enforce)
             .unwrap_or(true);
+        let schedule = self
+            .take(&format!("{path}.schedule"), raw.schedule)
+            .and_then(|s| self.schedule(&format!("{path}.schedule"), s, &kind));
+        let fixed = matches!(kind, WindowKind::Fixed { .. });
+        let forecast = match self.take(&format!("{path}.forecast"), raw.forecast) {
+            Some(true) if !fixed || !key.is_empty() => {
+                self.err(
+                    format!("{path}.forecast"),
+                    "applies only to unkeyed quotas of kind: fixed (a window that resets on the clock)",
+                );
+                false
+            }
+            Some(on) => on,
+            None => {
+                fixed
+                    && key.is_empty()
+                    && (schedule.is_some() || window.is_some_and(|w| w >= FORECAST_FROM))
+            }
+        };
         Some(QuotaConfig {
             name: name?,
             limit: limit?,
@@ -1309,7 +1333,78 @@ impl Validator {
             key,
             max_keys,
             enforce,
+            schedule,
+            forecast,
         })
+    }
+
+    /// A quota's release schedule: a fixed window's, with business hours only on a daily one
+    /// (and not across its reset).
+    fn schedule(
+        &mut self,
+        path: &str,
+        raw: raw::RawSchedule,
+        kind: &WindowKind,
+    ) -> Option<Schedule> {
+        self.unknown(path, &raw.unknown, SCHEDULE_FIELDS);
+        let WindowKind::Fixed { daily } = kind else {
+            self.err(
+                path,
+                "applies only to kind: fixed (a schedule releases a window that starts and ends on the clock)",
+            );
+            return None;
+        };
+        let at_once = match self.take(&format!("{path}.at_once"), raw.at_once) {
+            None => 0.0,
+            Some(t) => parse_share(&t, 100.0).unwrap_or_else(|| {
+                self.err(
+                    format!("{path}.at_once"),
+                    format!("{t:?} is not a share (write a percentage under 100%, e.g. 10%)"),
+                );
+                0.0
+            }),
+        };
+        let hours_path = format!("{path}.hours");
+        let hours = match self.take(&hours_path, raw.hours) {
+            None => None,
+            Some(text) => {
+                let parsed = text.split_once('-').and_then(|(a, b)| {
+                    Some((parse_clock_time(a.trim())?, parse_clock_time(b.trim())?))
+                });
+                match (parsed, daily) {
+                    (None, _) => {
+                        self.err(
+                            &hours_path,
+                            format!("{text:?} is not business hours (write HH:MM-HH:MM, e.g. 08:00-18:00)"),
+                        );
+                        None
+                    }
+                    (Some((start, end)), _) if start >= end => {
+                        self.err(
+                            &hours_path,
+                            "must start before they end (hours across midnight are not supported)",
+                        );
+                        None
+                    }
+                    (Some(_), None) => {
+                        self.err(
+                            &hours_path,
+                            "applies only to daily windows (kind: fixed, window: 1d)",
+                        );
+                        None
+                    }
+                    (Some((start, end)), Some(d)) if start < d.at && d.at < end => {
+                        self.err(
+                            &hours_path,
+                            format!("must not span the window's reset at {}", d.at),
+                        );
+                        None
+                    }
+                    (Some(h), Some(_)) => Some(h),
+                }
+            }
+        };
+        Some(Schedule { hours, at_once })
     }
 
     fn daily_reset(

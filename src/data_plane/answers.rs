@@ -5,7 +5,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use super::access;
 use crate::clock::Time;
-use crate::config::OnLimit;
+use crate::config::{Class, OnLimit};
 use crate::ids::{EntryId, QuotaId};
 use crate::proxy::Proxy;
 use crate::queue::{Accepted, Settled};
@@ -92,6 +92,8 @@ pub(super) fn reject(
     now: Time,
 ) -> Response<Body> {
     access::outcome(p, &route.name, "rejected");
+    p.ledger
+        .refused(&route.quotas, route.class == Class::Read, now);
     let mut usage = p.ledger.usage(&route.quotas, now);
     // When the decision came from the queue, the binding quota is the one with least left.
     let binding = binding.or_else(|| usage.first().map(|u| u.quota));

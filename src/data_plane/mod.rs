@@ -182,6 +182,7 @@ async fn forward(
             client,
             live: true,
             read: route.class == Class::Read,
+            deferrable: false,
         };
         let mut grant = match p.ledger.try_acquire(&demand, now) {
             Ok(grant) => grant,
@@ -375,6 +376,7 @@ async fn shadow(
         client: call.client,
         live: true,
         read: route.class == Class::Read,
+        deferrable: false,
     };
     let mut grant = p.ledger.acquire_anyway(&demand, now);
     let mut would = grant.would;

@@ -1,6 +1,7 @@
 //! Typed Prometheus metric handles in one registry (no globals). Labels come from config only;
 //! callers hand in label values and numbers, never their own types.
 
+mod outlook;
 mod registry;
 
 use prometheus::{
@@ -107,6 +108,7 @@ pub struct Metrics {
     connections_closed: IntCounterVec,
     accept_errors: IntCounterVec,
     request_bytes_buffered: IntGauge,
+    outlook: outlook::Outlook,
 }
 
 impl Metrics {

@@ -10,7 +10,7 @@ use super::{CLOSE_REASONS, LISTENERS, Metrics, OUTCOMES, SHADOW_DECISIONS, UPSTR
 use crate::status::FailReason;
 
 /// Registers a metric without labels and returns its handle.
-fn register<M: prometheus::core::Collector + Clone + 'static>(
+pub(super) fn register<M: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,
     metric: prometheus::Result<M>,
 ) -> M {
@@ -518,6 +518,7 @@ impl Metrics {
             queue_depth.with_label_values(&[l]);
             queue_oldest_age.with_label_values(&[l]);
         }
+        let outlook = super::outlook::Outlook::register(r);
         Metrics {
             registry,
             requests,
@@ -583,6 +584,7 @@ impl Metrics {
             connections_closed,
             accept_errors,
             request_bytes_buffered,
+            outlook,
         }
     }
 }

@@ -433,7 +433,13 @@ impl Proxy {
         grant: &mut Grant,
     ) -> Admission {
         let now = self.clock.now();
-        self.shared.admit(&self.ledger, demand, grant, now).await
+        let admission = self.shared.admit(&self.ledger, demand, grant, now).await;
+        if let Admission::Denied { .. } = admission {
+            // Not sent: this replica's count gives the slot back (the account's never took it).
+            let quotas: Vec<QuotaId> = demand.iter().map(|(q, _)| *q).collect();
+            self.ledger.refund(grant, &quotas, self.clock.now());
+        }
+        admission
     }
 
     /// The one retry verdict on an attempt (see [`crate::verdict`]), under this proxy's policy:

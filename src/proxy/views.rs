@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::Proxy;
 use crate::clock::Time;
 use crate::queue::QueueStatus;
+use crate::quota::Forecast;
 
 /// One client's state for metrics and `/status`.
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +68,17 @@ impl Proxy {
             .collect()
     }
 
+    /// The outlook of each daily (long fixed) quota: when it runs out, and how much of the
+    /// backlog it can still carry (account-wide counts with the shared ledger).
+    pub fn forecasts(&self, now: Time) -> Vec<Forecast> {
+        let (backlog, _) = self.queue.backlog(now);
+        self.ledger.forecasts(
+            &|q| backlog.get(&q).copied().unwrap_or(0),
+            &|q, bounds| self.shared.account_used(q, bounds),
+            now,
+        )
+    }
+
     /// The keyed quotas' memory.
     pub fn keys_views(&self) -> Vec<KeysView> {
         self.ledger
@@ -116,6 +128,16 @@ impl Proxy {
         );
         let queue = self.queue.overview(&self.ledger, now);
         m.set_drain_eta(queue.drain_eta_seconds);
+        for f in self.forecasts(now) {
+            m.set_forecast(
+                &f.quota,
+                f.exhaustion_eta_seconds.unwrap_or(f.seconds_to_reset),
+                f.business_left_seconds,
+                f.backlog_calls,
+                f.backlog_deliverable,
+                f.released,
+            );
+        }
         // The queue keeps a lane per (client, quotas); the metric is per quota set.
         let mut by_name: Vec<(&str, usize, f64)> = Vec::new();
         for lane in &queue.lanes {

@@ -62,6 +62,7 @@ impl Queue {
             client: parkable.client,
             live: true,
             read: route.class == Class::Read,
+            deferrable: route.max_wait.is_zero(),
         };
         let granted = if lane_empty && resource_free {
             ledger.try_acquire(&demand, now).ok()

@@ -339,6 +339,7 @@ impl Queue {
             client,
             live,
             read: false,
+            deferrable: false,
         };
         match ledger.try_acquire(&demand, now) {
             Ok(grant) => Some((route.id, grant)),

@@ -105,6 +105,8 @@ impl Queue {
                     client,
                     live: matches!(e.state(), State::Queued(Owner::Client(_))),
                     read: routes.lane(LaneId(lane)).read,
+                    // A client that does not wait (`max_wait: 0s`) is served by a 202 as well.
+                    deferrable: routes.get(e.route).max_wait.is_zero(),
                 };
                 match ledger.try_acquire(&demand, now) {
                     Ok(grant) => return Scan::Found(Pick { id, grant, batch }),
@@ -273,6 +275,7 @@ impl Queue {
                     client,
                     live: false,
                     read: false,
+                    deferrable: false,
                 };
                 if ledger.try_acquire(&demand, now).is_err() {
                     continue;

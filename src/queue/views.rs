@@ -202,8 +202,20 @@ impl Queue {
 
     /// Seconds until the writes waiting now would all have been sent, if only the drain spent
     /// the quotas: each quota's calls (a batch counts once) from the lanes that spend it, at the
-    /// pace its window allows, and no sooner than a write's backoff allows.
+    /// pace its window (and its release schedule) allows, and no sooner than a write's backoff
+    /// allows.
     fn drain_eta(&self, ledger: &Ledger, now: Time) -> f64 {
+        let (calls, empty_at) = self.backlog(now);
+        let mut empty_at = empty_at;
+        for (q, n) in calls {
+            empty_at = empty_at.max(ledger.estimate(&[q], n - 1, now));
+        }
+        empty_at.saturating_since(now).as_secs_f64()
+    }
+
+    /// The calls the writes waiting now need of each quota (a batch counts once), and the
+    /// earliest time their backoffs let the last of them go.
+    pub fn backlog(&self, now: Time) -> (BTreeMap<QuotaId, u64>, Time) {
         let book = self.lock();
         let routes = self.routes();
         let mut calls: BTreeMap<QuotaId, u64> = BTreeMap::new();
@@ -221,10 +233,7 @@ impl Queue {
                 empty_at = empty_at.max(e.not_before);
             }
         }
-        for (q, n) in calls {
-            empty_at = empty_at.max(ledger.estimate(&[q], n - 1, now));
-        }
-        empty_at.saturating_since(now).as_secs_f64()
+        (calls, empty_at)
     }
 
     pub fn snapshot(&self, now: Time) -> QueueStatus {

@@ -120,6 +120,8 @@ mod tests {
             key: vec![crate::config::KeyPart::Path("id".into())],
             max_keys,
             enforce: true,
+            schedule: None,
+            forecast: false,
         })
     }
 

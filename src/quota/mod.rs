@@ -1,10 +1,12 @@
 //! The quota ledger: one all-or-nothing decision over every quota a request consumes, corrected
 //! (only ever downwards) by what the CRM reports about its own counters.
 
+mod forecast;
 mod keyed;
 mod learn;
 mod pace;
 mod reload;
+mod schedule;
 mod shadow;
 mod share;
 mod state;
@@ -17,11 +19,13 @@ use tokio::sync::Notify;
 use crate::clock::Time;
 use crate::config::{ClientConfig, Fairness, Pace, QuotaConfig};
 use crate::ids::{ClientId, QuotaId};
+pub use forecast::Forecast;
 use keyed::Keyed;
 use learn::start_probe;
 pub use learn::{Learned, PauseBounds, Paused};
 use pace::Pacer;
 pub use reload::shadow_grants;
+pub use schedule::Release;
 use share::ClientUse;
 pub use share::WaitingBoard;
 pub use state::Fallback;
@@ -40,6 +44,9 @@ pub struct Demand<'a> {
     pub live: bool,
     /// A read (a route of class `read`): writes leave it `fairness.read_reserve`.
     pub read: bool,
+    /// A live write whose client does not wait (`max_wait: 0s`): held to release schedules
+    /// like a parked write, since a 202 serves its client as well.
+    pub deferrable: bool,
 }
 
 impl<'a> Demand<'a> {
@@ -51,7 +58,13 @@ impl<'a> Demand<'a> {
             client: ClientId::default(),
             live: true,
             read: false,
+            deferrable: false,
         }
+    }
+
+    /// Whether release schedules hold it: a parked write, or one whose client does not wait.
+    pub fn held_to_schedule(&self) -> bool {
+        !self.live || self.deferrable
     }
 
     fn key(&self, q: QuotaId) -> &str {
@@ -82,6 +95,8 @@ pub struct Grant {
     client: u32,
     live: bool,
     read: bool,
+    /// Charged for a request release schedules hold ([`Demand::held_to_schedule`]).
+    scheduled: bool,
     marks: Vec<(QuotaId, u64)>,
     /// Set when the grant holds synced quotas' outstanding counts.
     shared: Option<Arc<Shared>>,
@@ -110,6 +125,12 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Grant {
+    /// Whether it was charged for a request that release schedules hold (a parked write, or
+    /// one whose client does not wait).
+    pub fn held_to_schedule(&self) -> bool {
+        self.scheduled
+    }
+
     /// The synced quotas this grant consumed.
     pub fn synced(&self) -> impl Iterator<Item = QuotaId> + '_ {
         self.marks.iter().map(|&(q, _)| q)
@@ -327,6 +348,8 @@ impl Ledger {
                             live_use: ClientUse::new(q.window, q.margin),
                             drain_use: ClientUse::new(q.window, q.margin),
                             read_use: ClientUse::new(q.window, q.margin),
+                            live_refused: ClientUse::new(q.window, q.margin),
+                            read_refused: ClientUse::new(q.window, q.margin),
                             last_live: now,
                             last_read: Time::ZERO,
                             held_until: Time::ZERO,
@@ -456,6 +479,7 @@ impl Ledger {
             client: d.client.0 as u32,
             live: d.live,
             read: d.read,
+            scheduled: d.held_to_schedule(),
             marks,
             shared,
             remote: None,

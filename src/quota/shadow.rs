@@ -149,10 +149,7 @@ impl Ledger {
 
     /// The fixed window `[start, end)` of `q` that contains `t` (`None` for a sliding quota).
     pub fn fixed_bounds(&self, q: QuotaId, t: Time) -> Option<(Time, Time)> {
-        match &self.lock().quotas[q.0].window {
-            Window::Fixed(w) => Some(w.bounds(t)),
-            _ => None,
-        }
+        self.lock().quotas[q.0].window.fixed_bounds(t)
     }
 }
 

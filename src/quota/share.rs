@@ -56,6 +56,24 @@ impl ClientUse {
         self.total
     }
 
+    /// Calls counted in the sub-windows of the last `horizon` (at least the current one), and
+    /// the time they cover: a recent rate.
+    pub fn recent(&mut self, horizon: Duration, now: Time) -> (u64, Duration) {
+        self.prune(now);
+        let first = now.as_nanos().saturating_sub(duration_nanos(horizon)) / self.width;
+        let calls = self
+            .buckets
+            .iter()
+            .rev()
+            .take_while(|&&(b, _)| b >= first)
+            .map(|&(_, n)| u64::from(n))
+            .sum();
+        (
+            calls,
+            now.saturating_since(Time::from_nanos(first * self.width)),
+        )
+    }
+
     pub fn charge(&mut self, now: Time) {
         let b = now.as_nanos() / self.width;
         match self.buckets.back_mut() {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::Demand;
 use super::keyed::Keyed;
+use super::schedule::Release;
 use super::share::{ClientUse, WaitingBoard};
 use super::window::Window;
 use crate::clock::Time;
@@ -48,12 +49,12 @@ impl Cap {
 }
 
 /// The calls a reserve of share `f` holds in each window of `cfg`.
-fn reserve_share(cfg: &QuotaConfig, f: f64) -> u64 {
+pub(super) fn reserve_share(cfg: &QuotaConfig, f: f64) -> u64 {
     (f64::from(cfg.limit) * f).ceil() as u64
 }
 
 /// Whether a class last seen at `at` is still about: within two windows.
-fn about(cfg: &QuotaConfig, at: Time, now: Time) -> bool {
+pub(super) fn about(cfg: &QuotaConfig, at: Time, now: Time) -> bool {
     now.saturating_since(at) < cfg.window.saturating_mul(2)
 }
 
@@ -100,6 +101,9 @@ pub(super) struct QuotaState {
     pub(super) drain_use: ClientUse,
     /// Use of the window by reads (for the read reserve).
     pub(super) read_use: ClientUse,
+    /// Live requests (and of them reads) refused for want of room: demand the forecast counts.
+    pub(super) live_refused: ClientUse,
+    pub(super) read_refused: ClientUse,
     /// Last live request of any client (the proxy's start counts as one).
     pub(super) last_live: Time,
     /// Last read that asked for room, granted or not.
@@ -261,6 +265,11 @@ impl QuotaState {
         if let Some(at) = self.window.blocked_below(threshold.max(1), now) {
             return Some(at);
         }
+        if d.held_to_schedule()
+            && let Some(at) = self.unreleased(cfg, now)
+        {
+            return Some(at);
+        }
         if let Some(at) = self.fallback_blocked(cfg, now) {
             return Some(at);
         }
@@ -292,6 +301,19 @@ impl QuotaState {
             _ => {}
         }
         self.window.blocked_until(now)
+    }
+
+    /// The window's release schedule, if it has one, at `now`.
+    pub(super) fn release(&self, cfg: &QuotaConfig, now: Time) -> Option<Release> {
+        Release::of(cfg, self.window.fixed_bounds(now)?)
+    }
+
+    /// When the schedule has released one more call than the window holds, if it holds all it
+    /// released so far (what parked writes wait for).
+    fn unreleased(&mut self, cfg: &QuotaConfig, now: Time) -> Option<Time> {
+        let release = self.release(cfg, now)?;
+        let used = u64::from(self.window.used(now));
+        (used >= release.allowed(now)).then(|| release.time_for(used + 1).max(now))
     }
 
     /// While the shared ledger is unreachable: this replica's share is spent until then.

@@ -25,6 +25,8 @@ fn quota(name: &str, limit: u32, window: Duration, kind: WindowKind) -> QuotaCon
         reserve: 0,
         key: Vec::new(),
         max_keys: 10_000,
+        schedule: None,
+        forecast: false,
         enforce: true,
     }
 }
@@ -904,6 +906,7 @@ fn ask_as(ledger: &Ledger, client: usize, live: bool, read: bool, now: Time) -> 
         client: ClientId(client),
         live,
         read,
+        deferrable: false,
     };
     ledger.try_acquire(&d, now).is_ok()
 }
@@ -1198,4 +1201,62 @@ fn a_refund_frees_exactly_the_grant_it_names() {
             assert!(ledger.try_acquire(&Demand::live(&q), now).is_err());
         }
     }
+}
+
+#[test]
+fn a_schedule_holds_parked_writes_to_what_it_released_and_lets_live_requests_past_it() {
+    let span = Duration::from_secs(600);
+    let cfg = QuotaConfig {
+        schedule: Some(crate::config::Schedule {
+            hours: None,
+            at_once: 0.1,
+        }),
+        ..quota("day", 300, span, WindowKind::Fixed { daily: None })
+    };
+    let ledger = Ledger::new(&[cfg], None, Time::ZERO);
+    let q = [QuotaId(0)];
+    let drain = Demand {
+        live: false,
+        ..Demand::live(&q)
+    };
+    let read = Demand {
+        read: true,
+        ..Demand::live(&q)
+    };
+    let start = Time::from_nanos(span.as_nanos() as u64 * 3_000_000);
+    for _ in 0..30 {
+        ledger.try_acquire(&drain, start).unwrap();
+    }
+    // 270 calls released evenly over 600 s, each as its 2.22… s begin.
+    let ns = Duration::from_nanos(1);
+    let d = ledger.try_acquire(&drain, start).unwrap_err();
+    assert_eq!(d.retry_at, start + ns);
+    assert_eq!(d.binding, Some(QuotaId(0)));
+    assert_eq!(ledger.estimate(&q, 0, start), start + ns);
+    let step = Duration::from_nanos(600_000_000_000u64 / 270) + ns;
+    assert_eq!(ledger.estimate(&q, 1, start), start + step);
+    ledger.try_acquire(&drain, start + ns).unwrap();
+    let d = ledger.try_acquire(&drain, start + ns).unwrap_err();
+    assert_eq!(d.retry_at, start + step);
+    assert_eq!(ledger.estimate(&q, 0, start + ns), start + step);
+    // Reads and live writes are not held to the schedule.
+    for _ in 0..40 {
+        ledger.try_acquire(&read, start).unwrap();
+        ledger.try_acquire(&Demand::live(&q), start).unwrap();
+    }
+    // Half-way: 165 released, 111 spent; the drain may take 54 more, then waits again.
+    let mid = start + span / 2;
+    for _ in 0..54 {
+        ledger.try_acquire(&drain, mid).unwrap();
+    }
+    let d = ledger.try_acquire(&drain, mid).unwrap_err();
+    assert!(d.retry_at > mid && d.retry_at <= mid + step, "{d:?}");
+    // What nobody used by the end is released to the drain before the reset.
+    let late = start + span - Duration::from_nanos(1);
+    let mut drained = 0;
+    while ledger.try_acquire(&drain, late).is_ok() {
+        drained += 1;
+    }
+    assert_eq!(drained, 300 - 165);
+    assert_eq!(ledger.snapshot(late)[0].used, 300);
 }

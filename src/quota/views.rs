@@ -136,6 +136,7 @@ impl Ledger {
     /// if only this lane spent the quotas.
     pub fn estimate(&self, quotas: &[QuotaId], ahead: u64, now: Time) -> Time {
         let mut inner = self.lock();
+        let configs = inner.configs.clone();
         quotas
             .iter()
             .map(|&q| {
@@ -144,11 +145,16 @@ impl Ledger {
                     (Some(left), Some(c)) if left <= ahead => c.until,
                     _ => now,
                 };
+                // Parked writes wait for the schedule to release their call too.
+                let released = state.release(&configs[q.0], now).map_or(now, |r| {
+                    r.time_for(u64::from(state.window.used(now)) + ahead + 1)
+                });
                 state
                     .window
                     .time_for(ahead, now)
                     .max(state.frozen_until)
                     .max(capped)
+                    .max(released)
             })
             .max()
             .unwrap_or(now)

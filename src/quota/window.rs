@@ -47,6 +47,14 @@ impl Window {
         }
     }
 
+    /// The fixed window `[start, end)` that contains `t` (`None` for a sliding window).
+    pub fn fixed_bounds(&self, t: Time) -> Option<(Time, Time)> {
+        match self {
+            Window::Fixed(w) => Some(w.bounds(t)),
+            _ => None,
+        }
+    }
+
     /// `None` if one more request fits now, else the earliest time one could.
     pub fn blocked_until(&mut self, now: Time) -> Option<Time> {
         match self {

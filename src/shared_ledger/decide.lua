@@ -200,6 +200,26 @@ for i, q in ipairs(spec.q) do
     if n == false then return {-2, now} end
     counts[i] = n
     if at then block(at, i) end
+    -- A parked write on a scheduled quota: only what the schedule released so far (each call
+    -- as its share of the release begins); the binding is negative so the caller does not hold
+    -- live requests with it.
+    local fw = q.sch and fixed_window(q.w.fw)
+    for _, s in ipairs(q.sch or {}) do
+      if fw and s[1] == fw[1] then
+        local a, rs, re, lim = s[2], s[3], s[4], s[5]
+        local allowed = lim
+        if now <= rs then
+          allowed = a
+        elseif now < re then
+          allowed = a + math.ceil((lim - a) * (now - rs) / (re - rs))
+        end
+        if n >= allowed then
+          local until_at = s[6]
+          if n < lim then until_at = rs + math.floor((n - a) * (re - rs) / (lim - a)) + 1 end
+          if not blocked or until_at > blocked then blocked, binding = until_at, -i end
+        end
+      end
+    end
     if q.cap then
       local grants = tonumber(redis.call('GET', k(q.cnt)) or '0')
       local out = outstanding(q)

@@ -194,6 +194,15 @@ impl SharedLedger {
         }
     }
 
+    /// The shared ledger's count of unkeyed quota `q` in the fixed window `bounds`, as last
+    /// read (`None` with the local ledger, or when the last reading is of another window).
+    pub fn account_used(&self, q: QuotaId, bounds: (Time, Time)) -> Option<u64> {
+        match self {
+            SharedLedger::Local => None,
+            SharedLedger::Redis(r) => r.account_used(q, bounds),
+        }
+    }
+
     pub fn view(&self) -> LedgerView {
         match self {
             SharedLedger::Local => LedgerView {

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::clock::Time;
 use crate::config::{QuotaConfig, WindowKind};
+use crate::quota::Release;
 use crate::quota::window::{BUCKETS, EXACT_SLIDING_MAX_LIMIT, Shadow};
 
 /// The keys of one call, in the order the script sees them (`KEYS[1]` first).
@@ -127,6 +128,10 @@ pub struct QuotaSpec {
     res: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<KeySpec>,
+    /// For a parked write on a scheduled quota, each candidate window's release:
+    /// `(window start, at once, release start, release end, limit, reset)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sch: Vec<(u64, u64, u64, u64, u64, u64)>,
 }
 
 #[derive(Serialize, Clone)]
@@ -189,12 +194,14 @@ fn window(
     }
 }
 
-/// The spec of quota `q` for a decision (with its key when it is keyed) or an observation.
+/// The spec of quota `q` for a decision (with its key when it is keyed) or an observation;
+/// `parked`: for a parked write, held to the quota's release schedule.
 pub fn quota(
     keys: &mut Keys,
     q: &QuotaConfig,
     key: Option<&str>,
     bounds: &dyn Fn(Time) -> (Time, Time),
+    parked: bool,
     now: Time,
 ) -> QuotaSpec {
     let kind = Kind::of(q);
@@ -237,6 +244,24 @@ pub fn quota(
         cnt: synced.then(|| keys.add(&format!("{base}:cnt"))),
         out: synced.then(|| keys.add(&format!("{base}:out"))),
         res: q.reserve,
+        sch: if parked && key.is_none() && kind == Kind::Fixed {
+            fixed_candidates(bounds, now)
+                .iter()
+                .filter_map(|&b| {
+                    let r = Release::of(q, b)?;
+                    Some((
+                        us(b.0),
+                        r.at_once,
+                        us(r.start),
+                        us(r.end),
+                        r.limit,
+                        us(r.reset),
+                    ))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
         key,
     }
 }

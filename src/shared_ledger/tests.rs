@@ -43,6 +43,8 @@ fn quota(name: &str, limit: u32, window: u64, margin: u64, fixed: bool) -> Quota
         reserve: 0,
         key: Vec::new(),
         max_keys: 10_000,
+        schedule: None,
+        forecast: false,
         enforce: true,
     }
 }
@@ -60,6 +62,25 @@ fn decide(
     t: Time,
     n: u64,
 ) -> (bool, Option<Time>, Option<usize>) {
+    let (granted, retry_at, binding) = decide_as(conn, tag, ledger, quotas, t, n, false);
+    (
+        granted,
+        retry_at,
+        binding.map(|b| usize::try_from(b).unwrap() - 1),
+    )
+}
+
+/// One decision for a live request or (`parked`) a parked write; the binding quota's index
+/// counts from 1, negative when a release schedule holds the write.
+fn decide_as(
+    conn: &mut redis::Connection,
+    tag: &str,
+    ledger: &Ledger,
+    quotas: &[QuotaConfig],
+    t: Time,
+    n: u64,
+    parked: bool,
+) -> (bool, Option<Time>, Option<i64>) {
     let mut keys = Keys::new(tag, &[]);
     let q = quotas
         .iter()
@@ -67,7 +88,7 @@ fn decide(
         .map(|(i, c)| {
             let id = QuotaId(i);
             let bounds = |at: Time| ledger.fixed_bounds(id, at).unwrap_or((at, at));
-            spec::quota(&mut keys, c, None, &bounds, t)
+            spec::quota(&mut keys, c, None, &bounds, parked, t)
         })
         .collect();
     let spec = DecideSpec {
@@ -98,7 +119,7 @@ fn decide(
         0 => (
             false,
             Some(Time::from_nanos(u64::try_from(reply[4]).unwrap() * 1_000)),
-            Some(usize::try_from(reply[5]).unwrap() - 1),
+            Some(reply[5]),
         ),
         other => panic!("unexpected reply {other}: {reply:?}"),
     }
@@ -128,6 +149,43 @@ fn join(conn: &mut redis::Connection, tag: &str, t: Time) {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// A fixed quota with a release schedule, parked writes and live requests arriving at
+    /// random: the script grants exactly when the local ledger does, and names the same time (to
+    /// its microsecond) when the schedule holds a parked write.
+    #[test]
+    fn the_script_keeps_to_the_release_schedule_as_the_local_ledger(
+        limit in 4u32..40,
+        at_once in 0u32..60,
+        window in 2u64..8,
+        arrivals in proptest::collection::vec((0u64..400_000, any::<bool>()), 1..80),
+    ) {
+        let quotas = vec![QuotaConfig {
+            schedule: Some(crate::config::Schedule { hours: None, at_once: f64::from(at_once) / 100.0 }),
+            ..quota("day", limit, window, 50, true)
+        }];
+        let mut conn = redis();
+        let tag = spec::tag(&format!("release-{:x}", std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let mut t = Time::from_nanos(1_800_000_000_123_000_000);
+        let ledger = Ledger::new(&quotas, None, t);
+        join(&mut conn, &tag, t);
+        let q = [QuotaId(0)];
+        for (n, (gap, parked)) in arrivals.iter().enumerate() {
+            t = t + Duration::from_micros(*gap);
+            let demand = Demand { live: !parked, ..Demand::live(&q) };
+            let local = ledger.try_acquire(&demand, t);
+            let (granted, retry_at, binding) =
+                decide_as(&mut conn, &tag, &ledger, &quotas, t, n as u64, *parked);
+            prop_assert_eq!(granted, local.is_ok(), "at step {} ({:?}, parked {})", n, t, parked);
+            if let (Err(denied), Some(at)) = (local, retry_at) {
+                let gap = at.as_nanos().abs_diff(denied.retry_at.as_nanos());
+                prop_assert!(gap <= 1_000, "retry {:?} vs {:?} at step {}", at, denied.retry_at, n);
+                // The schedule binds only parked writes, and then it is not a hold.
+                prop_assert!(binding == Some(1) || (*parked && binding == Some(-1)), "binding {:?}", binding);
+            }
+        }
+    }
 
     /// Two quotas (sliding or fixed, a few calls per window of seconds), a random arrival
     /// sequence: the script grants exactly when the local ledger does, charging both or neither,

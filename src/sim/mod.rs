@@ -62,6 +62,9 @@ pub struct SimConfig {
     /// Whether it has Zendesk's batch endpoints; without, they answer 404 like any unknown path
     /// (a CRM, or a stub, that only knows single calls).
     pub batch_endpoints: bool,
+    /// A second, longer allowance (a licence's daily cap): calls per window aligned to
+    /// multiples of its length since the Unix epoch; more get 429 until it resets.
+    pub day: Option<(u32, Duration)>,
 }
 
 impl SimConfig {
@@ -77,7 +80,13 @@ impl SimConfig {
             max_jobs: 30,
             fail_jobs: Vec::new(),
             batch_endpoints: true,
+            day: None,
         }
+    }
+
+    pub fn day(mut self, limit: u32, window: Duration) -> SimConfig {
+        self.day = Some((limit, window));
+        self
     }
 
     pub fn per_ticket(mut self, limit: u32, window: Duration) -> SimConfig {
@@ -506,6 +515,28 @@ async fn handle(
         let reset_secs = (reset_at.saturating_sub(now))
             .div_ceil(1_000_000_000)
             .max(1);
+        let day_over = s.cfg.day.and_then(|(day_limit, day)| {
+            let w = day.as_nanos() as u64;
+            let start = now - now % w;
+            let spent = s.accepted.iter().rev().take_while(|&&t| t >= start).count()
+                + s.others.iter().rev().take_while(|&&t| t >= start).count();
+            (spent >= day_limit as usize).then(|| (start + w - now).div_ceil(1_000_000_000).max(1))
+        });
+        if let Some(secs) = day_over {
+            s.throttled += 1;
+            s.throttled_at.push(now);
+            drop(s);
+            let mut resp = over_limit(flavor, secs);
+            rate_headers(
+                &mut resp,
+                flavor,
+                limit,
+                limit - used.min(limit),
+                reset_secs,
+                window,
+            );
+            return Ok(resp);
+        }
         if used >= limit {
             s.throttled += 1;
             s.throttled_at.push(now);

@@ -106,6 +106,24 @@ function render(s) {
       el('td', {}, q.frozen_until ? clock(q.frozen_until) : ''));
   }), 'no quotas');
 
+  fill('forecasts', s.forecasts.map((f) => {
+    const k = 'forecast.' + f.quota + '.';
+    const early = f.exhaustion_eta_seconds !== null && f.exhaustion_eta_seconds < f.business_left_seconds;
+    const runsOut = f.exhaustion_eta_seconds === null
+      ? 'lasts until the reset (' + clock(f.reset_at) + ')'
+      : 'in ' + age(f.exhaustion_eta_seconds);
+    return el('tr', {},
+      el('td', {}, f.quota),
+      el('td', { class: 'num' }, el('span', { k: k + 'used' }, f.used), ' / ', f.limit),
+      el('td', { class: 'num', k: k + 'released' }, f.released === null ? 'no schedule' : f.released),
+      el('td', { class: 'num' }, f.live_per_minute.toFixed(1) + ' /min'),
+      el('td', { k: k + 'runs_out' }, early ? badge(runsOut + ', before business hours end', 'bad') : runsOut),
+      el('td', {}, f.business_left_seconds > 0 ? age(f.business_left_seconds) : 'over'),
+      el('td', { class: 'num', k: k + 'backlog' }, f.backlog_calls),
+      el('td', { class: 'num', k: k + 'deliverable' }, f.backlog_deliverable));
+  }), 'no daily quota');
+  $('days').hidden = s.forecasts.length === 0;
+
   fill('clients', s.clients.map((c) => {
     const k = 'client.' + c.name + '.';
     const shares = c.quotas.map((q) => q.quota + ' ' + Math.round(q.share * 100) + '%').join(', ');

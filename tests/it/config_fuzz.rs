@@ -241,6 +241,7 @@ fn run(mut config: Config) {
                         client: ClientId::default(),
                         live,
                         read: route.class == crm_quota_proxy::config::Class::Read,
+                        deferrable: false,
                     };
                     // Spend what a small quota has, then ask once more: the refusal's
                     // arithmetic (retry times, reserves, shares) runs too.

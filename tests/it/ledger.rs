@@ -413,3 +413,103 @@ async fn after_a_start_a_synced_quota_probes_before_sending_in_parallel() {
     );
     proxy.stop().await;
 }
+
+/// Two replicas on one Redis ledger and one scheduled "day" (40 calls per 10 s, released evenly
+/// to parked writes): the parked writes of both never spend beyond what the schedule released,
+/// counted across the account, while searches go past it at once; a replica's forecast counts
+/// the account's spend, not only its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_keep_to_one_release_schedule_and_forecast_the_account() {
+    let redis = redis_url();
+    let sim = Sim::start(SimConfig::new(1000, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let prefix = unique_prefix("schedule");
+    let yaml = |id: &str| {
+        format!(
+            "upstream: {{ url: \"{}\" }}\n\
+             ledger: {{ store: redis, url: \"{redis}\", key_prefix: {prefix}, replicas: 2, replica_id: {id} }}\n\
+             fairness: {{ read_reserve: 0%, live_reserve: 0%, drain_min: 0% }}\n\
+             quotas:\n  - {{ name: day, limit: 40, window: 10s, kind: fixed, margin: 100ms, schedule: {{}} }}\n\
+             routes:\n  - {{ name: create, methods: [POST], path: /api/v2/tickets.json, max_wait: 0s }}\n  - {{ name: search, methods: [GET], path: /api/v2/search.json, class: read, on_limit: reject }}\n",
+            sim.url()
+        )
+    };
+    let replicas = [
+        Served::start(&yaml("r1")).await,
+        Served::start(&yaml("r2")).await,
+    ];
+    let client = client();
+    // The day begins at the next multiple of 10 s since the epoch (the quota is fixed).
+    let day = 10_000_000_000u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let day_start = (now / day + 1) * day;
+    let at = |ns: u64| tokio::time::Instant::now() + Duration::from_nanos(day_start + ns - now);
+    let (begin, half, end) = (at(20_000_000), at(day / 2), at(day));
+    tokio::time::sleep_until(begin).await;
+    // Ten searches through r1: answered at once, though the schedule has released nothing yet.
+    for i in 0..10 {
+        let url = format!("{}/api/v2/search.json?query=c{i}", replicas[0].url);
+        let r = send(&client, Method::GET, &url, &[("authorization", TOKEN)], "").await;
+        assert_eq!(r.status, StatusCode::OK, "search {i}");
+    }
+    // Forty writes, twenty through each replica: all parked for the schedule.
+    let mut parked = Vec::new();
+    for i in 0..40 {
+        let reply = create(&client, &replicas[i % 2].url, &format!("paced-{i:02}"))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "write {i}");
+        parked.push((i % 2, reply.json()["id"].as_str().unwrap().to_string()));
+    }
+    // Half-way: r2, which served no search, forecasts from the account's count.
+    tokio::time::sleep_until(half).await;
+    let status = send(
+        &client,
+        Method::GET,
+        &format!("{}/status", replicas[1].admin),
+        &[],
+        "",
+    )
+    .await
+    .json();
+    let own = status["quotas"][0]["used"].as_u64().unwrap();
+    let account = status["forecasts"][0]["used"].as_u64().unwrap();
+    assert!(account >= own + 10, "r2 counts r1's searches too: {status}");
+    assert!(
+        status["forecasts"][0]["backlog_calls"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    tokio::time::sleep_until(end).await;
+    // At the CRM: the searches first, then each write only once the schedule had released
+    // more than the whole account had spent; all of the day by its end.
+    let in_day: Vec<u64> = sim
+        .accepted_times()
+        .into_iter()
+        .filter(|t| (day_start..day_start + day).contains(t))
+        .collect();
+    let span = day - 100_000_000;
+    for (k, &t) in in_day.iter().enumerate().skip(10) {
+        let released = (40 * (t - day_start)).div_ceil(span).min(40);
+        assert!(
+            k < released as usize,
+            "call {k} went at {} ms with {released} released",
+            (t - day_start) / 1_000_000
+        );
+    }
+    assert_eq!(in_day.len(), 40, "the day spent by its end");
+    until_done(
+        &client,
+        &[replicas[0].url.clone(), replicas[1].url.clone()],
+        &parked,
+        Duration::from_secs(30),
+    )
+    .await;
+    tickets_once(&sim, 40);
+    for r in replicas {
+        r.stop().await;
+    }
+}

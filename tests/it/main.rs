@@ -20,6 +20,7 @@ mod lifecycle;
 mod observability;
 mod operations;
 mod over_budget;
+mod pacing;
 mod shadow;
 mod status_page;
 mod support;

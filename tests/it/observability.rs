@@ -179,8 +179,8 @@ fn unix_now() -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scraping_the_proxy_answers_every_dashboard_query() {
-    // The Zendesk preset on the shared ledger, its minute shrunk to 20 calls per 10 s, in front
-    // of a simulated Zendesk with the same budget.
+    // The Zendesk preset on the shared ledger, its minute shrunk to 20 calls per 10 s, with a
+    // paced daily quota, in front of a simulated Zendesk with the same budget.
     let sim = Sim::start(SimConfig::new(20, Duration::from_secs(10)))
         .await
         .unwrap();
@@ -193,7 +193,8 @@ async fn a_real_prometheus_scraping_the_proxy_answers_every_dashboard_query() {
              listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0 }}\n\
              upstream: {{ url: http://example.invalid }}\n\
              ledger: {{ store: redis, url: \"{}\", key_prefix: {} }}\n\
-             quotas:\n  - {{ name: account-minute, limit: 20, window: 10s }}\n",
+             quotas:\n  - {{ name: account-minute, limit: 20, window: 10s }}\n\
+             \x20 - {{ name: account-day, limit: 2500, window: 1d, kind: fixed, schedule: {{ at_once: 50% }} }}\n",
             redis_url(),
             unique_prefix("dashboard")
         ),

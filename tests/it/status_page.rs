@@ -28,9 +28,10 @@ async fn the_status_page_shows_what_status_shows_and_its_retry_button_works() {
          queue: {{ max_attempts: 1 }}\n\
          fairness: {{ read_reserve: 0%, live_reserve: 0%, drain_min: 0% }}\n\
          quotas:\n  - {{ name: account, limit: 10, window: 1h, scope: route }}\n  - {{ name: gate, limit: 1, window: 1s, scope: route }}\n\
+         \x20 - {{ name: day, limit: 1000, window: 1d, kind: fixed, scope: route, schedule: {{ at_once: 50% }} }}\n\
          routes:\n\
          \x20 - {{ name: bare, methods: [POST], path: /api/v2/tickets, quotas: [gate] }}\n\
-         \x20 - {{ name: create, methods: [POST], path: /api/v2/tickets.json, quotas: [account] }}\n",
+         \x20 - {{ name: create, methods: [POST], path: /api/v2/tickets.json, quotas: [account, day] }}\n",
         token_file.display()
     );
     let h = Harness::start(SimConfig::new(1000, Duration::from_secs(60)), &yaml).await;
@@ -114,6 +115,16 @@ async fn the_status_page_shows_what_status_shows_and_its_retry_button_works() {
             expected.push((format!("quota.{name}.{field}"), q[field].to_string()));
         }
     }
+    for f in s["forecasts"].as_array().unwrap() {
+        let name = f["quota"].as_str().unwrap();
+        for (field, key) in [
+            ("used", "used"),
+            ("backlog_calls", "backlog"),
+            ("backlog_deliverable", "deliverable"),
+        ] {
+            expected.push((format!("forecast.{name}.{key}"), f[field].to_string()));
+        }
+    }
     for field in ["queued", "dispatching", "failed", "expired"] {
         expected.push((format!("queue.{field}"), s["queue"][field].to_string()));
     }
@@ -142,6 +153,12 @@ async fn the_status_page_shows_what_status_shows_and_its_retry_button_works() {
             .iter()
             .any(|(k, v)| k.starts_with("lane.") && v == "5"),
         "{s}"
+    );
+    assert!(
+        expected
+            .iter()
+            .any(|(k, v)| k == "forecast.day.backlog" && v == "5"),
+        "the day's forecast counts the parked writes: {s}"
     );
     for (key, value) in &expected {
         assert_eq!(

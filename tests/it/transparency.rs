@@ -169,7 +169,7 @@ async fn every_metric_of_the_readme_is_there_from_the_start() {
     assert!(names.len() > 40, "{names:?}");
     let yaml = "upstream: { url: \"{upstream}\", crm: zendesk }\n\
                 queue: { store: disk, data_dir: \"{data}\" }\n\
-                quotas:\n  - { name: minute, limit: 100, window: 1m }\n  - { name: per-ticket, limit: 30, window: 10m, scope: route, key: [\"path:id\"] }\n\
+                quotas:\n  - { name: minute, limit: 100, window: 1m }\n  - { name: day, limit: 2500, window: 1d, kind: fixed, schedule: { at_once: 50% } }\n  - { name: per-ticket, limit: 30, window: 10m, scope: route, key: [\"path:id\"] }\n\
                 routes:\n  - { name: create, methods: [POST], path: /api/v2/tickets.json, batch: { max_size: 10 } }\n  - { name: update, methods: [PUT], path: \"/api/v2/tickets/{id}.json\", quotas: [per-ticket] }\n";
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

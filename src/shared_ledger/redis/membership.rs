@@ -208,7 +208,7 @@ impl RedisLedger {
         let pending = self.take_pending();
         let (keys, spec) = {
             let link = self.link();
-            self.decide_spec(ledger, &link, &unkeyed, None, pending.clone(), now)
+            self.decide_spec(ledger, &link, &unkeyed, None, false, pending.clone(), now)
         };
         let json = serde_json::to_string(&spec).expect("a spec is JSON");
         let reply = self.call(&self.decide, &keys, json).await;

@@ -213,13 +213,16 @@ impl RedisLedger {
         )
     }
 
-    /// Builds a decision charged to `member` (`None`: a look at the counts, nothing charged).
+    /// Builds a decision charged to `member` (`None`: a look at the counts, nothing charged);
+    /// `parked`: for a parked write, held to the quotas' release schedules.
+    #[allow(clippy::too_many_arguments)]
     fn decide_spec(
         &self,
         ledger: &Ledger,
         link: &Link,
         quotas: &[(QuotaId, Option<&str>)],
         member: Option<String>,
+        parked: bool,
         pending: Pending,
         now: Time,
     ) -> (Keys, DecideSpec) {
@@ -229,7 +232,9 @@ impl RedisLedger {
         let bounds = |q: QuotaId| move |t: Time| ledger.fixed_bounds(q, t).unwrap_or((t, t));
         let q = quotas
             .iter()
-            .map(|&(q, key)| spec::quota(&mut keys, &self.quotas[q.0], key, &bounds(q), now))
+            .map(|&(q, key)| {
+                spec::quota(&mut keys, &self.quotas[q.0], key, &bounds(q), parked, now)
+            })
             .collect();
         let u = self.updates(&mut keys, ledger, link, pending, now);
         let spec = DecideSpec {
@@ -290,7 +295,14 @@ impl RedisLedger {
                 .observed
                 .into_iter()
                 .map(|o| ObservationSpec {
-                    q: spec::quota(keys, &self.quotas[o.quota.0], None, &bounds(o.quota), now),
+                    q: spec::quota(
+                        keys,
+                        &self.quotas[o.quota.0],
+                        None,
+                        &bounds(o.quota),
+                        false,
+                        now,
+                    ),
                     mark: o.mark,
                     rem: o.remaining,
                     lim: o.limit,
@@ -354,6 +366,7 @@ impl RedisLedger {
                 &link,
                 &asked,
                 Some(member.clone()),
+                grant.held_to_schedule(),
                 pending.clone(),
                 now,
             )
@@ -403,11 +416,15 @@ impl RedisLedger {
             0 => {
                 self.learn_clock(&mut link, &reply, now);
                 let retry_at = Self::to_local(link.offset_ns, reply.get(4).map_or(0, int));
-                let binding = usize::try_from(reply.get(5).map_or(0, int))
+                // A negative index: the quota's release schedule holds this parked write (and
+                // not the requests that are not held to it).
+                let index = reply.get(5).map_or(0, int);
+                let binding = usize::try_from(index.unsigned_abs())
                     .ok()
                     .and_then(|i| asked.get(i.checked_sub(1)?))
                     .map(|&(q, _)| q);
                 if let Some(q) = binding
+                    && index > 0
                     && self.quotas[q.0].key.is_empty()
                 {
                     ledger.hold(q, retry_at);
@@ -462,6 +479,13 @@ impl RedisLedger {
         let alive = u32::try_from(reply.get(2).map_or(1, int)).unwrap_or(1);
         link.seen = link.seen.max(alive);
         self.metrics.ledger_replicas(alive);
+    }
+
+    /// The count of `q` last read from the ledger, if it was read inside `bounds`.
+    pub fn account_used(&self, q: QuotaId, bounds: (Time, Time)) -> Option<u64> {
+        let link = self.link();
+        let (count, at) = (*link.last.get(q.0)?)?;
+        (bounds.0 <= at && at < bounds.1 && link.mode == Mode::Shared).then_some(count)
     }
 
     pub fn view(&self) -> LedgerView {

@@ -2,6 +2,8 @@
 //! and contact searches spread over one window, sent first straight at the CRM, then through the
 //! proxy, with a live view and a summary of what was measured.
 
+pub mod day;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,25 +185,8 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<Dem
         limit = opts.limit,
         reserve = read_reserve(&opts),
     );
-    let config = Config::from_yaml(&yaml, None).map_err(|e| e.to_string())?;
-    let listeners = Listeners::bind(&config).await.map_err(|e| e.to_string())?;
-    let proxy_url = format!(
-        "http://{}",
-        listeners.data.local_addr().map_err(|e| e.to_string())?
-    );
-    let admin_url = format!(
-        "http://{}",
-        listeners.admin.local_addr().map_err(|e| e.to_string())?
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        config,
-        listeners,
-        Arc::new(SystemClock::new()),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let proxy = Proxied::start(&yaml).await?;
+    let (proxy_url, admin_url) = (proxy.url.clone(), proxy.admin.clone());
     let _ = writeln!(
         out,
         "With the proxy ({proxy_url}, status at {admin_url}/status):"
@@ -284,10 +269,50 @@ pub async fn run(opts: DemoOptions, out: &mut (impl Write + Send)) -> Result<Dem
         opts.limit,
         c = opts.creates,
     );
-    let _ = stop.send(());
-    let _ = server.await;
+    proxy.stop().await;
     sim.shutdown().await;
     Ok(report)
+}
+
+/// The proxy serving a config on loopback, until [`Proxied::stop`].
+struct Proxied {
+    url: String,
+    admin: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<crate::server::Stopped, crate::server::Failure>>,
+}
+
+impl Proxied {
+    async fn start(yaml: &str) -> Result<Proxied, String> {
+        let config = Config::from_yaml(yaml, None).map_err(|e| e.to_string())?;
+        let listeners = Listeners::bind(&config).await.map_err(|e| e.to_string())?;
+        let addr = |l: &tokio::net::TcpListener| {
+            l.local_addr()
+                .map(|a| format!("http://{a}"))
+                .map_err(|e| e.to_string())
+        };
+        let (url, admin) = (addr(&listeners.data)?, addr(&listeners.admin)?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            config,
+            listeners,
+            Arc::new(SystemClock::new()),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Proxied {
+            url,
+            admin,
+            stop,
+            server,
+        })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+    }
 }
 
 /// The share of each window the proxy keeps for the demo's searches: what they take of the
