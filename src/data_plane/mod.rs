@@ -380,10 +380,10 @@ async fn shadow(
     };
     let mut grant = p.ledger.acquire_anyway(&demand, now);
     let mut would = grant.would;
-    if let Admission::Denied { retry_at, binding } =
-        p.admit(&route.quotas, call.keys, &mut grant).await
-    {
-        // The shared ledger had no room either (and charges nothing when it refuses).
+    let demand = crate::shared_ledger::demand(&route.quotas, call.keys);
+    if let Admission::Denied { retry_at, binding } = p.admit_counted(&demand, &mut grant).await {
+        // The shared ledger had no room either (and charges nothing when it refuses); the call
+        // goes all the same, so this replica's count keeps it.
         would = would.or(Some(Denied { retry_at, binding }));
     }
     shadow_decision(p, route, would, now);

@@ -410,7 +410,8 @@ impl Proxy {
     }
 
     /// Whether a grant this process made of `quotas` (with the keys of the keyed ones) may go to
-    /// the CRM: the shared ledger's decision (always yes with the local ledger).
+    /// the CRM: the shared ledger's decision (always yes with the local ledger). A refused grant
+    /// gives its slot back to this replica's count: the call is not sent.
     pub async fn admit(
         &self,
         quotas: &[QuotaId],
@@ -432,14 +433,24 @@ impl Proxy {
         demand: &[(QuotaId, Option<Arc<str>>)],
         grant: &mut Grant,
     ) -> Admission {
-        let now = self.clock.now();
-        let admission = self.shared.admit(&self.ledger, demand, grant, now).await;
+        let admission = self.admit_counted(demand, grant).await;
         if let Admission::Denied { .. } = admission {
             // Not sent: this replica's count gives the slot back (the account's never took it).
             let quotas: Vec<QuotaId> = demand.iter().map(|(q, _)| *q).collect();
             self.ledger.refund(grant, &quotas, self.clock.now());
         }
         admission
+    }
+
+    /// The shared ledger's decision on a grant whose call goes to the CRM whatever it says
+    /// (shadow mode): this replica's count keeps it.
+    pub async fn admit_counted(
+        &self,
+        demand: &[(QuotaId, Option<Arc<str>>)],
+        grant: &mut Grant,
+    ) -> Admission {
+        let now = self.clock.now();
+        self.shared.admit(&self.ledger, demand, grant, now).await
     }
 
     /// The one retry verdict on an attempt (see [`crate::verdict`]), under this proxy's policy:

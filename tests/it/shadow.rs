@@ -75,3 +75,31 @@ async fn a_quota_in_shadow_mode_reports_while_the_enforced_ones_still_decide() {
         "the trial quota would have refused two more"
     );
 }
+
+/// With the shared ledger, shadow mode forwards what Redis refuses too, and this replica's
+/// count keeps those calls (they reached the CRM).
+#[tokio::test]
+async fn in_shadow_mode_on_the_shared_ledger_the_refused_calls_still_count() {
+    let yaml = format!(
+        "enforce: false\n\
+         upstream: {{ url: \"{{upstream}}\", crm: zendesk }}\n\
+         ledger: {{ store: redis, url: \"{}\", key_prefix: {} }}\n\
+         fairness: {{ read_reserve: 0%, live_reserve: 0%, drain_min: 0% }}\n\
+         quotas:\n  - {{ name: w, limit: 5, window: 10s }}\n\
+         routes:\n\
+         \x20 - {{ name: create, methods: [POST], path: /api/v2/tickets.json, on_limit: queue, max_wait: 0s }}\n",
+        redis_url(),
+        unique_prefix("shadow")
+    );
+    let h = Harness::start(SimConfig::new(100, Duration::from_secs(10)), &yaml).await;
+    for i in 0..8 {
+        let r = h.create(&format!("s-{i}")).await;
+        assert_eq!(r.status, 201, "create {i} forwarded: {:?}", r.body);
+    }
+    assert_eq!(h.sim.stats().calls, 8, "every request reached the CRM");
+    let status = h.admin_get("/status").await.json();
+    assert_eq!(
+        status["quotas"][0]["used"], 5,
+        "the calls Redis refused were sent and stay counted: {status}"
+    );
+}
