@@ -92,14 +92,37 @@ pub struct Kept {
     head: u32,
 }
 
+/// Header names requests to a CRM usually carry (the proxy adds the `x-forwarded-*` ones), each
+/// kept as one byte, `0x80 | index`, in place of `name:`. A name is a token (ASCII), so such a
+/// byte opening a line is never the start of a name. About 70 bytes less per parked write.
+const KNOWN: [&str; 16] = [
+    "authorization",
+    "content-type",
+    "accept",
+    "user-agent",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "accept-encoding",
+    "accept-language",
+    "idempotency-key",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "cookie",
+    "x-zendesk-api-client",
+    "x-client-id",
+];
+
 impl Kept {
     pub fn new(r: &Outbound) -> Kept {
+        let known = |name: &HeaderName| KNOWN.iter().position(|k| *k == name.as_str());
         let head: usize = r.method.as_str().len()
             + r.path_and_query.len()
             + 2
             + r.headers
                 .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 2)
+                .map(|(k, v)| known(k).map_or(k.as_str().len() + 1, |_| 1) + v.len() + 1)
                 .sum::<usize>();
         let mut data = BytesMut::with_capacity(head + r.body.len());
         data.put_slice(r.method.as_str().as_bytes());
@@ -107,8 +130,13 @@ impl Kept {
         data.put_slice(r.path_and_query.as_bytes());
         data.put_u8(b'\n');
         for (k, v) in &r.headers {
-            data.put_slice(k.as_str().as_bytes());
-            data.put_u8(b':');
+            match known(k) {
+                Some(i) => data.put_u8(0x80 | i as u8),
+                None => {
+                    data.put_slice(k.as_str().as_bytes());
+                    data.put_u8(b':');
+                }
+            }
             data.put_slice(v.as_bytes());
             data.put_u8(b'\n');
         }
@@ -144,6 +172,13 @@ impl Kept {
             .map(move |line| {
                 let start = at;
                 at += line.len() + 1;
+                if let Some(name) = line
+                    .first()
+                    .filter(|b| **b >= 0x80)
+                    .and_then(|b| KNOWN.get(usize::from(b & 0x7f)))
+                {
+                    return (name.as_bytes(), start + 1, start + line.len());
+                }
                 let colon = line.iter().position(|b| *b == b':').unwrap_or(line.len());
                 (&line[..colon], start + colon + 1, start + line.len())
             })
@@ -208,6 +243,10 @@ mod tests {
         headers.append("x-tag", HeaderValue::from_static("a"));
         headers.append("x-tag", HeaderValue::from_static("b: c"));
         headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        // Bytes above 0x7f in values (obs-text), also right after a known name's byte.
+        headers.append("x-tag", HeaderValue::from_bytes(b"\xe9t\xe9").unwrap());
+        headers.append("accept", HeaderValue::from_bytes(b"\xff/\xff").unwrap());
         let original = Outbound {
             method: Method::PUT,
             path_and_query: "/api/v2/tickets/7.json?api_token=t0k&x=1".into(),
@@ -215,6 +254,17 @@ mod tests {
             body: Bytes::from_static(b"{\"ticket\":{\"status\":\"open\"}}\n"),
         };
         let kept = Kept::new(&original);
+        // Known names take a byte each: `authorization`, `content-type`, `x-forwarded-for`,
+        // `accept`.
+        let plain: usize = original
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 2)
+            .sum();
+        assert_eq!(
+            kept.head as usize,
+            "PUT ".len() + original.path_and_query.len() + 1 + plain - (13 + 12 + 15 + 6)
+        );
         let back = kept.outbound();
         assert_eq!(back.method, original.method);
         assert_eq!(back.path_and_query, original.path_and_query);
