@@ -24,17 +24,19 @@ pub struct RouteId(pub usize);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LaneId(pub usize);
 
-/// An unguessable request id: 128 random bits, shown as 32 lowercase hex digits.
+/// An unguessable request id: 128 random bits, shown as 32 lowercase hex digits. Held as two
+/// `u64` (high first, so it orders as the number): aligned to 8 rather than a `u128`'s 16, it
+/// packs without padding beside the other fields of a parked write and in the queue's indexes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct EntryId(u128);
+pub struct EntryId([u64; 2]);
 
 impl EntryId {
     pub fn from_u128(v: u128) -> EntryId {
-        EntryId(v)
+        EntryId([(v >> 64) as u64, v as u64])
     }
 
     pub fn as_u128(self) -> u128 {
-        self.0
+        (u128::from(self.0[0]) << 64) | u128::from(self.0[1])
     }
 
     pub fn random() -> EntryId {
@@ -42,13 +44,13 @@ impl EntryId {
         SystemRandom::new()
             .fill(&mut bytes)
             .expect("the system random source is available");
-        EntryId(u128::from_be_bytes(bytes))
+        EntryId::from_u128(u128::from_be_bytes(bytes))
     }
 }
 
 impl fmt::Display for EntryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        write!(f, "{:032x}", self.as_u128())
     }
 }
 
@@ -65,7 +67,9 @@ impl FromStr for EntryId {
         if s.len() != 32 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(bad());
         }
-        u128::from_str_radix(s, 16).map(EntryId).map_err(|_| bad())
+        u128::from_str_radix(s, 16)
+            .map(EntryId::from_u128)
+            .map_err(|_| bad())
     }
 }
 
@@ -117,6 +121,27 @@ mod tests {
                 .parse::<EntryId>()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn ids_keep_their_number_and_order_it_as_the_number() {
+        let values = [
+            0,
+            1,
+            u128::from(u64::MAX),
+            1 << 64,
+            (1 << 64) + 1,
+            u128::MAX - 1,
+            u128::MAX,
+        ];
+        for v in values {
+            assert_eq!(EntryId::from_u128(v).as_u128(), v);
+            assert_eq!(EntryId::from_u128(v).to_string(), format!("{v:032x}"));
+        }
+        for w in values.windows(2) {
+            assert!(EntryId::from_u128(w[0]) < EntryId::from_u128(w[1]), "{w:?}");
+        }
+        assert_eq!(std::mem::align_of::<EntryId>(), 8);
     }
 
     #[test]

@@ -84,10 +84,10 @@ impl Queue {
             route: route.id,
             lane: route.lane,
             client: parkable.client,
-            keys: parkable.keys,
+            keys: parkable.keys.into_boxed_slice(),
             resource: parkable.resource,
             fingerprint: parkable.fingerprint,
-            bytes,
+            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
             created_at: now,
             expires_at: now + self.cfg().ttl,
             not_before: now,
@@ -256,7 +256,7 @@ impl Queue {
                     return WaitEnd::Settled(id, Settled::Answer((**resp).clone()));
                 }
                 State::Failed(reason, error) => {
-                    return WaitEnd::Settled(id, Settled::Failed(*reason, error.clone()));
+                    return WaitEnd::Settled(id, Settled::Failed(*reason, error.to_string()));
                 }
                 // Back in line (throttled, or to be retried).
                 State::Queued(_) => self.eta(book, e, ledger, now),
@@ -286,7 +286,7 @@ impl Queue {
         let mut book = self.lock();
         let book = &mut *book;
         let e = book.get(&ticket.id)?;
-        let bytes = e.bytes;
+        let bytes = e.bytes as usize;
         if !matches!(e.state(), State::Live) || book.closed || !self.make_room(book, 1, bytes) {
             return None;
         }

@@ -230,7 +230,7 @@ impl Queue {
                 for (index, m) in pending.members.iter().enumerate() {
                     let index = index as u32;
                     if let Some(e) = book.get_mut(m) {
-                        e.batched = Some(Batched::Job(id.clone(), index));
+                        e.batched = Some(Box::new(Batched::Job(id.clone(), index)));
                     }
                     self.log(|| Record::Job {
                         id: m.as_u128(),

@@ -30,12 +30,13 @@ pub(super) struct Entry {
     pub lane: LaneId,
     pub client: ClientId,
     /// Keys of the keyed quotas this write consumes.
-    pub keys: Vec<(QuotaId, Arc<str>)>,
+    pub keys: Box<[(QuotaId, Arc<str>)]>,
     /// Writes to one resource (PUT/PATCH/DELETE on one path) are sent one at a time, in order.
     pub resource: Option<Arc<str>>,
     pub fingerprint: Fingerprint,
-    /// What the bounds count for it while it holds its request: body, target and headers.
-    pub bytes: usize,
+    /// What the bounds count for it while it holds its request: body, target and headers
+    /// (under `max_body_bytes`, at most 1 GiB, plus a head hyper bounds).
+    pub bytes: u32,
     pub created_at: Time,
     pub expires_at: Time,
     pub not_before: Time,
@@ -47,7 +48,8 @@ pub(super) struct Entry {
     /// Never batched again (its batch was refused as a whole, or a second job of it failed).
     pub single: bool,
     /// While dispatching as part of a batch: the call, or the CRM job that holds it.
-    pub batched: Option<Batched>,
+    // Boxed, like the keys: rare, and every parked write stays smaller without them inline.
+    pub batched: Option<Box<Batched>>,
     /// Its state, request and finish time, which only the book changes.
     pub life: Life,
 }
@@ -58,7 +60,8 @@ pub(super) struct Entry {
 pub(super) struct Life {
     state: State,
     request: Option<Kept>,
-    finished_at: Option<Time>,
+    /// `Time::ZERO` until it finished (a plain time keeps a parked write smaller).
+    finished_at: Time,
 }
 
 impl Life {
@@ -67,7 +70,7 @@ impl Life {
         Life {
             state: State::Live,
             request: None,
-            finished_at: None,
+            finished_at: Time::ZERO,
         }
     }
 }
@@ -84,7 +87,7 @@ impl Entry {
 
     /// When it reached its final state (done, failed, expired).
     pub fn finished_at(&self) -> Option<Time> {
-        self.life.finished_at
+        (self.life.finished_at != Time::ZERO).then_some(self.life.finished_at)
     }
 
     fn is_dead(&self) -> bool {
@@ -227,7 +230,7 @@ impl Book {
         e.life = Life {
             state,
             request,
-            finished_at,
+            finished_at: finished_at.unwrap_or(Time::ZERO),
         };
         account(&mut self.counts, &mut self.dead, &e, true);
         if let (State::Done(_), Some(at)) = (e.state(), e.finished_at()) {
@@ -261,7 +264,7 @@ impl Book {
             self.watchers.remove(id);
         }
         let life = &mut e.life;
-        life.finished_at = finished.then_some(now);
+        life.finished_at = if finished { now } else { Time::ZERO };
         if !state.holds_request() {
             life.request = None;
         }
@@ -295,7 +298,7 @@ impl Book {
         for e in self.entries() {
             if e.state().holds_request() {
                 c.held += 1;
-                c.held_bytes += e.bytes;
+                c.held_bytes += e.bytes as usize;
             }
             match e.state() {
                 State::Done(resp) => {
@@ -372,7 +375,7 @@ fn account(c: &mut Counts, dead: &mut BTreeSet<(Time, EntryId)>, e: &Entry, add:
     };
     if e.state().holds_request() {
         step(&mut c.held, 1);
-        step(&mut c.held_bytes, e.bytes);
+        step(&mut c.held_bytes, e.bytes as usize);
     }
     match e.state() {
         State::Done(resp) => {

@@ -56,7 +56,8 @@ pub(super) enum State {
     Live,
     Dispatching,
     Done(Box<BufferedResponse>),
-    Failed(FailReason, String),
+    // Boxed text: a parked write's state stays small (it is rare and never grows).
+    Failed(FailReason, Box<str>),
     Expired,
 }
 

@@ -149,7 +149,7 @@ impl Queue {
                 // The answer replaces the request in the bounds: older results make room for
                 // it, and when even that is not enough its body is dropped (status and headers
                 // kept, marked).
-                let request = e.bytes;
+                let request = e.bytes as usize;
                 if let Some(tx) = book.watchers.remove(&id) {
                     let _ = tx.send(Settled::Answer(resp.clone()));
                 }
@@ -178,7 +178,7 @@ impl Queue {
                     reason,
                     error: error.clone(),
                 });
-                book.transition(&id, State::Failed(reason, error), now);
+                book.transition(&id, State::Failed(reason, error.into()), now);
                 self.metrics.failed(route, reason.name());
             }
             back => {

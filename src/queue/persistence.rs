@@ -111,7 +111,7 @@ impl Queue {
                     report.in_jobs += 1;
                     let job: Arc<str> = Arc::from(job);
                     in_jobs.entry(job.clone()).or_default().push((index, id));
-                    batched = Some(Batched::Job(job, index));
+                    batched = Some(Box::new(Batched::Job(job, index)));
                     if let Some(r) = &s.resource {
                         book.busy.insert(Arc::from(r.as_str()));
                     }
@@ -137,7 +137,10 @@ impl Queue {
                     });
                     self.metrics
                         .failed(&route.name, FailReason::Ambiguous.name());
-                    (State::Failed(FailReason::Ambiguous, error), Some(now))
+                    (
+                        State::Failed(FailReason::Ambiguous, error.into()),
+                        Some(now),
+                    )
                 }
                 RecoveredState::Done { at, response } => {
                     if Time::from_nanos(at) + self.cfg().result_ttl <= now {
@@ -152,7 +155,10 @@ impl Queue {
                 }
                 RecoveredState::Failed { at, reason, error } => {
                     report.finished += 1;
-                    (State::Failed(reason, error), Some(Time::from_nanos(at)))
+                    (
+                        State::Failed(reason, error.into()),
+                        Some(Time::from_nanos(at)),
+                    )
                 }
                 RecoveredState::Expired { at } => {
                     report.finished += 1;
@@ -171,7 +177,7 @@ impl Queue {
                 keys,
                 resource: s.resource.map(Arc::from),
                 fingerprint: Fingerprint::from_bytes(s.fingerprint),
-                bytes,
+                bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
                 created_at: Time::from_nanos(s.created_at),
                 expires_at: Time::from_nanos(s.expires_at),
                 not_before: Time::from_nanos(s.not_before),
@@ -211,7 +217,7 @@ impl Queue {
                 State::Queued(Owner::Client(_)) | State::Live => continue,
                 State::Queued(Owner::Proxy) => None,
                 State::Dispatching if e.batched.is_some() => {
-                    if let Some(Batched::Job(j, index)) = &e.batched {
+                    if let Some(Batched::Job(j, index)) = e.batched.as_deref() {
                         job = Some(Record::Job {
                             id: uid,
                             job: j.to_string(),
@@ -236,7 +242,7 @@ impl Queue {
                     id: uid,
                     at: finished,
                     reason: *reason,
-                    error: error.clone(),
+                    error: error.to_string(),
                 }),
                 State::Expired => Some(Record::Expired {
                     id: uid,

@@ -223,7 +223,7 @@ impl Queue {
                 id,
                 route: e.route,
                 client: e.client,
-                keys: e.keys.clone(),
+                keys: e.keys.to_vec(),
                 request,
                 attempt: e.attempts,
                 grant,
@@ -317,7 +317,7 @@ impl Queue {
             self.unlink(book, mid);
             let e = book.get_mut(&mid).expect("a batch member exists");
             e.attempts += 1;
-            e.batched = Some(Batched::Sending);
+            e.batched = Some(Box::new(Batched::Sending));
             // The batch can go only once its records are durable, this write's with them.
             e.durable = true;
             let attempt = e.attempts;

@@ -168,7 +168,7 @@ impl Queue {
         }
         let queued = matches!(e.state(), State::Queued(_)).then(|| self.eta(&book, e, ledger, now));
         let (reason, error, stored) = match e.state() {
-            State::Failed(reason, err) => (Some(*reason), Some(err.clone()), None),
+            State::Failed(reason, err) => (Some(*reason), Some(err.to_string()), None),
             State::Expired => (None, Some("expired before quota allowed it".into()), None),
             State::Done(r) => (None, None, Some((**r).clone())),
             _ => (None, None, None),
@@ -280,7 +280,7 @@ impl Queue {
 
     fn summary(&self, e: &Entry) -> EntrySummary {
         let (reason, error) = match e.state() {
-            State::Failed(reason, err) => (Some(*reason), Some(err.clone())),
+            State::Failed(reason, err) => (Some(*reason), Some(err.to_string())),
             State::Expired => (None, Some("expired before quota allowed it".into())),
             _ => (None, None),
         };
