@@ -128,7 +128,7 @@ fn park_and_drain(c: &mut Criterion) {
 /// A queue with `lanes` clients, each with one lane holding `per_lane` parked writes.
 fn scheduler_setup(lanes: usize, per_lane: usize) -> Setup {
     let mut yaml = String::from(
-        "upstream: { url: http://crm.test }\ndefault_max_wait: 0s\nfairness: { live_reserve: 0%, drain_min: 0% }\nqueue: { max_in_flight: 1000000, max_entries: 1000000, max_bytes: 4GiB }\nquotas:\n  - { name: w, limit: 1000000, window: 10s }\nroutes:\n  - { name: create, methods: [POST], path: /api/v2/tickets.json }\nclients:\n",
+        "upstream: { url: http://crm.test }\ndefault_max_wait: 0s\nfairness: { live_reserve: 0%, drain_min: 0% }\nqueue: { max_in_flight: 10000, max_entries: 1000000, max_bytes: 4GiB }\nquotas:\n  - { name: w, limit: 1000000, window: 10s }\nroutes:\n  - { name: create, methods: [POST], path: /api/v2/tickets.json }\nclients:\n",
     );
     for c in 0..lanes {
         yaml.push_str(&format!("  - {{ name: c{c}, weight: {}, match: {{ header: {{ name: x-client, value: c{c} }} }} }}\n", 1 + c % 3));

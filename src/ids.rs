@@ -27,8 +27,15 @@ pub struct LaneId(pub usize);
 /// An unguessable request id: 128 random bits, shown as 32 lowercase hex digits. Held as two
 /// `u64` (high first, so it orders as the number): aligned to 8 rather than a `u128`'s 16, it
 /// packs without padding beside the other fields of a parked write and in the queue's indexes.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EntryId([u64; 2]);
+
+impl std::hash::Hash for EntryId {
+    /// As the number: one 16-byte write (an array would also hash its length).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_u128().hash(state);
+    }
+}
 
 impl EntryId {
     pub fn from_u128(v: u128) -> EntryId {
