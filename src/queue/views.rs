@@ -205,8 +205,7 @@ impl Queue {
     /// pace its window (and its release schedule) allows, and no sooner than a write's backoff
     /// allows.
     fn drain_eta(&self, ledger: &Ledger, now: Time) -> f64 {
-        let (calls, empty_at) = self.backlog(now);
-        let mut empty_at = empty_at;
+        let (calls, mut empty_at) = self.backlog(now);
         for (q, n) in calls {
             empty_at = empty_at.max(ledger.estimate(&[q], n - 1, now));
         }

@@ -122,9 +122,9 @@ impl Ledger {
         }
     }
 
-    /// The outlook of every quota with `forecast` on (long fixed windows): `backlog(q)` gives the calls parked writes need
-    /// of `q`, `account(q)` the shared ledger's count of `q`'s current window, when one is
-    /// known.
+    /// The outlook of every quota with `forecast` on (long fixed windows): `backlog(q)` gives
+    /// the calls parked writes need of `q`, `account(q, window)` the shared ledger's count of
+    /// `q` in that window, when one is known.
     pub fn forecasts(
         &self,
         backlog: &dyn Fn(QuotaId) -> u64,
