@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::Listen;
@@ -128,8 +128,6 @@ pub struct Activity {
     /// Decided by the first bytes: HTTP/2 frames between requests are not request heads.
     h2: AtomicBool,
     first_read: AtomicBool,
-    /// Woken when a deadline may have moved (a request ended, a head began).
-    moved: Notify,
 }
 
 /// A request in service on its connection, until dropped.
@@ -139,9 +137,7 @@ impl Drop for InService {
     fn drop(&mut self) {
         let a = &self.0;
         a.idle_since.store(a.millis(), Relaxed);
-        if a.active.fetch_sub(1, Relaxed) == 1 {
-            a.moved.notify_one();
-        }
+        a.active.fetch_sub(1, Relaxed);
     }
 }
 
@@ -162,7 +158,6 @@ impl Activity {
             head_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             first_read: AtomicBool::new(true),
-            moved: Notify::new(),
         })
     }
 
@@ -191,7 +186,6 @@ impl Activity {
             && self.head_since.load(Relaxed) == 0
         {
             self.head_since.store(self.millis() + 1, Relaxed);
-            self.moved.notify_one();
         }
     }
 
@@ -308,11 +302,9 @@ pub async fn accept_loop<F, S>(
     S::Future: Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // A backstop only: each connection's watch below closes it first.
-        .header_read_timeout(limits.idle_timeout + limits.header_timeout);
+    // Each connection's watch below keeps its header and idle timeouts; hyper's own header
+    // timer would be one more timer set and cleared for every request.
+    builder.http1().header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -410,6 +402,12 @@ pub async fn accept_loop<F, S>(
 
 /// Serves one connection until it ends, closing it when a deadline of `limits` passes with no
 /// request in service, or (after its requests finish) when `closing` turns true.
+///
+/// The connection is not woken for each request to move its timer. Every deadline lies at
+/// least `step` (the shorter timeout) after the change that set it: a request ending starts the
+/// idle timeout, a head beginning the header timeout. So a timer never set later than `step`
+/// from now fires before any deadline a later change can bring; when it fires early it is set
+/// again, to the deadline in force or `step` on.
 async fn watch_connection<C, E>(
     mut conn: Pin<&mut C>,
     close_gracefully: impl Fn(Pin<&mut C>),
@@ -422,43 +420,47 @@ async fn watch_connection<C, E>(
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
+    let step = limits.header_timeout.min(limits.idle_timeout);
+    let next_check = |now: Instant| match activity.deadline(limits) {
+        Some((at, _)) => at.min(now + step),
+        None => now + step,
+    };
+    let timer = tokio::time::sleep_until(next_check(Instant::now()));
+    tokio::pin!(timer);
     let mut stopping = false;
     // Set once a close was asked: past it the connection is dropped.
-    let mut give_up: Option<Instant> = None;
+    let mut give_up = false;
     loop {
-        let wake = match give_up {
-            Some(t) => t,
-            None => activity
-                .deadline(limits)
-                .map_or(Instant::now() + limits.idle_timeout, |(t, _)| t),
-        };
         tokio::select! {
+            biased;
             ended = conn.as_mut() => {
                 if let Err(e) = ended {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
                 return;
             }
-            _ = activity.moved.notified(), if give_up.is_none() => {}
             _ = closing.wait_for(|c| *c), if !stopping => {
                 stopping = true;
                 close_gracefully(conn.as_mut());
             }
-            _ = tokio::time::sleep_until(wake) => {
-                if give_up.is_some() {
+            _ = timer.as_mut() => {
+                if give_up {
                     return;
                 }
-                let Some((at, why)) = activity.deadline(limits) else { continue };
-                if Instant::now() < at {
-                    continue;
+                let now = Instant::now();
+                match activity.deadline(limits) {
+                    Some((at, why)) if now >= at => {
+                        match why {
+                            Expired::Header => stats.header_timeouts.fetch_add(1, Relaxed),
+                            Expired::Idle => stats.idle_closed.fetch_add(1, Relaxed),
+                        };
+                        tracing::debug!(%peer, reason = ?why, "closing a connection");
+                        close_gracefully(conn.as_mut());
+                        give_up = true;
+                        timer.as_mut().reset(now + CLOSE_WAIT);
+                    }
+                    _ => timer.as_mut().reset(next_check(now)),
                 }
-                match why {
-                    Expired::Header => stats.header_timeouts.fetch_add(1, Relaxed),
-                    Expired::Idle => stats.idle_closed.fetch_add(1, Relaxed),
-                };
-                tracing::debug!(%peer, reason = ?why, "closing a connection");
-                close_gracefully(conn.as_mut());
-                give_up = Some(Instant::now() + CLOSE_WAIT);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! HTTP messages as the proxy keeps and forwards them: a buffered request and response, header
 //! hygiene between hops, and `Retry-After`.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -81,12 +81,21 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including any named in `Connection`, and `Proxy-*` headers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names decides.
+    if !headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || k.as_str().starts_with("proxy-"))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -101,29 +110,58 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The client end of a data connection, with its `X-Forwarded-For` entry written once for all
+/// of the connection's requests.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            forwarded_for: HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
+                .expect("an IP address is a valid header value"),
+        }
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Cleans a client's request headers for the upstream: hop-by-hop removed, `Host` left for the
 /// client to set from the upstream URI, a buffered body's framing recomputed, and the
 /// `X-Forwarded-*` trio added (`-Proto` and `-Host` kept when a front proxy already set them).
-pub fn prepare_request_headers(headers: &mut HeaderMap, client_ip: IpAddr) {
+pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     strip_hop_by_hop(headers);
     let host = headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::EXPECT);
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let forwarded_for = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {client_ip}"),
-        None => client_ip.to_string(),
+    // A previous list that is not visible ASCII is replaced, not extended.
+    let previous = headers.get(&X_FORWARDED_FOR).filter(|v| v.to_str().is_ok());
+    let forwarded_for = match previous.map(HeaderValue::as_bytes) {
+        Some(prev) => {
+            let mut list = Vec::with_capacity(prev.len() + 2 + peer.forwarded_for.len());
+            list.extend_from_slice(prev);
+            list.extend_from_slice(b", ");
+            list.extend_from_slice(peer.forwarded_for.as_bytes());
+            HeaderValue::from_maybe_shared(Bytes::from(list)).ok()
+        }
+        None => Some(peer.forwarded_for.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(xff, v);
+    if let Some(v) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    headers
-        .entry(HeaderName::from_static("x-forwarded-proto"))
-        .or_insert(HeaderValue::from_static("http"));
-    if let Some(host) = host {
-        headers
-            .entry(HeaderName::from_static("x-forwarded-host"))
-            .or_insert(host);
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    if let Some(host) = host
+        && !headers.contains_key(&X_FORWARDED_HOST)
+    {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
     }
 }
 
@@ -165,7 +203,7 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("proxy.local:8080"));
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
-        prepare_request_headers(&mut h, "10.0.0.2".parse().unwrap());
+        prepare_request_headers(&mut h, &Peer::new("10.0.0.2:4000".parse().unwrap()));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "proxy.local:8080");
@@ -174,7 +212,7 @@ mod tests {
 
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        prepare_request_headers(&mut h, "10.0.0.2".parse().unwrap());
+        prepare_request_headers(&mut h, &Peer::new("10.0.0.2:4000".parse().unwrap()));
         assert_eq!(
             h["x-forwarded-proto"], "https",
             "a front proxy's value is kept"

@@ -25,22 +25,23 @@ impl fmt::Display for BadPath {
 
 /// The canonical form of `path` (which starts with `/`).
 pub fn canonical(path: &str) -> Result<String, BadPath> {
-    let mut out: Vec<String> = Vec::new();
+    // Built in one buffer: each kept segment is `/` and its decoded text, so `..` drops back to
+    // the last `/` (a decoded segment never holds one: an escaped slash is refused).
+    let mut canon = String::with_capacity(path.len() + 1);
     for raw in path.split('/') {
         let raw = raw.split_once(';').map_or(raw, |(seg, _)| seg);
-        let seg = decode(raw, path)?;
-        match seg.as_str() {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            _ => out.push(numeric(seg)),
-        }
-    }
-    let mut canon = String::with_capacity(path.len());
-    for seg in &out {
+        let start = canon.len();
         canon.push('/');
-        canon.push_str(seg);
+        decode_into(&mut canon, raw, path)?;
+        match &canon[start + 1..] {
+            "" | "." => canon.truncate(start),
+            ".." => {
+                canon.truncate(start);
+                let parent = canon.rfind('/').unwrap_or(0);
+                canon.truncate(parent);
+            }
+            _ => drop_leading_zeros(&mut canon, start + 1),
+        }
     }
     if canon.is_empty() {
         canon.push('/');
@@ -52,11 +53,11 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// A segment with unreserved escapes decoded, other escapes upper-cased, letters lower-cased.
-fn decode(seg: &str, path: &str) -> Result<String, BadPath> {
+/// Appends a segment with unreserved escapes decoded, other escapes upper-cased, letters
+/// lower-cased.
+fn decode_into(out: &mut String, seg: &str, path: &str) -> Result<(), BadPath> {
     let bad = |why: &str| BadPath(format!("the path {path:?} {why}"));
     let bytes = seg.as_bytes();
-    let mut out = String::with_capacity(seg.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
@@ -74,7 +75,10 @@ fn decode(seg: &str, path: &str) -> Result<String, BadPath> {
                 if is_unreserved(hex) {
                     out.push(hex.to_ascii_lowercase() as char);
                 } else {
-                    out.push_str(&format!("%{hex:02X}"));
+                    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                    out.push('%');
+                    out.push(HEX[usize::from(hex >> 4)] as char);
+                    out.push(HEX[usize::from(hex & 0xf)] as char);
                 }
                 i += 3;
             }
@@ -85,18 +89,24 @@ fn decode(seg: &str, path: &str) -> Result<String, BadPath> {
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-/// A segment that is a number (`007`, `01.json`) without its leading zeros.
-fn numeric(seg: String) -> String {
-    let (stem, ext) = seg.split_at(seg.find('.').unwrap_or(seg.len()));
-    if stem.len() < 2 || !stem.starts_with('0') || !stem.bytes().all(|b| b.is_ascii_digit()) {
-        return seg;
+/// A segment (from `start` to the end of `canon`) that is a number (`007`, `01.json`) loses
+/// its leading zeros.
+fn drop_leading_zeros(canon: &mut String, start: usize) {
+    let seg = &canon.as_bytes()[start..];
+    let stem = &seg[..seg.iter().position(|&b| b == b'.').unwrap_or(seg.len())];
+    if stem.len() < 2 || stem[0] != b'0' || !stem.iter().all(u8::is_ascii_digit) {
+        return;
     }
-    let digits = stem.trim_start_matches('0');
-    let digits = if digits.is_empty() { "0" } else { digits };
-    format!("{digits}{ext}")
+    // One digit stays: `000` is `0`.
+    let zeros = stem
+        .iter()
+        .take_while(|&&b| b == b'0')
+        .count()
+        .min(stem.len() - 1);
+    canon.replace_range(start..start + zeros, "");
 }
 
 #[cfg(test)]
@@ -151,6 +161,12 @@ mod tests {
             "non-ASCII stays escaped"
         );
         assert_eq!(canonical("/a%20b").unwrap(), "/a%20b");
+        assert_eq!(
+            canonical("/a/%7E/%3a/0007.JSON").unwrap(),
+            "/a/~/%3A/7.json"
+        );
+        assert_eq!(canonical("/a/b/../../..").unwrap(), "/");
+        assert_eq!(canonical("/a/000.x/0.0").unwrap(), "/a/0.x/0.0");
     }
 
     #[test]

@@ -318,32 +318,124 @@ pub fn add_rate_limit_headers(
     if usage.is_empty() {
         return;
     }
-    let mut policy = String::new();
-    let mut state = String::new();
+    // One look at the configs for every item; the numbers are written without `format!`
+    // (this runs on every answer).
+    let configs = ledger.configs();
+    let mut policy = String::with_capacity(40 * usage.len());
+    let mut state = String::with_capacity(40 * usage.len());
     for (i, u) in usage.iter().enumerate() {
-        let cfg = ledger.config(u.quota);
+        let cfg = &configs[u.quota.0];
         if i > 0 {
             policy.push_str(", ");
             state.push_str(", ");
         }
-        policy.push_str(&format!(
-            "\"{}\";q={};w={}",
-            cfg.name,
-            cfg.limit,
-            ledger.window_secs(u.quota)
-        ));
-        state.push_str(&format!(
-            "\"{}\";r={};t={}",
-            cfg.name,
-            u.remaining,
-            u.reset_at.seconds_after(now, 0)
-        ));
+        let (limit, window) = (u64::from(cfg.limit), cfg.window.as_secs());
+        push_item(&mut policy, &cfg.name, [("q", limit), ("w", window)]);
+        let reset = u.reset_at.seconds_after(now, 0);
+        push_item(
+            &mut state,
+            &cfg.name,
+            [("r", u64::from(u.remaining)), ("t", reset)],
+        );
     }
     if let (Ok(p), Ok(s)) = (
-        HeaderValue::from_str(&policy),
-        HeaderValue::from_str(&state),
+        HeaderValue::from_maybe_shared(Bytes::from(policy)),
+        HeaderValue::from_maybe_shared(Bytes::from(state)),
     ) {
         headers.append(RATELIMIT_POLICY.clone(), p);
         headers.append(RATELIMIT.clone(), s);
+    }
+}
+
+/// Appends one structured-field item: `"name";k=v;k=v`.
+fn push_item(out: &mut String, name: &str, params: [(&str, u64); 2]) {
+    out.push('"');
+    out.push_str(name);
+    out.push('"');
+    for (key, value) in params {
+        out.push(';');
+        out.push_str(key);
+        out.push('=');
+        push_number(out, value);
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_number(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{QuotaScope, WindowKind};
+    use crate::ids::QuotaId;
+    use crate::quota::Demand;
+
+    fn sliding(name: &str, limit: u32, window: Duration) -> QuotaConfig {
+        QuotaConfig {
+            name: name.into(),
+            limit,
+            window,
+            kind: WindowKind::Sliding,
+            scope: QuotaScope::Account,
+            margin: Duration::ZERO,
+            sync: None,
+            reserve: 0,
+            key: Vec::new(),
+            max_keys: 10,
+            schedule: None,
+            forecast: false,
+            enforce: true,
+        }
+    }
+
+    #[test]
+    fn rate_limit_fields_name_every_quota_binding_first() {
+        let now = Time::from_nanos(1_000_000_000_000);
+        let ledger = Ledger::new(
+            &[
+                sliding("hour", 1000, Duration::from_secs(3600)),
+                sliding("minute", 400, Duration::from_secs(60)),
+            ],
+            None,
+            now,
+        );
+        let both = [QuotaId(0), QuotaId(1)];
+        ledger.try_acquire(&Demand::live(&both), now).unwrap();
+        let usage = ledger.usage(&both, now);
+        let mut headers = HeaderMap::new();
+        add_rate_limit_headers(&mut headers, &ledger, &usage, now);
+        assert_eq!(
+            headers["ratelimit-policy"],
+            "\"minute\";q=400;w=60, \"hour\";q=1000;w=3600"
+        );
+        let t = |i: usize| usage[i].reset_at.seconds_after(now, 0);
+        assert_eq!(
+            headers["ratelimit"],
+            format!("\"minute\";r=399;t={}, \"hour\";r=999;t={}", t(0), t(1)).as_str()
+        );
+    }
+
+    #[test]
+    fn numbers_are_written_in_full() {
+        for n in [0, 7, 10, 6_000_000, u64::MAX] {
+            let mut s = String::from("x");
+            push_number(&mut s, n);
+            assert_eq!(s, format!("x{n}"));
+        }
     }
 }

@@ -21,6 +21,7 @@ use crate::data_plane;
 use crate::dispatch;
 use crate::ids::QuotaId;
 use crate::listener::{ConnLimits, accept_loop, raise_descriptor_limit};
+use crate::message::Peer;
 use crate::proxy::{Phase, Proxy, Reloader, SetLogLevel};
 use crate::quota::shadow_grants;
 use crate::store::{GrantLog, LoggedGrant, Recovered, Store, StoreError};
@@ -241,8 +242,9 @@ pub async fn serve_with(
         proxy.data_conns.clone(),
         move |peer: SocketAddr, activity| {
             let p = data_proxy.clone();
+            let peer = Peer::new(peer);
             hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (p, activity) = (p.clone(), activity.clone());
+                let (p, activity, peer) = (p.clone(), activity.clone(), peer.clone());
                 async move {
                     let _busy = activity.begin();
                     Ok::<_, Infallible>(data_plane::handle(p, req, peer).await)

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::clock::SharedClock;
+use crate::clock::{SharedClock, Time};
 use crate::config::UpstreamConfig;
 use crate::message::{BufferedResponse, Outbound, drop_body, strip_hop_by_hop};
 use crate::tls;
@@ -83,7 +83,17 @@ pub struct UpstreamClient {
     authority: http::uri::Authority,
     prefix: String,
     request_timeout: Duration,
-    health: Mutex<Health>,
+    url: String,
+    /// Written on every request, so kept as times; [`UpstreamClient::health`] formats them.
+    record: Mutex<Record>,
+}
+
+#[derive(Default)]
+struct Record {
+    last_response_at: Option<Time>,
+    last_error_at: Option<Time>,
+    last_error: Option<String>,
+    consecutive_errors: u32,
 }
 
 /// What the last requests to the CRM looked like, for `/status`.
@@ -134,10 +144,8 @@ impl UpstreamClient {
             authority,
             prefix: cfg.path_prefix().to_string(),
             request_timeout: cfg.request_timeout,
-            health: Mutex::new(Health {
-                url: cfg.url.to_string(),
-                ..Health::default()
-            }),
+            url: cfg.url.to_string(),
+            record: Mutex::default(),
         })
     }
 
@@ -164,11 +172,12 @@ impl UpstreamClient {
     }
 
     /// The upstream URI for a client's path and query.
-    fn uri_for(&self, path_and_query: &str) -> Result<Uri, ForwardError> {
+    fn uri_for(&self, mut path_and_query: String) -> Result<Uri, ForwardError> {
+        path_and_query.insert_str(0, &self.prefix);
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.prefix, path_and_query))
+            .path_and_query(path_and_query)
             .build()
             .map_err(|e| ForwardError::Io(format!("cannot build upstream URI: {e}")))
     }
@@ -177,7 +186,7 @@ impl UpstreamClient {
     pub async fn send(&self, out: Outbound) -> Result<Response<Incoming>, ForwardError> {
         let mut req = Request::builder()
             .method(out.method)
-            .uri(self.uri_for(&out.path_and_query)?)
+            .uri(self.uri_for(out.path_and_query)?)
             .body(Full::new(out.body))
             .map_err(|e| ForwardError::Io(format!("cannot build request: {e}")))?;
         *req.headers_mut() = out.headers;
@@ -193,26 +202,30 @@ impl UpstreamClient {
     }
 
     fn record(&self, result: &Result<Response<Incoming>, ForwardError>) {
-        let now = self.clock.now().to_string();
-        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.clock.now();
+        let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(_) => {
-                h.last_response_at = Some(now);
-                h.consecutive_errors = 0;
+                r.last_response_at = Some(now);
+                r.consecutive_errors = 0;
             }
             Err(e) => {
-                h.last_error_at = Some(now);
-                h.last_error = Some(e.to_string());
-                h.consecutive_errors += 1;
+                r.last_error_at = Some(now);
+                r.last_error = Some(e.to_string());
+                r.consecutive_errors += 1;
             }
         }
     }
 
     pub fn health(&self) -> Health {
-        self.health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        Health {
+            url: self.url.clone(),
+            last_response_at: r.last_response_at.map(|t| t.to_string()),
+            last_error_at: r.last_error_at.map(|t| t.to_string()),
+            last_error: r.last_error.clone(),
+            consecutive_errors: r.consecutive_errors,
+        }
     }
 
     /// Sends a request and reads the whole response within the timeout. A body over

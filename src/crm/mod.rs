@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::clock::Time;
 
@@ -163,7 +163,7 @@ impl Crm {
         now: Time,
         bad: &mut dyn FnMut(&'static str),
     ) -> Vec<Observation> {
-        let mut h = Reader { headers, now, bad };
+        let mut h = Reader::new(self.rate_limit_headers(), headers, now, bad);
         let mut out = Vec::new();
         match self {
             Crm::Zendesk => {
@@ -441,13 +441,43 @@ fn hubspot_policy(body: &[u8]) -> Option<String> {
 }
 
 /// Typed access to rate-limit headers; malformed values are reported, not trusted.
+/// Most headers a CRM's rate limits are read from (HubSpot's seven).
+const MOST_HEADERS: usize = 8;
+
 struct Reader<'a> {
-    headers: &'a HeaderMap,
+    /// The CRM's rate-limit header names and, at the same index, each one's first value.
+    names: &'static [&'static str],
+    found: [Option<&'a HeaderValue>; MOST_HEADERS],
     now: Time,
     bad: &'a mut dyn FnMut(&'static str),
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    /// Finds the headers `names` lists in one pass over the response's headers (most answers
+    /// carry none of them, or a few).
+    fn new(
+        names: &'static [&'static str],
+        headers: &'a HeaderMap,
+        now: Time,
+        bad: &'a mut dyn FnMut(&'static str),
+    ) -> Reader<'a> {
+        debug_assert!(names.len() <= MOST_HEADERS);
+        let mut found = [None; MOST_HEADERS];
+        if !names.is_empty() {
+            for (name, value) in headers {
+                if let Some(i) = names.iter().position(|n| *n == name.as_str()) {
+                    found[i].get_or_insert(value);
+                }
+            }
+        }
+        Reader {
+            names,
+            found,
+            now,
+            bad,
+        }
+    }
+
     /// An observation of `scope` from a limit header and a remaining header.
     fn counts(
         &mut self,
@@ -461,8 +491,13 @@ impl Reader<'_> {
         o
     }
 
-    fn text(&mut self, name: &'static str) -> Option<&str> {
-        let v = self.headers.get(name)?;
+    fn text(&mut self, name: &'static str) -> Option<&'a str> {
+        let at = self.names.iter().position(|n| *n == name);
+        debug_assert!(
+            at.is_some(),
+            "{name} is not in the CRM's rate-limit headers"
+        );
+        let v = self.found[at?]?;
         match v.to_str() {
             Ok(s) => Some(s.trim()),
             Err(_) => {

@@ -6,7 +6,6 @@ mod answers;
 
 use answers::{accepted, batched, reject, shadow_decision};
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,7 +19,7 @@ use crate::config::{Class, DEFAULT_ROUTE, KeyPart, OnLimit};
 use crate::credentials;
 use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId};
 use crate::intake::IntakeError;
-use crate::message::{IDEMPOTENCY_KEY, Outbound, prepare_request_headers, strip_hop_by_hop};
+use crate::message::{IDEMPOTENCY_KEY, Outbound, Peer, prepare_request_headers, strip_hop_by_hop};
 use crate::path;
 use crate::proxy::Proxy;
 use crate::queue::{Enter, Parkable, Ticket, WaitEnd};
@@ -49,11 +48,11 @@ fn is_crm_method(m: &Method) -> bool {
 }
 
 /// Handles one client request on the data listener.
-pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    access::logged(&proxy, req, peer, |req| answer(&proxy, req, peer)).await
+pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    access::logged(&proxy, req, peer.addr, |req| answer(&proxy, req, &peer)).await
 }
 
-async fn answer(proxy: &Proxy, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn answer(proxy: &Proxy, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     if !is_crm_method(req.method()) {
         access::outcome(proxy, DEFAULT_ROUTE, "method_not_allowed");
         return response::method_not_allowed(METHODS);
@@ -96,7 +95,7 @@ async fn forward(
     route: &Route,
     req: Request<Incoming>,
     canon: &str,
-    peer: SocketAddr,
+    peer: &Peer,
 ) -> Result<Response<Body>, ProxyError> {
     let max = p.config().max_body_bytes;
     let declared = req
@@ -140,14 +139,14 @@ async fn forward(
     let clients = p.clients();
     let client = clients.identify(&Caller {
         headers: &headers,
-        source: peer.ip(),
+        source: peer.addr.ip(),
         fingerprint,
     });
     let name = &clients.get(client).name;
     p.metrics.client_request(name);
     access::client(name);
     let keys = keys(p, route, canon, &headers, client, fingerprint);
-    prepare_request_headers(&mut headers, peer.ip());
+    prepare_request_headers(&mut headers, peer);
     if route.idempotency_key && !headers.contains_key(IDEMPOTENCY_KEY) {
         // Generated once, kept with the request through every resend.
         let key = EntryId::random().to_string();

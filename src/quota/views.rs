@@ -191,9 +191,4 @@ impl Ledger {
             })
             .collect()
     }
-
-    /// The window length of a quota in whole seconds (for `RateLimit-Policy`).
-    pub fn window_secs(&self, q: QuotaId) -> u64 {
-        self.lock().configs[q.0].window.as_secs()
-    }
 }

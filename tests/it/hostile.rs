@@ -178,6 +178,41 @@ async fn silent_connections_and_slow_heads_are_closed_after_header_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_head_after_a_served_request_is_closed_at_the_header_timeout() {
+    // The idle timeout is far beyond the read limit below: only the header timeout, counted
+    // from the second head's first bytes, can close this connection in time.
+    let h = Harness::start(roomy(), &config("header_timeout: 1s, idle_timeout: 10m")).await;
+    let mut s = TcpStream::connect(addr(&h.url)).await.unwrap();
+    s.write_all(
+        b"GET /api/v2/search.json HTTP/1.1\r\nhost: crm\r\nauthorization: Bearer t\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the first answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    s.write_all(b"GET /api/v2/search.json HTTP/1.1\r\nhost: crm\r\n")
+        .await
+        .unwrap();
+    let rest = read_to_close(&mut s, Duration::from_secs(8)).await;
+    assert!(!rest.contains("HTTP/1.1 200"), "{rest}");
+    assert_eq!(
+        h.metric("crm_proxy_connections_closed_total{listener=\"data\",reason=\"header_timeout\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(h.sim.stats().calls, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let h = Harness::start(roomy(), &config("idle_timeout: 1s")).await;
     let mut s = TcpStream::connect(addr(&h.url)).await.unwrap();
