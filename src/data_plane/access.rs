@@ -79,11 +79,13 @@ where
             })
             .map(str::to_string),
     };
-    NOTE.scope(RefCell::new(note), async {
+    // Boxed: otherwise every request's future would hold room for the request's handling
+    // twice (here and above), logged or not.
+    Box::pin(NOTE.scope(RefCell::new(note), async {
         let resp = handle(req).await;
         with(|n| n.status = Some(resp.status()));
         resp
-    })
+    }))
     .await
 }
 

@@ -23,7 +23,8 @@ pub(super) async fn accepted(
     token: Option<&str>,
     why: &str,
 ) -> Result<Response<Body>, ProxyError> {
-    if let Err(e) = a.commit.durable().await {
+    // Boxed: the store's future is large, and every caller's would carry its size.
+    if let Err(e) = Box::pin(a.commit.durable()).await {
         p.queue.settle(a.id, false);
         tracing::error!(request_id = %a.id, route = %route.name, error = %e, "cannot store a parked write; answering 503");
         return Err(ProxyError::NotStored {

@@ -171,7 +171,7 @@ async fn forward(
             keys: &keys,
             token: None,
         };
-        return shadow(p, &call, out, now).await;
+        return Box::pin(shadow(p, &call, out, now)).await;
     }
 
     if !route.parks() {
@@ -229,11 +229,11 @@ async fn forward(
                 shadow_decision(p, route, grant.would, now);
             }
             let next = Some((out, grant, "forwarded"));
-            live_write(p, &call, ticket, next, deadline).await
+            Box::pin(live_write(p, &call, ticket, next, deadline)).await
         }
         Enter::Parked(ticket) => {
             access::id(ticket.id());
-            live_write(p, &call, ticket, None, deadline).await
+            Box::pin(live_write(p, &call, ticket, None, deadline)).await
         }
         Enter::Full => {
             let retry_at = p

@@ -420,9 +420,11 @@ impl Proxy {
     ) -> Admission {
         match self.shared {
             SharedLedger::Local => Admission::Granted,
+            // Boxed: a Redis round trip's future is large, and every caller's future would
+            // carry its size (and copy it with every request) for the local ledger too.
             SharedLedger::Redis(_) => {
-                self.admit_demand(&crate::shared_ledger::demand(quotas, keys), grant)
-                    .await
+                let demand = crate::shared_ledger::demand(quotas, keys);
+                Box::pin(self.admit_demand(&demand, grant)).await
             }
         }
     }
