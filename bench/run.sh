@@ -12,7 +12,9 @@
 #      while /metrics and /status are scraped every 100 ms;
 #   5. the shared ledger: the fixed-rate run through a proxy whose ledger is on Redis (a
 #      redis-server of the harness's own), decisions through Redis from 1 and 3 replicas, and
-#      the backlog run (sliding) through three replicas sharing that ledger.
+#      the backlog run (sliding) through three replicas sharing that ledger;
+#   6. user-space instructions per proxied request, proxy and nginx, each under valgrind's
+#      callgrind (a count, not a time: the same whatever else the machine is doing).
 # Prints a Markdown report. Everything binds 127.0.0.1 only.
 #
 #   bench/run.sh            the full run (about 10 minutes; release build)
@@ -24,11 +26,11 @@ SMOKE=0
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
 if ((SMOKE)); then
     PROFILE=debug ROUNDS=1 SAT_SECS=1 RATE=200 RATE_SECS=2 ENTRIES=2000 SCRAPE_ARGS=(2000 200 2 1) LEDGER_SECS=1
-    BACKLOG_ARGS=(10 2 1)
+    BACKLOG_ARGS=(10 2 1) INSTR_N=50
     BUILD=(cargo build --bin crm-quota-proxy --example loadgen)
 else
     PROFILE=release ROUNDS=3 SAT_SECS=8 RATE=1000 RATE_SECS=10 ENTRIES=100000 SCRAPE_ARGS=(100000 1000 10 3) LEDGER_SECS=10
-    BACKLOG_ARGS=(100 10 4)
+    BACKLOG_ARGS=(100 10 4) INSTR_N=2000
     BUILD=(cargo build --release --bin crm-quota-proxy --example loadgen)
 fi
 
@@ -41,6 +43,7 @@ install() {
 command -v wrk >/dev/null || install wrk
 command -v nginx >/dev/null || install nginx-light
 command -v redis-server >/dev/null || install redis-server
+command -v valgrind >/dev/null || install valgrind
 NGINX=$(command -v nginx)
 
 "${BUILD[@]}" >&2
@@ -184,6 +187,51 @@ done
 echo "bench: scrapes under a backlog" >&2
 echo "scrape - $("$LOADGEN" scrape "$BIN" "${SCRAPE_ARGS[@]}")" >>"$RESULTS"
 
+# Instructions per proxied request: each target under callgrind, warmed up, its counter zeroed,
+# then INSTR_N requests one after another on one keep-alive connection, and the count dumped.
+sequential() { # port count
+    python3 - "$1" "$2" <<'PY'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=60)
+for _ in range(int(sys.argv[2])):
+    c.request("GET", "/api/v2/users/search.json?query=ada")
+    r = c.getresponse()
+    r.read()
+    if r.status != 200:
+        sys.exit(f"bench: status {r.status} under callgrind")
+PY
+}
+counted() { # name port pid
+    sequential "$2" 200
+    callgrind_control -z "$3" >/dev/null 2>&1
+    sequential "$2" "$INSTR_N"
+    callgrind_control -d "$3" >/dev/null 2>&1
+    local total
+    total=$(awk '/^summary:/ { print $2 }' "$WORK/callgrind.$1.1")
+    kill "$3"
+    wait "$3" 2>/dev/null || true
+    echo "instructions $1 per_request=$((total / INSTR_N)) requests=$INSTR_N" >>"$RESULTS"
+}
+echo "bench: instructions per request (callgrind)" >&2
+CG=(valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%s")
+IPX=$(free_port) IPXA=$(free_port) INGX=$(free_port)
+sed -e "s/127.0.0.1:$PX,/127.0.0.1:$IPX,/" -e "s/127.0.0.1:$PXA }/127.0.0.1:$IPXA }/" "$WORK/proxy.yaml" >"$WORK/proxy-counted.yaml"
+# shellcheck disable=SC2059
+RUST_LOG=warn $(printf "${CG[*]}" proxy) "$BIN" run --config "$WORK/proxy-counted.yaml" 2>"$WORK/proxy-counted.log" &
+pid=$!
+PIDS+=("$pid")
+wait_port "$IPX"
+counted proxy "$IPX" "$pid"
+# nginx as one process (no master, one worker) so that one count holds all its work.
+sed -e "s/worker_processes auto;/worker_processes 1;\nmaster_process off;/" -e "s/127.0.0.1:$NGX;/127.0.0.1:$INGX;/" \
+    -e "s|pid $WORK/nginx/nginx.pid|pid $WORK/nginx/counted.pid|" "$WORK/nginx/nginx.conf" >"$WORK/nginx/counted.conf"
+# shellcheck disable=SC2059
+$(printf "${CG[*]}" nginx) "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/counted.conf" -e "$WORK/nginx/counted.log" 2>"$WORK/nginx-counted.err" &
+pid=$!
+PIDS+=("$pid")
+wait_port "$INGX"
+counted nginx "$INGX" "$pid"
+
 CORES=$(nproc)
 MEM=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
 python3 - "$RESULTS" "$ROUNDS" "$RATE" "$CORES" "$MEM" "$SMOKE" <<'EOF'
@@ -249,6 +297,9 @@ for k, title in (("sliding", "local window `sliding`"), ("fixed", "local window 
         failed.append(f"backlog {k}: {d}")
     print(f"| {title} | {d['offered']} | {d['tickets']} | {d['crm_429']} | {d['windows']} "
           f"| {float(d['utilization']) * 100:.1f}% | {d['first_call_p50_ms']} / {d['first_call_max_ms']} ms |")
+ip, ing = (int(rows[("instructions", t)][0]["per_request"]) for t in ("proxy", "nginx"))
+print(f"\ninstructions per proxied request (callgrind, user space, {rows[('instructions', 'proxy')][0]['requests']} "
+      f"requests one after another): proxy {ip:,}, nginx {ing:,}, proxy/nginx {ip / max(ing, 1):.2f}")
 m = rows[("memory", "-")][0]
 print(f"\nmemory: {int(m['parked']):,} parked writes of 1 KiB: RSS {m['rss_before_mib']} → {m['rss_after_mib']} MiB, "
       f"{m['bytes_per_entry']} B per write: {m['overhead_beyond_body']} B beyond the body, of which "
