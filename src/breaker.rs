@@ -25,6 +25,8 @@ struct State {
     failures: u32,
     /// Set while open: since when, when the next probe may go, and the wait after it.
     open: Option<Open>,
+    /// The last outage, from its opening to the answer that closed it.
+    last: Option<(Time, Time)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -66,11 +68,19 @@ impl Breaker {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A call failed as the CRM's whole failure would; `max_attempts` is a write's allowance.
-    /// Returns, when the breaker is (now) open, the time the write that failed should wait for:
-    /// the next probe.
-    pub fn failed(&self, now: Time, max_attempts: u32) -> Option<Time> {
+    /// A call sent at `sent_at` failed as the CRM's whole failure would; `max_attempts` is a
+    /// write's allowance. Returns, when the breaker is (now) open, the time the write that
+    /// failed should wait for: the next probe. A call sent during the outage that has just ended
+    /// (a probe that hung until its timeout while the CRM came back) is that outage's, not a
+    /// new failure: its write may go again at once, and spends no attempt.
+    pub fn failed(&self, sent_at: Time, now: Time, max_attempts: u32) -> Option<Time> {
         let mut s = self.lock();
+        if s.open.is_none()
+            && s.last
+                .is_some_and(|(since, closed)| since <= sent_at && sent_at < closed)
+        {
+            return Some(now);
+        }
         s.failures = s.failures.saturating_add(1);
         let failures = s.failures;
         match &mut s.open {
@@ -101,6 +111,7 @@ impl Breaker {
         let mut s = self.lock();
         s.failures = 0;
         if let Some(o) = s.open.take() {
+            s.last = Some((o.since, now));
             tracing::info!(
                 outage_seconds = now.saturating_since(o.since).as_secs_f64(),
                 "the CRM answers again: the drain resumes"
@@ -159,12 +170,20 @@ mod tests {
     #[test]
     fn it_opens_after_failures_in_a_row_and_probes_one_at_a_time_with_backoff() {
         let b = Breaker::default();
-        assert_eq!(b.failed(at(0), 5), None);
-        assert_eq!(b.failed(at(1), 5), None);
+        assert_eq!(b.failed(at(0), at(0), 5), None);
+        assert_eq!(b.failed(at(1), at(1), 5), None);
         b.answered(at(2));
-        assert_eq!(b.failed(at(3), 5), None, "an answer in between starts over");
-        assert_eq!(b.failed(at(4), 5), None);
-        assert_eq!(b.failed(at(5), 5), Some(at(105)), "open: the next probe");
+        assert_eq!(
+            b.failed(at(3), at(3), 5),
+            None,
+            "an answer in between starts over"
+        );
+        assert_eq!(b.failed(at(4), at(4), 5), None);
+        assert_eq!(
+            b.failed(at(5), at(5), 5),
+            Some(at(105)),
+            "open: the next probe"
+        );
         assert!(b.view().open);
         assert_eq!(b.may_send(at(50)), Err(at(105)));
         assert_eq!(b.may_send(at(105)), Ok(Probe::Yes), "the probe");
@@ -179,7 +198,7 @@ mod tests {
         let mut now = 110;
         let mut waits = Vec::new();
         for _ in 0..6 {
-            let next = b.failed(at(now), 5).unwrap();
+            let next = b.failed(at(now), at(now), 5).unwrap();
             waits.push((next.as_nanos() - at(now).as_nanos()) / 1_000_000);
             now = (next.as_nanos() - at(0).as_nanos()) / 1_000_000;
             assert_eq!(b.may_send(at(now)), Ok(Probe::Yes));
@@ -187,12 +206,18 @@ mod tests {
         assert_eq!(waits, vec![200, 400, 800, 1000, 1000, 1000]);
         // A write with fewer attempts than that opens it sooner.
         let short = Breaker::default();
-        assert_eq!(short.failed(at(0), 2), None);
-        assert!(short.failed(at(1), 2).is_some());
+        assert_eq!(short.failed(at(0), at(0), 2), None);
+        assert!(short.failed(at(1), at(1), 2).is_some());
         // The CRM answers: closed, everything may go.
         b.answered(at(now + 5));
         assert!(!b.view().open);
         assert_eq!(b.may_send(at(now + 5)), Ok(Probe::No));
         assert_eq!(b.may_send(at(now + 5)), Ok(Probe::No));
+        // A probe sent during that outage fails after it ended: the outage's, not a new one.
+        assert_eq!(b.failed(at(now), at(now + 2_500), 5), Some(at(now + 2_500)));
+        assert_eq!(b.view().failures_in_a_row, 0);
+        // A call sent after it ended counts.
+        assert_eq!(b.failed(at(now + 6), at(now + 2_506), 5), None);
+        assert_eq!(b.view().failures_in_a_row, 1);
     }
 }

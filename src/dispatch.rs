@@ -89,6 +89,8 @@ struct Sent {
     /// For the log and a dead letter: what went wrong, if anything did.
     error: String,
     not_sent: bool,
+    /// When the call went out.
+    sent_at: Time,
 }
 
 impl Sent {
@@ -98,7 +100,7 @@ impl Sent {
         if self.not_sent {
             proxy.ledger.refund(grant, quotas, now);
         }
-        proxy.crm_outcome(self.answer.as_ref().map(|a| a.status), now)
+        proxy.crm_outcome(self.answer.as_ref().map(|a| a.status), self.sent_at, now)
     }
 
     fn attempt(&self) -> Attempt<'_> {
@@ -115,11 +117,8 @@ impl Sent {
 }
 
 /// Sends one request of `route` to the CRM, counting its answer or error.
-async fn send(
-    proxy: &Proxy,
-    route: &Route,
-    request: Outbound,
-) -> Result<BufferedResponse, ForwardError> {
+async fn send(proxy: &Proxy, route: &Route, request: Outbound) -> Sending {
+    let sent_at = proxy.clock.now();
     let started = tokio::time::Instant::now();
     let result = proxy
         .upstream()
@@ -133,7 +132,13 @@ async fn send(
         ),
         Err(e) => proxy.metrics.upstream_error(&route.name, e.kind()),
     }
-    result
+    Sending { result, sent_at }
+}
+
+/// A call's result and when it went out.
+struct Sending {
+    result: Result<BufferedResponse, ForwardError>,
+    sent_at: Time,
 }
 
 impl Sent {
@@ -143,7 +148,7 @@ impl Sent {
         proxy: &Proxy,
         route: &Route,
         grant: &Grant,
-        result: Result<BufferedResponse, ForwardError>,
+        Sending { result, sent_at }: Sending,
         now: Time,
     ) -> Sent {
         match result {
@@ -154,12 +159,14 @@ impl Sent {
                 error: format!("CRM answered {}", resp.status),
                 answer: Some(resp),
                 not_sent: false,
+                sent_at,
             },
             Err(e) => Sent {
                 answer: None,
                 throttled: false,
                 not_sent: matches!(e, ForwardError::Connect(_)),
                 error: e.to_string(),
+                sent_at,
             },
         }
     }
@@ -345,7 +352,7 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
         });
         BatchOutcome::Each(members.collect())
     };
-    let outcome = match &result {
+    let outcome = match &result.result {
         // Before the answer is learned from: it says nothing about the call quotas.
         Ok(resp)
             if resp.status == http::StatusCode::TOO_MANY_REQUESTS
@@ -384,6 +391,7 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
                                     answer: None,
                                     throttled: false,
                                     not_sent: false,
+                                    sent_at: sent.sent_at,
                                     error: format!(
                                         "the CRM answered {} without a job status",
                                         resp.status

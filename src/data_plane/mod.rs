@@ -405,6 +405,7 @@ async fn forward_live(
     let parkable = (route.on_limit == OnLimit::Queue && ticket.is_some()).then(|| out.clone());
     let safe = route.resend_safe(&out);
     let started = tokio::time::Instant::now();
+    let sent_at = p.clock.now();
     p.metrics.client_call(&p.clients().get(client).name);
     let result = p.upstream().send(out).await;
     access::crm(started.elapsed());
@@ -413,12 +414,12 @@ async fn forward_live(
     let attempt = Some(1);
     let resp = match result {
         Ok(resp) => {
-            p.crm_outcome(Some(resp.status()), now);
+            p.crm_outcome(Some(resp.status()), sent_at, now);
             resp
         }
         Err(e) => {
             p.metrics.upstream_error(&route.name, e.kind());
-            let outage = p.crm_outcome(None, now);
+            let outage = p.crm_outcome(None, sent_at, now);
             if let ForwardError::Connect(_) = e {
                 // Nothing reached the CRM: the slot is free again.
                 p.ledger.refund(&grant, &route.quotas, now);

@@ -238,13 +238,19 @@ impl Proxy {
     /// Tells the breaker what a call to the CRM came to: a failure of the CRM as a whole
     /// (nothing sent, a `retry_status` answer, no answer) or an answer of its own. For a failure
     /// while the breaker is open, the time the write should wait for (the next probe).
-    pub fn crm_outcome(&self, status: Option<StatusCode>, now: Time) -> Option<Time> {
+    pub fn crm_outcome(
+        &self,
+        status: Option<StatusCode>,
+        sent_at: Time,
+        now: Time,
+    ) -> Option<Time> {
         let failed = match status {
             None => true,
             Some(s) => self.config().upstream.retry_status.contains(&s.as_u16()),
         };
         if failed {
-            self.breaker.failed(now, self.config().queue.max_attempts)
+            self.breaker
+                .failed(sent_at, now, self.config().queue.max_attempts)
         } else {
             self.breaker.answered(now);
             None
