@@ -440,10 +440,10 @@ fn hubspot_policy(body: &[u8]) -> Option<String> {
     v.get("policyName")?.as_str().map(str::to_string)
 }
 
-/// Typed access to rate-limit headers; malformed values are reported, not trusted.
 /// Most headers a CRM's rate limits are read from (HubSpot's seven).
 const MOST_HEADERS: usize = 8;
 
+/// Typed access to rate-limit headers; malformed values are reported, not trusted.
 struct Reader<'a> {
     /// The CRM's rate-limit header names and, at the same index, each one's first value.
     names: &'static [&'static str],
