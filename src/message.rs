@@ -122,7 +122,7 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Peer {
         Peer {
             addr,
-            forwarded_for: HeaderValue::from_maybe_shared(Bytes::from(addr.ip().to_string()))
+            forwarded_for: HeaderValue::from_str(&addr.ip().to_string())
                 .expect("an IP address is a valid header value"),
         }
     }
@@ -155,13 +155,11 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     if let Some(v) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    }
-    if let Some(host) = host
-        && !headers.contains_key(&X_FORWARDED_HOST)
-    {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+    headers
+        .entry(X_FORWARDED_PROTO.clone())
+        .or_insert(HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        headers.entry(X_FORWARDED_HOST.clone()).or_insert(host);
     }
 }
 

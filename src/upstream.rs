@@ -97,7 +97,7 @@ struct Record {
 }
 
 /// What the last requests to the CRM looked like, for `/status`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Health {
     /// Base URL of the CRM (no credentials: they are refused in config).
     pub url: String,
