@@ -25,28 +25,58 @@ impl fmt::Display for BadPath {
 
 /// The canonical form of `path` (which starts with `/`).
 pub fn canonical(path: &str) -> Result<String, BadPath> {
-    // Built in one buffer: each kept segment is `/` and its decoded text, so `..` drops back to
-    // the last `/` (a decoded segment never holds one: an escaped slash is refused).
-    let mut canon = String::with_capacity(path.len() + 1);
-    for raw in path.split('/') {
-        let raw = raw.split_once(';').map_or(raw, |(seg, _)| seg);
+    if is_plain(path.as_bytes()) {
+        return Ok(path.to_ascii_lowercase());
+    }
+    rebuilt(path)
+}
+
+/// Whether `path` needs no more than lower-casing (most do): no escape, backslash or matrix
+/// parameter, no empty segment or trailing `/`, no segment that starts with `.`, and no number
+/// with a leading zero. One look at each byte.
+fn is_plain(path: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for (i, &b) in path.iter().enumerate() {
+        let plain = match b {
+            b'%' | b'\\' | b';' => false,
+            b'/' => prev != b'/',
+            b'.' => prev != b'/',
+            b'0' => prev != b'/' || !path.get(i + 1).is_some_and(u8::is_ascii_digit),
+            _ => true,
+        };
+        if !plain {
+            return false;
+        }
+        prev = b;
+    }
+    path.first() == Some(&b'/') && (path.len() == 1 || prev != b'/')
+}
+
+/// The canonical form of a path that needs more than lower-casing.
+fn rebuilt(path: &str) -> Result<String, BadPath> {
+    // Built in one buffer of bytes: each kept segment is `/` and its decoded text, so `..` drops
+    // back to the last `/` (a decoded segment never holds one: an escaped slash is refused).
+    // Only ASCII bytes are changed, added or dropped, so the result stays UTF-8.
+    let mut canon = Vec::with_capacity(path.len() + 1);
+    for raw in path.as_bytes().split(|&b| b == b'/') {
+        let raw = raw.split(|&b| b == b';').next().unwrap_or_default();
         let start = canon.len();
-        canon.push('/');
+        canon.push(b'/');
         decode_into(&mut canon, raw, path)?;
         match &canon[start + 1..] {
-            "" | "." => canon.truncate(start),
-            ".." => {
+            b"" | b"." => canon.truncate(start),
+            b".." => {
                 canon.truncate(start);
-                let parent = canon.rfind('/').unwrap_or(0);
+                let parent = canon.iter().rposition(|&b| b == b'/').unwrap_or(0);
                 canon.truncate(parent);
             }
             _ => drop_leading_zeros(&mut canon, start + 1),
         }
     }
     if canon.is_empty() {
-        canon.push('/');
+        canon.push(b'/');
     }
-    Ok(canon)
+    String::from_utf8(canon).map_err(|_| BadPath(format!("the path {path:?} is not UTF-8")))
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -55,14 +85,21 @@ fn is_unreserved(b: u8) -> bool {
 
 /// Appends a segment with unreserved escapes decoded, other escapes upper-cased, letters
 /// lower-cased.
-fn decode_into(out: &mut String, seg: &str, path: &str) -> Result<(), BadPath> {
+fn decode_into(out: &mut Vec<u8>, seg: &[u8], path: &str) -> Result<(), BadPath> {
     let bad = |why: &str| BadPath(format!("the path {path:?} {why}"));
-    let bytes = seg.as_bytes();
     let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes
+    loop {
+        // A run of plain bytes goes in at once, letters lower-cased.
+        let run = seg[i..]
+            .iter()
+            .position(|&b| b == b'%' || b == b'\\')
+            .unwrap_or(seg.len() - i);
+        out.extend(seg[i..i + run].iter().map(u8::to_ascii_lowercase));
+        i += run;
+        match seg.get(i) {
+            None => break,
+            Some(b'%') => {
+                let hex = seg
                     .get(i + 1..i + 3)
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
@@ -73,20 +110,18 @@ fn decode_into(out: &mut String, seg: &str, path: &str) -> Result<(), BadPath> {
                     ));
                 }
                 if is_unreserved(hex) {
-                    out.push(hex.to_ascii_lowercase() as char);
+                    out.push(hex.to_ascii_lowercase());
                 } else {
                     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                    out.push('%');
-                    out.push(HEX[usize::from(hex >> 4)] as char);
-                    out.push(HEX[usize::from(hex & 0xf)] as char);
+                    out.extend_from_slice(&[
+                        b'%',
+                        HEX[usize::from(hex >> 4)],
+                        HEX[usize::from(hex & 0xf)],
+                    ]);
                 }
                 i += 3;
             }
-            b'\\' => return Err(bad("has a backslash")),
-            b => {
-                out.push(b.to_ascii_lowercase() as char);
-                i += 1;
-            }
+            Some(_) => return Err(bad("has a backslash")),
         }
     }
     Ok(())
@@ -94,8 +129,8 @@ fn decode_into(out: &mut String, seg: &str, path: &str) -> Result<(), BadPath> {
 
 /// A segment (from `start` to the end of `canon`) that is a number (`007`, `01.json`) loses
 /// its leading zeros.
-fn drop_leading_zeros(canon: &mut String, start: usize) {
-    let seg = &canon.as_bytes()[start..];
+fn drop_leading_zeros(canon: &mut Vec<u8>, start: usize) {
+    let seg = &canon[start..];
     let stem = &seg[..seg.iter().position(|&b| b == b'.').unwrap_or(seg.len())];
     if stem.len() < 2 || stem[0] != b'0' || !stem.iter().all(u8::is_ascii_digit) {
         return;
@@ -106,7 +141,7 @@ fn drop_leading_zeros(canon: &mut String, start: usize) {
         .take_while(|&&b| b == b'0')
         .count()
         .min(stem.len() - 1);
-    canon.replace_range(start..start + zeros, "");
+    canon.drain(start..start + zeros);
 }
 
 #[cfg(test)]
@@ -137,6 +172,27 @@ mod tests {
                 "{spelling}"
             );
         }
+    }
+
+    proptest::proptest! {
+        /// The quick form of a plain path is the one the full rules build.
+        #[test]
+        fn a_plain_path_lower_cased_is_its_canonical_form(
+            path in "/[a-zA-Z0-9./;%\\\\é_-]{0,24}"
+        ) {
+            if is_plain(path.as_bytes()) {
+                proptest::prop_assert_eq!(Ok(path.to_ascii_lowercase()), rebuilt(&path));
+            }
+        }
+    }
+
+    #[test]
+    fn letters_beyond_ascii_are_kept_as_sent() {
+        // Only ASCII letters are lower-cased; UTF-8 text passes through unchanged.
+        assert_eq!(
+            canonical("/api/v2/Users/Zoë/Ärger.json").as_deref(),
+            Ok("/api/v2/users/zoë/Ärger.json")
+        );
     }
 
     #[test]
