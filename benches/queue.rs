@@ -59,7 +59,7 @@ fn write(i: usize) -> Parkable {
     Parkable {
         request: Outbound {
             method: Method::POST,
-            path_and_query: "/api/v2/tickets.json".into(),
+            path_and_query: http::uri::PathAndQuery::from_static("/api/v2/tickets.json"),
             headers,
             body: Bytes::from(format!("{{\"ticket\":{{\"subject\":\"call {i}\"}}}}").repeat(20)),
         },

@@ -3,10 +3,11 @@
 //! each write. Pure functions; the queue decides when to batch, the dispatcher sends.
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Map, Value, json};
 
-use crate::message::{BufferedResponse, Outbound};
+use crate::message::{BufferedResponse, Outbound, own_path};
 
 /// Most items Zendesk takes in one `create_many` or `update_many` call.
 pub const MAX_BATCH: usize = 100;
@@ -42,10 +43,10 @@ pub struct Item {
 /// What a write becomes in a batch, or `None` when it must go alone: a ticket create or an update
 /// of one ticket, without a query, whose body is exactly `{"ticket": {…}}`.
 pub fn item(req: &Outbound) -> Option<Item> {
-    if req.path_and_query.contains('?') {
+    if req.path_and_query.query().is_some() {
         return None;
     }
-    let path = req.path_and_query.trim_end_matches(".json");
+    let path = req.path_and_query.path().trim_end_matches(".json");
     let (kind, ticket_id) = match (&req.method, path.strip_prefix("/api/v2/tickets")) {
         (&Method::POST, Some("")) => (BatchKind::Create, None),
         (&Method::PUT, Some(rest)) => {
@@ -129,7 +130,7 @@ pub fn request(kind: BatchKind, items: Vec<Value>, headers: &HeaderMap) -> Outbo
     );
     Outbound {
         method,
-        path_and_query: path.into(),
+        path_and_query: PathAndQuery::from_static(path),
         headers,
         body: Bytes::from(json!({ "tickets": items }).to_string()),
     }
@@ -145,7 +146,7 @@ pub fn poll_request(jobs: &[&str], headers: &HeaderMap) -> Outbound {
     headers.remove(header::CONTENT_TYPE);
     Outbound {
         method: Method::GET,
-        path_and_query,
+        path_and_query: own_path(path_and_query),
         headers,
         body: Bytes::new(),
     }
@@ -175,6 +176,14 @@ fn job(v: &Value) -> Option<Job> {
         Value::Number(n) => n.to_string(),
         _ => return None,
     };
+    // It goes into the poll's path as is.
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return None;
+    }
     let state = match v["status"].as_str()? {
         "queued" | "working" => JobState::Running,
         "completed" => JobState::Completed,
@@ -305,7 +314,10 @@ pub fn show_tickets_request(ids: &[u64], headers: &HeaderMap) -> Outbound {
     headers.remove(header::CONTENT_TYPE);
     Outbound {
         method: Method::GET,
-        path_and_query: format!("/api/v2/tickets/show_many.json?ids={}", ids.join(",")),
+        path_and_query: own_path(format!(
+            "/api/v2/tickets/show_many.json?ids={}",
+            ids.join(",")
+        )),
         headers,
         body: Bytes::new(),
     }

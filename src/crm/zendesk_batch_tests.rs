@@ -8,7 +8,7 @@ fn out(method: Method, path: &str, body: &str) -> Outbound {
     headers.insert("idempotency-key", HeaderValue::from_static("k1"));
     Outbound {
         method,
-        path_and_query: path.into(),
+        path_and_query: path.parse().unwrap(),
         headers,
         body: Bytes::from(body.to_string()),
     }
@@ -166,6 +166,11 @@ fn job_results_map_back_by_index_for_creates_and_by_id_for_updates() {
         [("a", JobState::Running), ("b", JobState::Failed)]
     );
     assert!(parse_job_status(b"{}").is_none());
+    // A job id goes into the poll's path as is: one that could not is not a job.
+    for id in ["", "a b", "../x", "a?b", "a%2F"] {
+        let body = json!({ "job_status": { "id": id, "status": "queued" } }).to_string();
+        assert!(parse_job_status(body.as_bytes()).is_none(), "{id:?}");
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@ use answers::{accepted, batched, reject, shadow_decision};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -155,7 +156,8 @@ async fn forward(
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let resource = resource_key(&parts.method, canon, route);
     let out = Outbound {
         method: parts.method,

@@ -34,7 +34,7 @@ pub enum WaitEnd {
 
 /// Approximate memory of a request's headers and target (what the byte bound counts besides the body).
 pub(super) fn header_bytes(r: &Outbound) -> usize {
-    r.path_and_query.len() + headers_bytes(&r.headers)
+    r.path_and_query.as_str().len() + headers_bytes(&r.headers)
 }
 
 impl Queue {

@@ -330,7 +330,7 @@ impl Queue {
         now: Time,
         wake_at: &mut Option<Time>,
     ) -> Option<(RouteId, Grant)> {
-        let path = request.path_and_query.split('?').next().unwrap_or_default();
+        let path = request.path_and_query.path();
         let routes = self.routes();
         let route = routes.classify(&Method::GET, path);
         let demand = Demand {

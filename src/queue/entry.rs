@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use tokio::sync::oneshot;
 
@@ -119,7 +120,7 @@ impl Kept {
     pub fn new(r: &Outbound) -> Kept {
         let known = |name: &HeaderName| KNOWN.iter().position(|k| *k == name.as_str());
         let head: usize = r.method.as_str().len()
-            + r.path_and_query.len()
+            + r.path_and_query.as_str().len()
             + 2
             + r.headers
                 .iter()
@@ -128,7 +129,7 @@ impl Kept {
         let mut data = BytesMut::with_capacity(head + r.body.len());
         data.put_slice(r.method.as_str().as_bytes());
         data.put_u8(b' ');
-        data.put_slice(r.path_and_query.as_bytes());
+        data.put_slice(r.path_and_query.as_str().as_bytes());
         data.put_u8(b'\n');
         for (k, v) in &r.headers {
             match known(k) {
@@ -199,10 +200,14 @@ impl Kept {
             headers.append(name, value);
         }
         let (method, path_and_query) = self.request_line();
+        let path_from = method.len() + 1;
         Outbound {
             method: Method::from_bytes(method.as_bytes())
                 .expect("a kept method is a method's own text"),
-            path_and_query: path_and_query.to_string(),
+            path_and_query: PathAndQuery::from_maybe_shared(
+                self.data.slice(path_from..path_from + path_and_query.len()),
+            )
+            .expect("a kept path is the text of the path it was kept from"),
             headers,
             body: self.data.slice(self.head as usize..),
         }
@@ -250,7 +255,7 @@ mod tests {
         headers.append("accept", HeaderValue::from_bytes(b"\xff/\xff").unwrap());
         let original = Outbound {
             method: Method::PUT,
-            path_and_query: "/api/v2/tickets/7.json?api_token=t0k&x=1".into(),
+            path_and_query: "/api/v2/tickets/7.json?api_token=t0k&x=1".parse().unwrap(),
             headers,
             body: Bytes::from_static(b"{\"ticket\":{\"status\":\"open\"}}\n"),
         };
@@ -264,7 +269,7 @@ mod tests {
             .sum();
         assert_eq!(
             kept.head as usize,
-            "PUT ".len() + original.path_and_query.len() + 1 + plain - (13 + 12 + 15 + 6)
+            "PUT ".len() + original.path_and_query.as_str().len() + 1 + plain - (13 + 12 + 15 + 6)
         );
         let back = kept.outbound();
         assert_eq!(back.method, original.method);
@@ -280,7 +285,7 @@ mod tests {
 
         let empty = Outbound {
             method: Method::POST,
-            path_and_query: "/".into(),
+            path_and_query: "/".parse().unwrap(),
             headers: HeaderMap::new(),
             body: Bytes::new(),
         };

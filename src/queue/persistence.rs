@@ -22,7 +22,7 @@ impl Queue {
         let (method, path_and_query, headers, body) = match e.request().map(Kept::outbound) {
             Some(r) => (
                 r.method.to_string(),
-                r.path_and_query.clone(),
+                r.path_and_query.to_string(),
                 r.headers
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
@@ -72,7 +72,7 @@ impl Queue {
                 tracing::error!(request_id = %EntryId::from_u128(s.id), "a logged write has an unreadable request; skipped");
                 continue;
             };
-            let raw = request.path_and_query.split('?').next().unwrap_or_default();
+            let raw = request.path_and_query.path();
             let path = crate::path::canonical(raw).unwrap_or_else(|_| raw.to_string());
             let routes = self.routes();
             let route = routes.find(&s.route, &request.method, &path);
@@ -297,7 +297,7 @@ fn outbound(s: &Stored) -> Option<Outbound> {
     }
     Some(Outbound {
         method: Method::from_bytes(s.method.as_bytes()).ok()?,
-        path_and_query: s.path_and_query.clone(),
+        path_and_query: s.path_and_query.parse().ok()?,
         headers,
         body: s.body.clone(),
     })

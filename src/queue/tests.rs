@@ -53,7 +53,7 @@ fn request(method: Method, path: &str, body: &str) -> Parkable {
     Parkable {
         request: Outbound {
             method,
-            path_and_query: path.to_string(),
+            path_and_query: path.parse().unwrap(),
             headers: HeaderMap::new(),
             body: Bytes::from(body.to_string()),
         },

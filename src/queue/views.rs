@@ -140,7 +140,7 @@ impl RequestView {
         let r = &r.outbound();
         RequestView {
             method: r.method.to_string(),
-            path_and_query: creds.query(&r.path_and_query),
+            path_and_query: creds.query(r.path_and_query.as_str()),
             headers: creds.headers(&r.headers),
             body_bytes: r.body.len(),
             body: std::str::from_utf8(&r.body).ok().map(str::to_string),

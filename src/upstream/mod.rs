@@ -1,31 +1,25 @@
 //! The upstream client: pooled HTTP/1.1 (and HTTP/2 by ALPN) over rustls, timeouts, and what
 //! the last requests to the CRM looked like.
 
+mod pool;
+
 use std::cell::{Cell, RefCell};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use http::{Request, Response, Uri};
+use bytes::BytesMut;
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::clock::{SharedClock, Time};
 use crate::config::UpstreamConfig;
 use crate::message::{BufferedResponse, Outbound, drop_body, strip_hop_by_hop};
 use crate::tls;
-
-fn pool(connector: HttpsConnector<HttpConnector>, idle_timeout: Duration, max_idle: usize) -> Pool {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(max_idle)
-        .build(connector)
-}
+use pool::{Pool, Target};
 
 /// Why a request to the CRM produced no response.
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +44,6 @@ impl ForwardError {
         }
     }
 }
-
-type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Distinguishes the clients a process builds (a reload builds a new one), so a thread's own
 /// pool is rebuilt when the client it was built for is replaced.
@@ -79,8 +71,7 @@ pub struct UpstreamClient {
     pool_max_idle: usize,
     generation: u64,
     clock: SharedClock,
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
+    target: Arc<Target>,
     prefix: String,
     request_timeout: Duration,
     url: String,
@@ -122,7 +113,6 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = pool(connector.clone(), cfg.pool_idle_timeout, cfg.pool_max_idle);
         let scheme = cfg
             .url
             .scheme()
@@ -133,6 +123,13 @@ impl UpstreamClient {
             .authority()
             .cloned()
             .ok_or("upstream URL has no host")?;
+        let target = Arc::new(Target::new(scheme, authority)?);
+        let client = Pool::new(
+            connector.clone(),
+            target.clone(),
+            cfg.pool_idle_timeout,
+            cfg.pool_max_idle,
+        );
         Ok(UpstreamClient {
             client,
             connector,
@@ -140,8 +137,7 @@ impl UpstreamClient {
             pool_max_idle: cfg.pool_max_idle,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             clock,
-            scheme,
-            authority,
+            target,
             prefix: cfg.path_prefix().to_string(),
             request_timeout: cfg.request_timeout,
             url: cfg.url.to_string(),
@@ -159,8 +155,9 @@ impl UpstreamClient {
             match &*slot {
                 Some((generation, pool)) if *generation == self.generation => pool.clone(),
                 _ => {
-                    let own = pool(
+                    let own = Pool::new(
                         self.connector.clone(),
+                        self.target.clone(),
                         self.pool_idle_timeout,
                         self.pool_max_idle,
                     );
@@ -171,32 +168,25 @@ impl UpstreamClient {
         })
     }
 
-    /// The upstream URI for a client's path and query.
-    fn uri_for(&self, mut path_and_query: String) -> Result<Uri, ForwardError> {
-        path_and_query.insert_str(0, &self.prefix);
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| ForwardError::Io(format!("cannot build upstream URI: {e}")))
-    }
-
     /// Sends a request and returns the response head with its streaming body.
     pub async fn send(&self, out: Outbound) -> Result<Response<Incoming>, ForwardError> {
+        let path_and_query = if self.prefix.is_empty() {
+            out.path_and_query
+        } else {
+            format!("{}{}", self.prefix, out.path_and_query)
+                .parse()
+                .map_err(|e| ForwardError::Io(format!("cannot build upstream path: {e}")))?
+        };
         let mut req = Request::builder()
             .method(out.method)
-            .uri(self.uri_for(out.path_and_query)?)
+            .uri(path_and_query)
             .body(Full::new(out.body))
             .map_err(|e| ForwardError::Io(format!("cannot build request: {e}")))?;
         *req.headers_mut() = out.headers;
-        let result =
-            match tokio::time::timeout(self.request_timeout, self.pool().request(req)).await {
-                Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
-                Ok(Err(e)) if e.is_connect() => Err(ForwardError::Connect(error_chain(&e))),
-                Ok(Err(e)) => Err(ForwardError::Io(error_chain(&e))),
-                Ok(Ok(resp)) => Ok(resp),
-            };
+        let result = match tokio::time::timeout(self.request_timeout, self.pool().send(req)).await {
+            Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
+            Ok(result) => result,
+        };
         self.record(&result);
         result
     }

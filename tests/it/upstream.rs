@@ -220,3 +220,152 @@ async fn an_https_upstream_is_verified_against_the_extra_ca_and_spoken_to_over_h
     assert_eq!(r.status, 502);
     server.abort();
 }
+
+/// A plain HTTP CRM that counts the connections it accepts and those that have ended. A path
+/// `/api/v2/close` is answered with `Connection: close`; `/api/v2/held{n}` is answered once `n`
+/// such requests are in.
+struct CountingCrm {
+    url: String,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+    ended: tokio::sync::watch::Receiver<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingCrm {
+    async fn start(held: &[usize]) -> CountingCrm {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let opened = Arc::new(AtomicUsize::new(0));
+        let (ended_tx, ended) = tokio::sync::watch::channel(0usize);
+        let barriers: Arc<std::collections::HashMap<String, Arc<tokio::sync::Barrier>>> = Arc::new(
+            held.iter()
+                .map(|&n| {
+                    (
+                        format!("/api/v2/held{n}"),
+                        Arc::new(tokio::sync::Barrier::new(n)),
+                    )
+                })
+                .collect(),
+        );
+        let counted = opened.clone();
+        let task = tokio::spawn(async move {
+            let ended_tx = Arc::new(ended_tx);
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (barriers, ended_tx) = (barriers.clone(), ended_tx.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let barriers = barriers.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            if let Some(b) = barriers.get(&path) {
+                                b.wait().await;
+                            }
+                            let mut resp = Response::new(Full::new(Bytes::from_static(b"{}")));
+                            if path == "/api/v2/close" {
+                                resp.headers_mut()
+                                    .insert(http::header::CONNECTION, "close".parse().unwrap());
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                    ended_tx.send_modify(|n| *n += 1);
+                });
+            }
+        });
+        CountingCrm {
+            url,
+            opened,
+            ended,
+            task,
+        }
+    }
+
+    fn opened(&self) -> usize {
+        self.opened.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (at most 10 s) until `n` connections have ended.
+    async fn ended(&mut self, n: usize) {
+        let seen = tokio::time::timeout(Duration::from_secs(10), self.ended.wait_for(|e| *e >= n))
+            .await
+            .map(|r| *r.unwrap());
+        assert_eq!(
+            seen,
+            Ok(n),
+            "connections ended (of {} opened)",
+            self.opened()
+        );
+    }
+}
+
+async fn through(crm: &CountingCrm, pool: &str) -> Harness {
+    let yaml = format!(
+        "listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0, data_threads: 1 }}\n\
+         upstream: {{ url: \"{}\", {pool} }}\n\
+         quotas:\n  - {{ name: w, limit: 1000, window: 60s }}\n",
+        crm.url
+    );
+    Harness::with_config(Sim::start(roomy()).await.unwrap(), &yaml).await
+}
+
+#[tokio::test]
+async fn crm_connections_are_reused_and_closed_when_the_crm_says_or_after_the_idle_timeout() {
+    let mut crm = CountingCrm::start(&[3]).await;
+    let h = through(&crm, "pool_idle_timeout: 1s").await;
+    for _ in 0..5 {
+        assert_eq!(
+            h.call(Method::GET, "/api/v2/users.json", "").await.status,
+            200
+        );
+    }
+    assert_eq!(
+        crm.opened(),
+        1,
+        "one connection for requests one after another"
+    );
+
+    // A connection the CRM closes is not used again: the next request opens another.
+    assert_eq!(h.call(Method::GET, "/api/v2/close", "").await.status, 200);
+    crm.ended(1).await;
+    assert_eq!(
+        h.call(Method::GET, "/api/v2/users.json", "").await.status,
+        200
+    );
+    assert_eq!(crm.opened(), 2);
+
+    // Requests at once take a connection each; all are closed once unused for the idle timeout.
+    let held = || h.call(Method::GET, "/api/v2/held3", "");
+    let (a, b, c) = tokio::join!(held(), held(), held());
+    assert_eq!([a.status, b.status, c.status], [200; 3]);
+    assert_eq!(crm.opened(), 4, "the kept one and two more");
+    crm.ended(4).await;
+    crm.task.abort();
+}
+
+#[tokio::test]
+async fn idle_crm_connections_beyond_the_maximum_are_closed_and_the_rest_reused() {
+    let mut crm = CountingCrm::start(&[5, 2]).await;
+    let h = through(&crm, "pool_idle_timeout: 60s, pool_max_idle: 2").await;
+    let held = || h.call(Method::GET, "/api/v2/held5", "");
+    let (a, b, c, d, e) = tokio::join!(held(), held(), held(), held(), held());
+    assert_eq!([a.status, b.status, c.status, d.status, e.status], [200; 5]);
+    assert_eq!(crm.opened(), 5);
+    crm.ended(3).await;
+    let held = || h.call(Method::GET, "/api/v2/held2", "");
+    let (a, b) = tokio::join!(held(), held());
+    assert_eq!([a.status, b.status], [200; 2]);
+    assert_eq!(
+        crm.opened(),
+        5,
+        "the two kept connections served the next two at once"
+    );
+    crm.task.abort();
+}
