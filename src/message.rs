@@ -144,11 +144,36 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// `X-Forwarded-*` trio added (`-Proto` and `-Host` kept when a front proxy already set them).
 pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     strip_hop_by_hop(headers);
+    // One pass over the names: each lookup hashes its name, so absent ones are not looked up.
+    let [
+        mut length,
+        mut expect,
+        mut forwarded_for,
+        mut proto,
+        mut forwarded_host,
+    ] = [false; 5];
+    for name in headers.keys() {
+        match name {
+            n if n == header::CONTENT_LENGTH => length = true,
+            n if n == header::EXPECT => expect = true,
+            n if *n == X_FORWARDED_FOR => forwarded_for = true,
+            n if *n == X_FORWARDED_PROTO => proto = true,
+            n if *n == X_FORWARDED_HOST => forwarded_host = true,
+            _ => {}
+        }
+    }
     let host = headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
-    headers.remove(header::EXPECT);
+    if length {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    if expect {
+        headers.remove(header::EXPECT);
+    }
     // A previous list that is not visible ASCII is replaced, not extended.
-    let previous = headers.get(&X_FORWARDED_FOR).filter(|v| v.to_str().is_ok());
+    let previous = forwarded_for
+        .then(|| headers.get(&X_FORWARDED_FOR))
+        .flatten()
+        .filter(|v| v.to_str().is_ok());
     let forwarded_for = match previous.map(HeaderValue::as_bytes) {
         Some(prev) => {
             let mut list = Vec::with_capacity(prev.len() + 2 + peer.forwarded_for.len());
@@ -162,11 +187,11 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     if let Some(v) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    headers
-        .entry(X_FORWARDED_PROTO.clone())
-        .or_insert(HeaderValue::from_static("http"));
-    if let Some(host) = host {
-        headers.entry(X_FORWARDED_HOST.clone()).or_insert(host);
+    if !proto {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    if let Some(host) = host.filter(|_| !forwarded_host) {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
     }
 }
 
@@ -218,12 +243,20 @@ mod tests {
 
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("crm.example"));
+        h.insert(header::HOST, HeaderValue::from_static("proxy.local:8080"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
         prepare_request_headers(&mut h, &Peer::new("10.0.0.2:4000".parse().unwrap()));
         assert_eq!(
             h["x-forwarded-proto"], "https",
             "a front proxy's value is kept"
         );
+        assert_eq!(
+            h["x-forwarded-host"], "crm.example",
+            "a front proxy's value is kept"
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.2");
+        assert!(h.get(header::EXPECT).is_none());
     }
 
     #[test]
