@@ -29,8 +29,8 @@ type Body = Full<Bytes>;
 
 /// Where the pool connects, and the `Host` an HTTP/1.1 request carries.
 pub struct Target {
-    pub scheme: Scheme,
-    pub authority: Authority,
+    scheme: Scheme,
+    authority: Authority,
     host: HeaderValue,
 }
 
