@@ -4,15 +4,14 @@
 mod pool;
 
 use std::cell::{Cell, RefCell};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::clock::{SharedClock, Time};
@@ -65,13 +64,8 @@ pub fn use_thread_pool() {
 pub struct UpstreamClient {
     /// The pool of threads without a pool of their own (the shared runtime: the drain, tests).
     client: Pool,
-    /// What a thread's own pool is built from.
-    connector: HttpsConnector<HttpConnector>,
-    pool_idle_timeout: Duration,
-    pool_max_idle: usize,
     generation: u64,
     clock: SharedClock,
-    target: Arc<Target>,
     prefix: String,
     request_timeout: Duration,
     url: String,
@@ -123,21 +117,16 @@ impl UpstreamClient {
             .authority()
             .cloned()
             .ok_or("upstream URL has no host")?;
-        let target = Arc::new(Target::new(scheme, authority)?);
         let client = Pool::new(
-            connector.clone(),
-            target.clone(),
+            connector,
+            Target::new(scheme, authority)?,
             cfg.pool_idle_timeout,
             cfg.pool_max_idle,
         );
         Ok(UpstreamClient {
             client,
-            connector,
-            pool_idle_timeout: cfg.pool_idle_timeout,
-            pool_max_idle: cfg.pool_max_idle,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             clock,
-            target,
             prefix: cfg.path_prefix().to_string(),
             request_timeout: cfg.request_timeout,
             url: cfg.url.to_string(),
@@ -155,12 +144,7 @@ impl UpstreamClient {
             match &*slot {
                 Some((generation, pool)) if *generation == self.generation => pool.clone(),
                 _ => {
-                    let own = Pool::new(
-                        self.connector.clone(),
-                        self.target.clone(),
-                        self.pool_idle_timeout,
-                        self.pool_max_idle,
-                    );
+                    let own = self.client.sibling();
                     *slot = Some((self.generation, own.clone()));
                     own
                 }

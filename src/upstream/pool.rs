@@ -99,15 +99,26 @@ type Sent = Result<Response<Incoming>, TrySendError<Request<Body>>>;
 impl Pool {
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
-        target: Arc<Target>,
+        target: Target,
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Pool {
         Pool(Arc::new(Inner {
             connector,
-            target,
+            target: Arc::new(target),
             idle_timeout,
             max_idle,
+            conns: Mutex::default(),
+        }))
+    }
+
+    /// Another pool to the same CRM with the same limits, holding no connection yet.
+    pub fn sibling(&self) -> Pool {
+        Pool(Arc::new(Inner {
+            connector: self.0.connector.clone(),
+            target: self.0.target.clone(),
+            idle_timeout: self.0.idle_timeout,
+            max_idle: self.0.max_idle,
             conns: Mutex::default(),
         }))
     }
