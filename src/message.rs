@@ -89,30 +89,41 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including any named in `Connection`, and `Proxy-*` headers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass finds the ones present (most messages carry none, or only `Connection`); only
-    // those are removed.
-    let mut doomed: Vec<HeaderName> = Vec::new();
+    // One pass finds the ones present (most messages carry none, or only `Connection:
+    // keep-alive`); only those are removed, and a list is made only for names outside the
+    // fixed set (rare).
+    let mut fixed = 0u8;
+    let mut named: Vec<HeaderName> = Vec::new();
     for (name, value) in headers.iter() {
-        if !HOP_BY_HOP.contains(name) && !name.as_str().starts_with("proxy-") {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            fixed |= 1 << i;
+        } else if name.as_str().starts_with("proxy-") {
+            if !named.contains(name) {
+                named.push(name.clone());
+            }
+            continue;
+        } else {
             continue;
         }
-        if !doomed.contains(name) {
-            doomed.push(name.clone());
-        }
-        if name == header::CONNECTION {
-            let named = value
-                .to_str()
-                .unwrap_or_default()
-                .split(',')
-                .map(str::trim)
-                .filter(|t| {
-                    !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
-                })
-                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok());
-            doomed.extend(named);
+        let only_framing =
+            |v: &[u8]| v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
+        if name == header::CONNECTION && !only_framing(value.as_bytes()) {
+            let tokens = value.to_str().unwrap_or_default().split(',').map(str::trim);
+            named.extend(
+                tokens
+                    .filter(|t| {
+                        !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
+                    })
+                    .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
+            );
         }
     }
-    for name in &doomed {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if fixed & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    for name in &named {
         headers.remove(name);
     }
 }
@@ -226,6 +237,24 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["authorization", "x-kept"]);
+    }
+
+    #[test]
+    fn every_connection_field_is_read_and_a_bare_keep_alive_or_close_names_nothing() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-hop-a"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("CLOSE, X-Hop-B"),
+        );
+        for name in ["x-hop-a", "x-hop-b", "x-kept", "closer"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["closer", "x-kept"]);
     }
 
     #[test]

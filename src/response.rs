@@ -321,13 +321,13 @@ pub fn add_rate_limit_headers(
     // One look at the configs for every item; the numbers are written without `format!`
     // (this runs on every answer).
     let configs = ledger.configs();
-    let mut policy = String::with_capacity(40 * usage.len());
-    let mut state = String::with_capacity(40 * usage.len());
+    let mut policy = Vec::with_capacity(40 * usage.len());
+    let mut state = Vec::with_capacity(40 * usage.len());
     for (i, u) in usage.iter().enumerate() {
         let cfg = &configs[u.quota.0];
         if i > 0 {
-            policy.push_str(", ");
-            state.push_str(", ");
+            policy.extend_from_slice(b", ");
+            state.extend_from_slice(b", ");
         }
         let (limit, window) = (u64::from(cfg.limit), cfg.window.as_secs());
         push_item(&mut policy, &cfg.name, [("q", limit), ("w", window)]);
@@ -347,21 +347,22 @@ pub fn add_rate_limit_headers(
     }
 }
 
-/// Appends one structured-field item: `"name";k=v;k=v`.
-fn push_item(out: &mut String, name: &str, params: [(&str, u64); 2]) {
-    out.push('"');
-    out.push_str(name);
-    out.push('"');
+/// Appends one structured-field item: `"name";k=v;k=v` (the header value's own check covers
+/// the bytes).
+fn push_item(out: &mut Vec<u8>, name: &str, params: [(&str, u64); 2]) {
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'"');
     for (key, value) in params {
-        out.push(';');
-        out.push_str(key);
-        out.push('=');
+        out.push(b';');
+        out.extend_from_slice(key.as_bytes());
+        out.push(b'=');
         push_number(out, value);
     }
 }
 
 /// Appends `n` in decimal.
-fn push_number(out: &mut String, mut n: u64) {
+fn push_number(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -372,8 +373,7 @@ fn push_number(out: &mut String, mut n: u64) {
             break;
         }
     }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+    out.extend_from_slice(&digits[at..]);
 }
 
 #[cfg(test)]
@@ -433,9 +433,9 @@ mod tests {
     #[test]
     fn numbers_are_written_in_full() {
         for n in [0, 7, 10, 6_000_000, u64::MAX] {
-            let mut s = String::from("x");
+            let mut s = b"x".to_vec();
             push_number(&mut s, n);
-            assert_eq!(s, format!("x{n}"));
+            assert_eq!(s, format!("x{n}").into_bytes());
         }
     }
 }
