@@ -76,7 +76,7 @@ pub fn retry_after(headers: &HeaderMap, now: Time) -> Option<Time> {
 }
 
 /// Headers that describe one hop, never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::TRANSFER_ENCODING,
@@ -86,6 +86,15 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
 ];
+
+const HOP_BY_HOP_LEN: usize = 8;
+// `strip_hop_by_hop` marks the fixed names present as bits of one byte.
+const _: () = assert!(HOP_BY_HOP_LEN <= u8::BITS as usize);
+
+/// A `Connection` value that names no header: only the connection's own fate.
+fn only_framing(value: &[u8]) -> bool {
+    value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+}
 
 /// Removes hop-by-hop headers, including any named in `Connection`, and `Proxy-*` headers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -105,8 +114,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         } else {
             continue;
         }
-        let only_framing =
-            |v: &[u8]| v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
         if name == header::CONNECTION && !only_framing(value.as_bytes()) {
             let tokens = value.to_str().unwrap_or_default().split(',').map(str::trim);
             named.extend(
