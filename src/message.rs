@@ -104,23 +104,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut fixed = 0u8;
     let mut named: Vec<HeaderName> = Vec::new();
     for (name, value) in headers.iter() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            fixed |= 1 << i;
-        } else if name.as_str().starts_with("proxy-") {
-            if !named.contains(name) {
+        let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) else {
+            if name.as_str().starts_with("proxy-") && !named.contains(name) {
                 named.push(name.clone());
             }
             continue;
-        } else {
-            continue;
-        }
+        };
+        fixed |= 1 << i;
         if name == header::CONNECTION && !only_framing(value.as_bytes()) {
             let tokens = value.to_str().unwrap_or_default().split(',').map(str::trim);
             named.extend(
                 tokens
-                    .filter(|t| {
-                        !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
-                    })
+                    .filter(|t| !only_framing(t.as_bytes()))
                     .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
             );
         }
