@@ -14,7 +14,8 @@
 #      redis-server of the harness's own), decisions through Redis from 1 and 3 replicas, and
 #      the backlog run (sliding) through three replicas sharing that ledger;
 #   6. user-space instructions per proxied request, proxy and nginx, each under valgrind's
-#      callgrind (a count, not a time: the same whatever else the machine is doing).
+#      callgrind (a count, not a time: the same whatever else the machine is doing);
+#   7. system calls per proxied request, proxy and nginx, counted by strace (a count too).
 # Prints a Markdown report. Everything binds 127.0.0.1 only.
 #
 #   bench/run.sh            the full run (about 10 minutes; release build)
@@ -44,6 +45,7 @@ command -v wrk >/dev/null || install wrk
 command -v nginx >/dev/null || install nginx-light
 command -v redis-server >/dev/null || install redis-server
 command -v valgrind >/dev/null || install valgrind
+command -v strace >/dev/null || install strace
 NGINX=$(command -v nginx)
 
 "${BUILD[@]}" >&2
@@ -143,15 +145,16 @@ done = function(summary, latency, requests)
 end
 EOF
 
-# CPU time (user + system, in clock ticks) a server has spent: the process and, for nginx, its
-# worker processes. Divided by the requests of a saturation run it gives CPU per request, a
-# figure the shared machine's noise moves far less than throughput.
+# CPU time a server has spent, user and system apart (in clock ticks): the process and, for
+# nginx, its worker processes. Divided by the requests of a saturation run it gives CPU per
+# request, a figure the shared machine's noise moves far less than throughput.
 cpu_ticks() {
-    local total=0 pid
+    local user=0 sys=0 pid u s
     for pid in "$1" $(pgrep -P "$1" || true); do
-        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+        read -r u s < <(awk '{ print $14, $15 }' "/proc/$pid/stat")
+        user=$((user + u)) sys=$((sys + s))
     done
-    echo "$total"
+    echo "$user $sys"
 }
 TICK=$(getconf CLK_TCK)
 
@@ -159,12 +162,13 @@ RESULTS="$WORK/results"
 for round in $(seq 1 "$ROUNDS"); do
     for target in direct proxy nginx proxy_shared; do
         echo "bench: round $round, $target" >&2
-        before=$(cpu_ticks "${SERVER[$target]}")
+        read -r user0 sys0 < <(cpu_ticks "${SERVER[$target]}")
         line=$(wrk -t1 -c32 -d"${SAT_SECS}s" -s "$WORK/report.lua" "${URL[$target]}" | tail -1)
-        spent=$(($(cpu_ticks "${SERVER[$target]}") - before))
+        read -r user1 sys1 < <(cpu_ticks "${SERVER[$target]}")
         requests=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$line")
-        cpu=$(awk -v t="$spent" -v hz="$TICK" -v n="$requests" 'BEGIN { printf "%.2f", t * 1e6 / hz / (n > 0 ? n : 1) }')
-        echo "saturation $target $line cpu_us=$cpu" >>"$RESULTS"
+        cpu=$(awk -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$TICK" -v n="$requests" \
+            'BEGIN { n = n > 0 ? n : 1; printf "cpu_us=%.2f user_us=%.2f sys_us=%.2f", (u + s) * 1e6 / hz / n, u * 1e6 / hz / n, s * 1e6 / hz / n }')
+        echo "saturation $target $line $cpu" >>"$RESULTS"
         line=$("$LOADGEN" rate "${URL[$target]}" "$RATE" "$RATE_SECS")
         echo "rate $target $line" >>"$RESULTS"
     done
@@ -231,6 +235,34 @@ pid=$!
 PIDS+=("$pid")
 wait_port "$INGX"
 counted nginx "$INGX" "$pid"
+
+# System calls per proxied request: strace attached to every thread of the proxy and of nginx's
+# workers, counting while INSTR_N requests go one after another on one keep-alive connection.
+traced() { # name pid port
+    local pids=() p i tracer
+    for p in "$2" $(pgrep -P "$2" || true); do pids+=(-p "$p"); done
+    sequential "$3" 200
+    : >"$WORK/strace.$1.err"
+    strace -f -c -o "$WORK/strace.$1" "${pids[@]}" 2>"$WORK/strace.$1.err" &
+    tracer=$!
+    # Counting starts once strace has attached to every process (each with all its threads).
+    for i in $(seq 1 100); do
+        (($(grep -c 'attached' "$WORK/strace.$1.err" || true) >= ${#pids[@]} / 2)) && break
+        ((i < 100)) || { echo "bench: strace could not attach to $1 ($(cat "$WORK/strace.$1.err"))" >&2; exit 1; }
+        sleep 0.1
+    done
+    sequential "$3" "$INSTR_N"
+    kill -INT "$tracer"
+    wait "$tracer" 2>/dev/null || true
+    # strace -c: % time, seconds, usecs/call, calls, [errors,] syscall.
+    awk -v name="$1" -v n="$INSTR_N" '$4 ~ /^[0-9]+$/ && $NF != "total" { calls[$NF] += $4; total += $4 }
+        END { line = sprintf("syscalls %s per_request=%.2f requests=%d", name, total / n, n); sep = " top="
+              for (c in calls) if (calls[c] / n >= 0.05) { line = line sep c ":" sprintf("%.2f", calls[c] / n); sep = "," }
+              print line }' "$WORK/strace.$1" >>"$RESULTS"
+}
+echo "bench: system calls per request (strace)" >&2
+traced proxy "${SERVER[proxy]}" "$PX"
+traced nginx "${SERVER[nginx]}" "$NGX"
 
 CORES=$(nproc)
 MEM=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
@@ -300,6 +332,15 @@ for k, title in (("sliding", "local window `sliding`"), ("fixed", "local window 
 ip, ing = (int(rows[("instructions", t)][0]["per_request"]) for t in ("proxy", "nginx"))
 print(f"\ninstructions per proxied request (callgrind, user space, {rows[('instructions', 'proxy')][0]['requests']} "
       f"requests one after another): proxy {ip:,}, nginx {ing:,}, proxy/nginx {ip / max(ing, 1):.2f}")
+def calls(t):
+    d = rows[("syscalls", t)][0]
+    top = sorted((kv.split(":") for kv in d.get("top", "").split(",") if kv), key=lambda kv: -float(kv[1]))
+    return float(d["per_request"]), ", ".join(f"{c} {float(v):.2f}" for c, v in top)
+(sp, sp_top), (sn, sn_top) = calls("proxy"), calls("nginx")
+print(f"\nsystem calls per proxied request (strace, {rows[('syscalls', 'proxy')][0]['requests']} requests one after "
+      f"another): proxy {sp:.2f} ({sp_top}), nginx {sn:.2f} ({sn_top})")
+print(f"\nCPU per request at saturation, user and system apart: proxy {s('proxy', 'user_us'):.1f} + "
+      f"{s('proxy', 'sys_us'):.1f} µs, nginx {s('nginx', 'user_us'):.1f} + {s('nginx', 'sys_us'):.1f} µs")
 m = rows[("memory", "-")][0]
 print(f"\nmemory: {int(m['parked']):,} parked writes of 1 KiB: RSS {m['rss_before_mib']} → {m['rss_after_mib']} MiB, "
       f"{m['bytes_per_entry']} B per write: {m['overhead_beyond_body']} B beyond the body, of which "
