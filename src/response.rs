@@ -19,7 +19,7 @@ use crate::units::format_duration;
 use crate::upstream::ForwardError;
 
 /// The body type of every data-plane and admin response (CRM bodies stream through).
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, crate::upstream::BodyError>;
 
 /// Path prefix of the proxy's own endpoints on the data listener (cannot collide with CRM APIs).
 pub const PROXY_PREFIX: &str = "/_proxy/";

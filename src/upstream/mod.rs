@@ -1,6 +1,9 @@
 //! The upstream client: pooled HTTP/1.1 (and HTTP/2 by ALPN) over rustls, timeouts, and what
 //! the last requests to the CRM looked like.
 
+mod body;
+mod chunked;
+mod http1;
 mod pool;
 
 use std::cell::{Cell, RefCell};
@@ -10,15 +13,15 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::clock::{SharedClock, Time};
 use crate::config::UpstreamConfig;
 use crate::message::{BufferedResponse, Outbound, drop_body, strip_hop_by_hop};
 use crate::tls;
-use pool::{Pool, Target};
+pub use body::{BodyError, UpstreamBody};
+use pool::{Answer, Pool, Target};
 
 /// Why a request to the CRM produced no response.
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +156,7 @@ impl UpstreamClient {
     }
 
     /// Sends a request and returns the response head with its streaming body.
-    pub async fn send(&self, out: Outbound) -> Result<Response<Incoming>, ForwardError> {
+    pub async fn send(&self, out: Outbound) -> Result<Response<UpstreamBody>, ForwardError> {
         let path_and_query = if self.prefix.is_empty() {
             out.path_and_query
         } else {
@@ -164,18 +167,24 @@ impl UpstreamClient {
         let mut req = Request::builder()
             .method(out.method)
             .uri(path_and_query)
-            .body(Full::new(out.body))
+            .body(out.body)
             .map_err(|e| ForwardError::Io(format!("cannot build request: {e}")))?;
         *req.headers_mut() = out.headers;
-        let result = match tokio::time::timeout(self.request_timeout, self.pool().send(req)).await {
+        let pool = self.pool();
+        let result = match tokio::time::timeout(self.request_timeout, pool.send(req)).await {
             Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
-            Ok(result) => result,
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Answer::Http1(head, conn))) => {
+                let body = UpstreamBody::http1(conn, head.framing, head.reusable, &pool);
+                Ok(head.response.map(|()| body))
+            }
+            Ok(Ok(Answer::Http2(resp))) => Ok(resp.map(UpstreamBody::http2)),
         };
         self.record(&result);
         result
     }
 
-    fn record(&self, result: &Result<Response<Incoming>, ForwardError>) {
+    fn record(&self, result: &Result<Response<UpstreamBody>, ForwardError>) {
         let now = self.clock.now();
         let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
         match result {

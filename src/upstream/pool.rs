@@ -1,28 +1,32 @@
 //! Connections to the CRM kept open for reuse: HTTP/1.1 connections, one request at a time
 //! each, or one HTTP/2 connection for every request when the CRM offers it by ALPN.
 //!
-//! A checkout looks for a kept connection ready for its next request, from the one the reaper
-//! last found most recently used, and opens a new one when none is. A request that meets a kept
-//! connection closing under it before any of it was written goes again, once, on a new
-//! connection. Once a second while the pool holds any connection, a task closes those unused for
-//! the idle timeout and the ready ones beyond the idle maximum (the least recently used first);
-//! with a maximum of 0 no connection is kept.
+//! An HTTP/1.1 connection is held by one request at a time, whose task writes the request and
+//! reads the answer on it ([`super::http1`]); it comes back to the pool once the answer's body
+//! has been read to its end, if it can take another request. A checkout takes the most recently
+//! returned one, looking first whether the CRM closed it (or sent anything) while it was idle: a
+//! closed one is dropped and the next one tried, so a request never goes out on a connection
+//! found closed; with none left a new one is opened. Beyond the idle maximum the least recently
+//! used kept connection is closed, and with a maximum of 0 none is kept. Once a second while the
+//! pool holds any connection, a task closes those the CRM closed and those unused for the idle
+//! timeout. The HTTP/2 connection, shared by every request, runs in a task of its own (hyper's).
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Request, Response, Uri, header};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::{TrySendError, http1, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::time::Instant;
 use tower_service::Service;
 
+use super::http1::{Conn, Head};
 use super::{ForwardError, error_chain};
 
 type Body = Full<Bytes>;
@@ -76,6 +80,7 @@ struct Inner {
 
 #[derive(Default)]
 struct Conns {
+    /// Kept HTTP/1.1 connections, none in use, the least recently used first.
     http1: Vec<Http1>,
     http2: Option<http2::SendRequest<Body>>,
     /// A task closes idle connections while the pool holds any.
@@ -83,18 +88,17 @@ struct Conns {
 }
 
 struct Http1 {
-    sender: http1::SendRequest<Body>,
-    /// When its last request was sent.
+    /// Boxed: it holds the TLS state inline, kilobytes that would be copied at every move.
+    conn: Box<Conn>,
+    /// When it came back from its last request.
     used: Instant,
 }
 
 /// A new connection.
 enum Sender {
-    Http1(http1::SendRequest<Body>),
+    Http1(Box<Conn>),
     Http2(http2::SendRequest<Body>),
 }
-
-type Sent = Result<Response<Incoming>, TrySendError<Request<Body>>>;
 
 impl Pool {
     pub fn new(
@@ -123,65 +127,95 @@ impl Pool {
         }))
     }
 
-    /// Sends `req` (origin-form URI) on a kept connection, or a new one.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, ForwardError> {
-        let target = &self.0.target;
-        let req = match self.checkout(req) {
-            Checkout::Http1(sent) => match sent.await {
+    /// Sends `req` (its URI in origin form) on a kept connection, or a new one.
+    pub async fn send(&self, req: Request<Bytes>) -> Result<Answer, ForwardError> {
+        let req = match self.checkout() {
+            Checkout::Http1(conn) => return self.exchange(conn, req).await,
+            Checkout::Http2(mut h2) => match send_http2(&mut h2, req, &self.0.target).await {
                 Ok(resp) => return Ok(resp),
-                Err(e) => unsent(e)?,
+                Err(unsent) => unsent?,
             },
-            Checkout::Http2(mut h2, req) => match send_http2(&mut h2, req, target).await {
-                Ok(resp) => return Ok(resp),
-                Err(e) => unsent(e)?,
-            },
-            Checkout::None(req) => req,
+            Checkout::None => req,
         };
         // Boxed: opening a connection (TLS, an HTTP/2 handshake) takes a large future that a
         // request on a kept connection should not carry.
-        Box::pin(self.send_fresh(req)).await
-    }
-
-    /// Sends `req` on a new connection, kept by the pool from then on.
-    async fn send_fresh(&self, req: Request<Body>) -> Result<Response<Incoming>, ForwardError> {
-        let target = &self.0.target;
-        let sent = match self.connect().await? {
-            Sender::Http1(mut h1) => {
-                let sent = send_http1(&mut h1, req, target);
-                let used = Instant::now();
-                self.keep(|conns| conns.http1.push(Http1 { sender: h1, used }));
-                sent.await
-            }
+        match Box::pin(self.connect()).await? {
+            Sender::Http1(conn) => self.exchange(conn, req).await,
             Sender::Http2(mut h2) => {
-                let sent = send_http2(&mut h2, req, target);
-                self.keep(|conns| conns.http2 = Some(h2));
-                sent.await
+                self.keep(|conns| conns.http2 = Some(h2.clone()));
+                send_http2(&mut h2, req, &self.0.target)
+                    .await
+                    .map_err(|unsent| {
+                        unsent.err().unwrap_or_else(|| {
+                            ForwardError::Io(
+                                "a new HTTP/2 connection to the CRM refused the request".into(),
+                            )
+                        })
+                    })
             }
-        };
-        sent.map_err(|e| ForwardError::Io(error_chain(&e.into_error())))
+        }
     }
 
-    /// Hands `req` to a kept HTTP/1.1 connection ready for it, or names the HTTP/2 connection.
-    fn checkout(&self, req: Request<Body>) -> Checkout<impl Future<Output = Sent> + use<>> {
+    /// Writes `req` on `conn` and reads its answer's head; the body reads the rest.
+    async fn exchange(
+        &self,
+        mut conn: Box<Conn>,
+        req: Request<Bytes>,
+    ) -> Result<Answer, ForwardError> {
+        let (parts, body) = req.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let head = conn
+            .exchange(
+                &parts.method,
+                target,
+                &self.0.target.host,
+                &parts.headers,
+                &body,
+            )
+            .await
+            .map_err(ForwardError::Io)?;
+        Ok(Answer::Http1(head, conn))
+    }
+
+    /// Takes the most recently returned kept HTTP/1.1 connection still open, or names the
+    /// HTTP/2 connection. Kept connections found closed are dropped.
+    fn checkout(&self) -> Checkout {
         let mut conns = self.0.conns.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h2) = &conns.http2 {
             if !h2.is_closed() {
-                return Checkout::Http2(h2.clone(), req);
+                return Checkout::Http2(h2.clone());
             }
             conns.http2 = None;
         }
-        match conns.http1.iter_mut().rev().find(|c| c.sender.is_ready()) {
-            Some(conn) => {
-                conn.used = Instant::now();
-                Checkout::Http1(send_http1(&mut conn.sender, req, &self.0.target))
+        while let Some(mut kept) = conns.http1.pop() {
+            if kept.conn.idle_open() {
+                return Checkout::Http1(kept.conn);
             }
-            None => Checkout::None(req),
         }
+        Checkout::None
     }
 
-    /// Adds a new connection to the pool (unless it keeps none), starting the reaper if none
-    /// runs.
+    /// Takes back a connection whose answer has been read; beyond the idle maximum the least
+    /// recently used kept one is closed.
+    pub fn check_in(&self, conn: Box<Conn>) {
+        let max_idle = self.0.max_idle;
+        self.keep(|conns| {
+            if conns.http1.len() >= max_idle {
+                conns.http1.remove(0);
+            }
+            conns.http1.push(Http1 {
+                conn,
+                used: Instant::now(),
+            });
+        });
+    }
+
+    /// Adds a connection to the pool (unless it keeps none), starting the reaper if none runs.
+    /// Outside a runtime (a body dropped as its runtime shuts down) nothing is kept.
     fn keep(&self, add: impl FnOnce(&mut Conns)) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         if self.0.max_idle == 0 {
             return;
         }
@@ -189,7 +223,7 @@ impl Pool {
         add(&mut conns);
         if !conns.reaping {
             conns.reaping = true;
-            tokio::spawn(reap(Arc::downgrade(&self.0)));
+            runtime.spawn(reap(Arc::downgrade(&self.0)));
         }
     }
 
@@ -213,61 +247,54 @@ impl Pool {
             });
             return Ok(Sender::Http2(sender));
         }
-        let (sender, conn) = http1::handshake(io).await.map_err(|e| fail(&e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection to the CRM ended");
-            }
-        });
-        Ok(Sender::Http1(sender))
+        Ok(Sender::Http1(Box::new(Conn::new(TokioIo::new(io)))))
     }
 }
 
-/// What a checkout found: a kept HTTP/1.1 connection the request is on its way over, the
-/// HTTP/2 connection, or nothing ready (the request comes back).
-enum Checkout<F> {
-    Http1(F),
-    Http2(http2::SendRequest<Body>, Request<Body>),
-    None(Request<Body>),
+/// A CRM's answer as the pool got it: an HTTP/1.1 head and the connection its body is on (to
+/// come back with [`Pool::check_in`] once read), or hyper's HTTP/2 response.
+pub enum Answer {
+    Http1(Head, Box<Conn>),
+    Http2(Response<Incoming>),
 }
 
-/// The request back when none of it reached the CRM (a kept connection closed under it): it may
-/// go again on a new connection. Any other failure is final.
-fn unsent(mut e: TrySendError<Request<Body>>) -> Result<Request<Body>, ForwardError> {
-    e.take_message()
-        .ok_or_else(|| ForwardError::Io(error_chain(&e.into_error())))
+/// What a checkout found: a kept HTTP/1.1 connection, the HTTP/2 connection, or neither.
+enum Checkout {
+    Http1(Box<Conn>),
+    Http2(http2::SendRequest<Body>),
+    None,
 }
 
-/// HTTP/1.1 names the host in a header and the resource in origin form (as the request has it).
-fn send_http1(
-    sender: &mut http1::SendRequest<Body>,
-    mut req: Request<Body>,
-    target: &Target,
-) -> impl Future<Output = Sent> + use<> {
-    req.headers_mut().insert(header::HOST, target.host.clone());
-    sender.try_send_request(req)
-}
-
-/// HTTP/2 names scheme and authority in the request's URI (its pseudo-headers).
-fn send_http2(
+/// HTTP/2 names scheme and authority in the request's URI (its pseudo-headers). A request the
+/// connection refused before any of it was sent (it was closing) comes back as `Err(Ok(req))`,
+/// free to go on a new connection; any other failure is `Err(Err(_))`.
+async fn send_http2(
     sender: &mut http2::SendRequest<Body>,
-    mut req: Request<Body>,
+    req: Request<Bytes>,
     target: &Target,
-) -> impl Future<Output = Sent> + use<> {
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(target.scheme.clone());
-    parts.authority = Some(target.authority.clone());
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
+) -> Result<Answer, Result<Request<Bytes>, ForwardError>> {
+    let (mut parts, body) = req.into_parts();
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(target.scheme.clone());
+    uri.authority = Some(target.authority.clone());
+    if let Ok(uri) = Uri::from_parts(uri) {
+        parts.uri = uri;
     }
-    sender.try_send_request(req)
+    let sent = sender.try_send_request(Request::from_parts(parts, Full::new(body.clone())));
+    match sent.await {
+        Ok(resp) => Ok(Answer::Http2(resp)),
+        Err(mut e) => match e.take_message() {
+            Some(unsent) => Err(Ok(Request::from_parts(unsent.into_parts().0, body))),
+            None => Err(Err(ForwardError::Io(error_chain(&e.into_error())))),
+        },
+    }
 }
 
 /// How often the reaper looks.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
-/// Closes the pool's connections that are closed, unused for the idle timeout, or ready beyond
-/// the idle maximum (the least recently used first); ends with the pool, or when it holds none.
+/// Closes the pool's connections that the CRM closed or that went unused for the idle timeout;
+/// ends with the pool, or when it holds none.
 async fn reap(pool: Weak<Inner>) {
     loop {
         tokio::time::sleep(REAP_EVERY).await;
@@ -276,18 +303,9 @@ async fn reap(pool: Weak<Inner>) {
         };
         let mut conns = inner.conns.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let idle =
-            |c: &Http1| c.sender.is_ready() && now.duration_since(c.used) >= inner.idle_timeout;
-        conns.http1.retain(|c| !c.sender.is_closed() && !idle(c));
-        conns.http1.sort_by_key(|c| c.used);
-        let mut ready = conns.http1.iter().filter(|c| c.sender.is_ready()).count();
-        conns.http1.retain(|c| {
-            let surplus = ready > inner.max_idle && c.sender.is_ready();
-            if surplus {
-                ready -= 1;
-            }
-            !surplus
-        });
+        conns
+            .http1
+            .retain_mut(|c| now.duration_since(c.used) < inner.idle_timeout && c.conn.idle_open());
         if conns.http2.as_ref().is_some_and(|h2| h2.is_closed()) {
             conns.http2 = None;
         }

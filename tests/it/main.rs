@@ -10,6 +10,7 @@ mod careless_crm;
 mod cli;
 mod config_fuzz;
 mod crm_truth;
+mod crm_wire;
 mod deploy;
 mod durability;
 mod fairness;

@@ -1,0 +1,428 @@
+//! The CRM side of HTTP/1.1, spoken by the request's own task: a request is written and its
+//! answer read on one connection held by that task alone, with no connection task in between
+//! and no channel to hand the request and the answer across (see the README's benchmarks).
+//!
+//! A response is framed as RFC 9112 §6.3 says: no body after `HEAD`, a 1xx, a 204 or a 304;
+//! `Transfer-Encoding` ending in `chunked` is decoded, any other transfer coding is read until
+//! the connection closes; otherwise a valid `Content-Length` counts the body and its absence
+//! means the body runs until the connection closes. Interim 1xx answers are skipped (a 101 is an
+//! error: the proxy never asks for an upgrade). A connection goes back to its pool once an
+//! answer was read to its end, when the answer was HTTP/1.1 without `Connection: close` and
+//! was not delimited by the close.
+
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::chunked::{Chunk, dechunk};
+
+/// Header fields a response may have; more is an error (hyper's default limit too).
+const MAX_HEADERS: usize = 100;
+/// Bytes a response's head (status line and header fields) may take.
+const MAX_HEAD: usize = 64 * 1024;
+/// A request body up to this size goes in one write with its head.
+const COALESCE: usize = 16 * 1024;
+/// How much is read at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+pub type Io = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+
+/// One HTTP/1.1 connection to the CRM, with what it has read and not yet used.
+pub struct Conn {
+    io: Io,
+    buf: BytesMut,
+    /// The next request's head, built here to reuse the allocation.
+    out: Vec<u8>,
+}
+
+/// How the rest of a response's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// So many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the connection closes.
+    Close,
+}
+
+/// The answer's head, and how its body is framed (`None`: it has none).
+pub struct Head {
+    pub response: Response<()>,
+    pub framing: Option<Framing>,
+    /// The connection can take another request once the body has been read.
+    pub reusable: bool,
+}
+
+/// Why an exchange failed; the message names the first thing that went wrong.
+pub type Error = String;
+
+impl Conn {
+    pub fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Whether a kept connection can take a request: nothing arrived while it was idle, neither
+    /// bytes nor the CRM's close. Looks once, without waiting.
+    pub fn idle_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        self.buf.reserve(1);
+        let mut cx = Context::from_waker(Waker::noop());
+        poll_read(&mut self.io, &mut self.buf, &mut cx).is_pending()
+    }
+
+    /// Writes a request and reads its answer's head.
+    pub async fn exchange(
+        &mut self,
+        method: &Method,
+        target: &str,
+        host: &HeaderValue,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<Head, Error> {
+        self.write_head(method, target, host, headers, body.len());
+        let io_error = |e: std::io::Error| format!("writing the request: {e}");
+        if body.len() <= COALESCE {
+            self.out.extend_from_slice(body);
+            self.io.write_all(&self.out).await.map_err(io_error)?;
+        } else {
+            self.io.write_all(&self.out).await.map_err(io_error)?;
+            self.io.write_all(body).await.map_err(io_error)?;
+        }
+        // Nothing for plain TCP; a TLS stream may hold the last record until flushed.
+        self.io.flush().await.map_err(io_error)?;
+        let head_only = *method == Method::HEAD;
+        loop {
+            if let Some(head) = parse_head(&mut self.buf, head_only)? {
+                return Ok(head);
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(format!("the response head is over {MAX_HEAD} bytes"));
+            }
+            if self.read().await? == 0 {
+                return Err(if self.buf.is_empty() {
+                    "the CRM closed the connection before answering".to_string()
+                } else {
+                    "the CRM closed the connection within the response head".to_string()
+                });
+            }
+        }
+    }
+
+    /// The request line and header fields: `Host` first, then the request's own fields but
+    /// `Host`, `Content-Length` and `Transfer-Encoding` (the body is whole: its length is
+    /// written instead).
+    fn write_head(
+        &mut self,
+        method: &Method,
+        target: &str,
+        host: &HeaderValue,
+        headers: &HeaderMap,
+        len: usize,
+    ) {
+        let out = &mut self.out;
+        out.clear();
+        for part in [method.as_str().as_bytes(), b" ", target.as_bytes()] {
+            out.extend_from_slice(part);
+        }
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in headers {
+            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == http::header::HOST {
+                continue;
+            }
+            for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+                out.extend_from_slice(part);
+            }
+        }
+        // A body, or a method whose request has one by meaning, is counted; GET, HEAD, DELETE
+        // and OPTIONS without one carry no length (as HTTP clients send them).
+        if len > 0 || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(len.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    async fn read(&mut self) -> Result<usize, Error> {
+        std::future::poll_fn(|cx| self.poll_more(cx)).await
+    }
+
+    /// Reads what the connection has into the buffer: `Ready(Ok(0))` at its end.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
+        self.buf.reserve(READ_CHUNK);
+        poll_read(&mut self.io, &mut self.buf, cx).map_err(|e| format!("reading the response: {e}"))
+    }
+
+    /// The next piece of a body framed by `framing`, from what was read or by reading more:
+    /// `None` at the body's end. `framing` is brought up to date.
+    pub fn poll_body(
+        &mut self,
+        framing: &mut Framing,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, Error>> {
+        loop {
+            match framing {
+                Framing::Length(0) => return Poll::Ready(Ok(None)),
+                Framing::Length(left) => {
+                    if !self.buf.is_empty() {
+                        let n = (*left).min(self.buf.len() as u64) as usize;
+                        *left -= n as u64;
+                        return Poll::Ready(Ok(Some(self.buf.split_to(n).freeze())));
+                    }
+                }
+                Framing::Close => {
+                    if !self.buf.is_empty() {
+                        return Poll::Ready(Ok(Some(self.buf.split().freeze())));
+                    }
+                }
+                Framing::Chunked(state) => {
+                    if let Some(piece) = dechunk(&mut self.buf, state)? {
+                        return Poll::Ready(Ok(piece));
+                    }
+                }
+            }
+            if ready!(self.poll_more(cx))? == 0 {
+                return Poll::Ready(match framing {
+                    Framing::Close => Ok(None),
+                    _ => Err("the CRM closed the connection before the body's end".into()),
+                });
+            }
+        }
+    }
+}
+
+fn poll_read(
+    io: &mut Io,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    let spare = buf.spare_capacity_mut();
+    let mut read = ReadBuf::uninit(spare);
+    ready!(Pin::new(io).poll_read(cx, &mut read))?;
+    let n = read.filled().len();
+    // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
+}
+
+/// Takes a complete response head off the front of `buf`, skipping interim (1xx) answers;
+/// `None` while it is incomplete.
+fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error> {
+    loop {
+        // Left uninitialised: the parser writes the fields it finds (100 blank ones cost more
+        // than the parse).
+        let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let config = httparse::ParserConfig::default();
+        let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(format!(
+                    "the response has more than {MAX_HEADERS} header fields"
+                ));
+            }
+            Err(e) => return Err(format!("the response head is malformed: {e}")),
+        };
+        let status = parsed
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or("the response has no valid status code")?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err("the CRM switched protocols, which the proxy never asks for".into());
+        }
+        if status.is_informational() {
+            buf.advance(len);
+            continue;
+        }
+        let version = if parsed.version == Some(1) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        for field in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| format!("the response has an invalid header name {:?}", field.name))?;
+            let value = HeaderValue::from_bytes(field.value)
+                .map_err(|_| format!("the response's {name} has an invalid value"))?;
+            headers.append(name, value);
+        }
+        buf.advance(len);
+        let framing = framing(status, &headers, head_only)?;
+        let reusable = version == Version::HTTP_11
+            && framing != Some(Framing::Close)
+            && !has_token(&headers, &CONNECTION, "close");
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        return Ok(Some(Head {
+            response,
+            framing,
+            reusable,
+        }));
+    }
+}
+
+/// How a final response's body is delimited (RFC 9112 §6.3); `None` when it has none.
+fn framing(
+    status: StatusCode,
+    headers: &HeaderMap,
+    head_only: bool,
+) -> Result<Option<Framing>, Error> {
+    if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(None);
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .rfind(|t| !t.is_empty());
+        return Ok(Some(match last {
+            Some(t) if t.eq_ignore_ascii_case(b"chunked") => Framing::Chunked(Chunk::Size),
+            _ => Framing::Close,
+        }));
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_decimal(item.trim_ascii())
+                .ok_or_else(|| format!("the response's Content-Length {value:?} is invalid"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err("the response has conflicting Content-Length values".into());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(Some(length.map_or(Framing::Close, Framing::Length)))
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str, head_only: bool) -> Result<Option<Head>, Error> {
+        parse_head(&mut BytesMut::from(text), head_only)
+    }
+
+    fn framed(text: &str) -> (Option<Framing>, bool) {
+        let h = head(text, false).unwrap().unwrap();
+        (h.framing, h.reusable)
+    }
+
+    #[test]
+    fn a_response_is_framed_as_rfc_9112_says() {
+        let ok = "HTTP/1.1 200 OK\r\n";
+        assert_eq!(
+            framed(&format!("{ok}content-length: 12\r\n\r\n")),
+            (Some(Framing::Length(12)), true)
+        );
+        assert_eq!(
+            framed(&format!(
+                "{ok}Content-Length: 7, 7\r\ncontent-length: 7\r\n\r\n"
+            )),
+            (Some(Framing::Length(7)), true)
+        );
+        assert_eq!(
+            framed(&format!(
+                "{ok}transfer-encoding: gzip, Chunked\r\ncontent-length: 3\r\n\r\n"
+            )),
+            (Some(Framing::Chunked(Chunk::Size)), true)
+        );
+        // A transfer coding other than chunked last: the body runs to the close.
+        assert_eq!(
+            framed(&format!("{ok}transfer-encoding: chunked, gzip\r\n\r\n")),
+            (Some(Framing::Close), false)
+        );
+        assert_eq!(framed(&format!("{ok}\r\n")), (Some(Framing::Close), false));
+        assert_eq!(
+            framed("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
+            (None, true)
+        );
+        assert_eq!(framed("HTTP/1.1 304 Not Modified\r\n\r\n"), (None, true));
+        let h = head(&format!("{ok}content-length: 99\r\n\r\n"), true)
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.framing, h.reusable), (None, true), "no body after HEAD");
+    }
+
+    #[test]
+    fn a_connection_is_reused_only_after_an_http_1_1_answer_without_close() {
+        assert!(
+            !framed(
+                "HTTP/1.1 200 OK\r\nconnection: Keep-Alive, Close\r\ncontent-length: 0\r\n\r\n"
+            )
+            .1
+        );
+        assert!(!framed("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n").1);
+        assert!(framed("HTTP/1.1 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n").1);
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_the_final_head_keeps_what_follows() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+             HTTP/1.1 201 Created\r\ncontent-length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\n{}",
+        );
+        let h = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(h.response.status(), StatusCode::CREATED);
+        let values: Vec<_> = h.response.headers().get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(&buf[..], b"{}");
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_and_a_bad_one_is_named() {
+        assert!(
+            head("HTTP/1.1 200 OK\r\ncontent-le", false)
+                .unwrap()
+                .is_none()
+        );
+        let bad = |text: &str| head(text, false).err().unwrap();
+        assert!(bad("HTTP/1.1 200 OK\r\ncontent-length: 1x\r\n\r\n").contains("Content-Length"));
+        assert!(
+            bad("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n")
+                .contains("conflicting")
+        );
+        assert!(bad("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n").contains("Content-Length"));
+        assert!(bad("HTTP/1.1 101 Switching Protocols\r\n\r\n").contains("switched"));
+        assert!(bad("HTTP/1.1 2000 OK\r\n\r\n").contains("malformed"));
+        assert!(bad("HTTP/1.1 200 OK\r\nbad name: x\r\n\r\n").contains("malformed"));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert!(bad(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).contains("more than 100"));
+    }
+}
