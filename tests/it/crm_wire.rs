@@ -174,6 +174,10 @@ fn framings(method: &Method, path: &str) -> (Vec<u8>, bool) {
         ),
         "/api/v2/bad-length" => text("HTTP/1.1 200 OK\r\ncontent-length: 12x\r\n\r\n"),
         "/api/v2/mute" => (Vec::new(), true),
+        "/api/v2/cut-short" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
+            true,
+        ),
         _ => text("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
     }
 }
@@ -330,5 +334,42 @@ async fn a_bad_or_missing_answer_is_a_502_and_its_connection_is_dropped() {
         "hello"
     );
     assert_eq!(crm.opened(), 3, "neither failed connection was used again");
+    crm.task.abort();
+}
+
+#[tokio::test]
+async fn a_body_the_crm_cuts_short_is_cut_short_for_the_client_too() {
+    use http_body_util::{BodyExt, Full};
+
+    let mut crm = WireCrm::start(framings).await;
+    let h = through(&crm).await;
+    let req = http::Request::get(format!("{}/api/v2/cut-short", h.url))
+        .header("authorization", TOKEN)
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    // The proxy may have sent the head (and "abc") before the CRM's close, or not: either way
+    // the client is told, by an error, that the answer broke off, and is not left waiting.
+    let whole = tokio::time::timeout(Duration::from_secs(10), async {
+        let resp = h.client.request(req).await.map_err(|e| e.to_string())?;
+        assert_eq!(resp.status(), 200);
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(body.to_bytes())
+    })
+    .await
+    .expect("the client is not left waiting");
+    assert!(
+        whole.is_err(),
+        "3 bytes of 10 are not a whole answer: {whole:?}"
+    );
+    crm.closed(1).await;
+    assert_eq!(
+        h.call(Method::GET, "/api/v2/length", "").await.body,
+        "hello"
+    );
+    assert_eq!(crm.opened(), 2);
     crm.task.abort();
 }
