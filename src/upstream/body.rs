@@ -39,12 +39,8 @@ impl UpstreamBody {
         reusable: bool,
         pool: &Pool,
     ) -> UpstreamBody {
-        let Some(framing) = framing else {
-            if reusable {
-                pool.check_in(conn);
-            }
-            return UpstreamBody(Inner::Http1(None));
-        };
+        // No body reads as an empty one: either way the connection is free at once.
+        let framing = framing.unwrap_or(Framing::Length(0));
         let mut reading = Some(Reading {
             conn,
             framing,
