@@ -96,6 +96,19 @@ fn only_framing(value: &[u8]) -> bool {
     value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
 }
 
+/// `headers` with values of their own. A CRM answer's values are slices of the buffer its
+/// connection read them into; an answer kept for a parked write's status (possibly for hours)
+/// must not hold that whole buffer.
+pub fn detached(headers: &HeaderMap) -> HeaderMap {
+    let mut own = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        own.append(name.clone(), copy);
+    }
+    own
+}
+
 /// Removes hop-by-hop headers, including any named in `Connection`, and `Proxy-*` headers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass finds the ones present (most messages carry none, or only `Connection:
@@ -211,6 +224,39 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detached_headers_hold_copies_not_the_buffer_they_were_read_into() {
+        let read = Bytes::from_static(b"application/json1234");
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONTENT_TYPE,
+            HeaderValue::from_maybe_shared(read.slice(0..16)).unwrap(),
+        );
+        h.append(
+            "x-n",
+            HeaderValue::from_maybe_shared(read.slice(16..18)).unwrap(),
+        );
+        h.append(
+            "x-n",
+            HeaderValue::from_maybe_shared(read.slice(18..20)).unwrap(),
+        );
+        let mut secret = HeaderValue::from_static("k");
+        secret.set_sensitive(true);
+        h.append(header::AUTHORIZATION, secret);
+        let own = detached(&h);
+        assert_eq!(own, h, "the same fields, in order, repeated ones too");
+        assert!(own[header::AUTHORIZATION].is_sensitive());
+        let within = |v: &HeaderValue| read.as_ptr_range().contains(&v.as_bytes().as_ptr());
+        assert!(
+            h.values().take(3).all(within),
+            "the source values are slices"
+        );
+        assert!(
+            !own.values().any(within),
+            "no copy points into the read buffer"
+        );
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {

@@ -256,15 +256,23 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
         } else {
             Version::HTTP_10
         };
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        // Names are checked now; values are kept as where they lie in the head, which becomes
+        // one shared buffer they are all slices of (no copy and no allocation a value).
+        let mut spans = Vec::with_capacity(parsed.headers.len());
+        let base = buf.as_ptr() as usize;
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| format!("the response has an invalid header name {:?}", field.name))?;
-            let value = HeaderValue::from_bytes(field.value)
+            let start = field.value.as_ptr() as usize - base;
+            spans.push((name, start..start + field.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for (name, at) in spans {
+            let value = HeaderValue::from_maybe_shared(head.slice(at))
                 .map_err(|_| format!("the response's {name} has an invalid value"))?;
             headers.append(name, value);
         }
-        buf.advance(len);
         let framing = framing(status, &headers, head_only)?;
         let reusable = version == Version::HTTP_11
             && framing != Some(Framing::Close)

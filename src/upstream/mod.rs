@@ -18,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::clock::{SharedClock, Time};
 use crate::config::UpstreamConfig;
-use crate::message::{BufferedResponse, Outbound, drop_body, strip_hop_by_hop};
+use crate::message::{BufferedResponse, Outbound, detached, drop_body, strip_hop_by_hop};
 use crate::tls;
 pub use body::{BodyError, UpstreamBody};
 use pool::{Answer, Pool, Target};
@@ -248,7 +248,7 @@ impl UpstreamClient {
             }
             kept.extend_from_slice(&data);
         }
-        let mut headers = parts.headers;
+        let mut headers = detached(&parts.headers);
         strip_hop_by_hop(&mut headers);
         let mut answer = BufferedResponse {
             status: parts.status,
