@@ -410,7 +410,8 @@ async fn forward_live(
     let sent_at = p.clock.now();
     p.metrics.client_call(&p.clients().get(client).name);
     let result = p.upstream().send(out).await;
-    access::crm(started.elapsed());
+    let took = started.elapsed();
+    access::crm(took);
     let now = p.clock.now();
     // A live request is its write's first attempt.
     let attempt = Some(1);
@@ -446,7 +447,7 @@ async fn forward_live(
         }
     };
     p.metrics
-        .upstream_response(&route.name, resp.status(), started.elapsed().as_secs_f64());
+        .upstream_response(&route.name, resp.status(), took.as_secs_f64());
     let (mut parts, body) = resp.into_parts();
     let crm = p.config().upstream.crm;
     let (body, read): (Body, Option<Bytes>) = if crm.needs_body(parts.status) {
