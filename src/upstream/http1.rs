@@ -263,7 +263,11 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| format!("the response has an invalid header name {:?}", field.name))?;
-            let start = field.value.as_ptr() as usize - base;
+            // An empty value need not point into the buffer at all.
+            let start = match field.value.is_empty() {
+                true => 0,
+                false => field.value.as_ptr() as usize - base,
+            };
             spans.push((name, start..start + field.value.len()));
         }
         let head = buf.split_to(len).freeze();
@@ -350,6 +354,22 @@ mod tests {
     fn framed(text: &str) -> (Option<Framing>, bool) {
         let h = head(text, false).unwrap().unwrap();
         (h.framing, h.reusable)
+    }
+
+    #[test]
+    fn header_values_are_read_whole_empty_and_repeated_ones_too() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\nx-n: 1\r\nX-N:  two  \r\n\
+             Content-Length: 2\r\n\r\nok",
+        );
+        let h = parse_head(&mut buf, false).unwrap().unwrap();
+        let headers = h.response.headers();
+        assert_eq!(headers["x-empty"], "");
+        assert_eq!(headers["x-blank"], "");
+        let n: Vec<_> = headers.get_all("x-n").iter().collect();
+        assert_eq!(n, ["1", "two"]);
+        assert_eq!(h.framing, Some(Framing::Length(2)));
+        assert_eq!(&buf[..], b"ok", "the body stays in the buffer");
     }
 
     #[test]
