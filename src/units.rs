@@ -120,9 +120,33 @@ pub fn format_size(n: u64) -> String {
     format!("{n}B")
 }
 
+/// Appends `n` in decimal (on paths that run for every request: no `format!`).
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_written_in_full() {
+        for n in [0, 7, 10, 6_000_000, u64::MAX] {
+            let mut s = b"x".to_vec();
+            push_decimal(&mut s, n);
+            assert_eq!(s, format!("x{n}").into_bytes());
+        }
+    }
 
     #[test]
     fn durations_parse_in_every_unit_and_combination() {

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::chunked::{Chunk, dechunk};
+use crate::units::push_decimal;
 
 /// Header fields a response may have; more is an error (hyper's default limit too).
 const MAX_HEADERS: usize = 100;
@@ -153,7 +154,7 @@ impl Conn {
         // and OPTIONS without one carry no length (as HTTP clients send them).
         if len > 0 || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(len.to_string().as_bytes());
+            push_decimal(out, len as u64);
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
@@ -264,9 +265,10 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| format!("the response has an invalid header name {:?}", field.name))?;
             // An empty value need not point into the buffer at all.
-            let start = match field.value.is_empty() {
-                true => 0,
-                false => field.value.as_ptr() as usize - base,
+            let start = if field.value.is_empty() {
+                0
+            } else {
+                field.value.as_ptr() as usize - base
             };
             spans.push((name, start..start + field.value.len()));
         }

@@ -248,11 +248,11 @@ impl UpstreamClient {
             }
             kept.extend_from_slice(&data);
         }
-        let mut headers = detached(&parts.headers);
+        let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         let mut answer = BufferedResponse {
             status: parts.status,
-            headers,
+            headers: detached(&headers),
             body: kept.freeze(),
         };
         if let Some(bytes) = dropped {
