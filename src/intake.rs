@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -79,11 +79,12 @@ impl Intake {
 
     /// Reads a request body whole: at most `max_body` bytes, within `body_timeout` plus one
     /// second per `body_min_rate` bytes received, each chunk taken from the budget first.
-    pub async fn read(
-        &self,
-        mut body: Incoming,
-        declared: Option<u64>,
-    ) -> Result<Received, IntakeError> {
+    pub async fn read<B>(&self, body: B, declared: Option<u64>) -> Result<Received, IntakeError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let mut body = std::pin::pin!(body);
         let max_body = self.max_body.load(Relaxed);
         let body_timeout = Duration::from_millis(self.body_timeout_ms.load(Relaxed));
         let min_rate = self.min_rate.load(Relaxed);

@@ -92,7 +92,7 @@ const HOP_BY_HOP_LEN: usize = 8;
 const _: () = assert!(HOP_BY_HOP_LEN <= u8::BITS as usize);
 
 /// A `Connection` value that names no header: only the connection's own fate.
-fn only_framing(value: &[u8]) -> bool {
+pub fn only_framing(value: &[u8]) -> bool {
     value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
 }
 

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Request;
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -20,7 +19,7 @@ use crate::config::{Config, LedgerConfig};
 use crate::data_plane;
 use crate::dispatch;
 use crate::ids::QuotaId;
-use crate::listener::{ConnLimits, accept_loop, raise_descriptor_limit};
+use crate::listener::{ConnLimits, RequestBody, accept_loop, raise_descriptor_limit};
 use crate::message::Peer;
 use crate::proxy::{Phase, Proxy, Reloader, SetLogLevel};
 use crate::quota::shadow_grants;
@@ -171,7 +170,7 @@ pub async fn serve_with(
         proxy.admin_conns.clone(),
         move |_peer, activity| {
             let p = admin_proxy.clone();
-            hyper::service::service_fn(move |req: Request<Incoming>| {
+            hyper::service::service_fn(move |req: Request<RequestBody>| {
                 let (p, activity) = (p.clone(), activity.clone());
                 async move {
                     let _busy = activity.begin();
@@ -243,7 +242,7 @@ pub async fn serve_with(
         move |peer: SocketAddr, activity| {
             let p = data_proxy.clone();
             let peer = Peer::new(peer);
-            hyper::service::service_fn(move |req: Request<Incoming>| {
+            hyper::service::service_fn(move |req: Request<RequestBody>| {
                 let (p, activity, peer) = (p.clone(), activity.clone(), peer.clone());
                 async move {
                     let _busy = activity.begin();

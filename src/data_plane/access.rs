@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::config::{ACCESS_TARGET, AccessLog, Class};
 use crate::ids::EntryId;
+use crate::listener::RequestBody;
 use crate::proxy::Proxy;
 use crate::response::Body;
 
@@ -43,9 +43,9 @@ pub(super) struct Note {
 /// Answers one request with `handle`, logging it at the end when the access log is on.
 pub(super) async fn logged<F>(
     p: &Proxy,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     peer: SocketAddr,
-    handle: impl FnOnce(Request<Incoming>) -> F,
+    handle: impl FnOnce(Request<RequestBody>) -> F,
 ) -> Response<Body>
 where
     F: Future<Output = Response<Body>>,

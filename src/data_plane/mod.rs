@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use crate::client::Caller;
 use crate::clock::Time;
@@ -20,6 +19,7 @@ use crate::config::{Class, DEFAULT_ROUTE, KeyPart, OnLimit};
 use crate::credentials;
 use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId};
 use crate::intake::IntakeError;
+use crate::listener::RequestBody;
 use crate::message::{IDEMPOTENCY_KEY, Outbound, Peer, prepare_request_headers, strip_hop_by_hop};
 use crate::path;
 use crate::proxy::Proxy;
@@ -49,11 +49,11 @@ fn is_crm_method(m: &Method) -> bool {
 }
 
 /// Handles one client request on the data listener.
-pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+pub async fn handle(proxy: Arc<Proxy>, req: Request<RequestBody>, peer: Peer) -> Response<Body> {
     access::logged(&proxy, req, peer.addr, |req| answer(&proxy, req, &peer)).await
 }
 
-async fn answer(proxy: &Proxy, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+async fn answer(proxy: &Proxy, req: Request<RequestBody>, peer: &Peer) -> Response<Body> {
     if !is_crm_method(req.method()) {
         access::outcome(proxy, DEFAULT_ROUTE, "method_not_allowed");
         return response::method_not_allowed(METHODS);
@@ -94,7 +94,7 @@ async fn answer(proxy: &Proxy, req: Request<Incoming>, peer: &Peer) -> Response<
 async fn forward(
     p: &Proxy,
     route: &Route,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     canon: &str,
     peer: &Peer,
 ) -> Result<Response<Body>, ProxyError> {
@@ -507,7 +507,7 @@ async fn forward_live(
 
 /// `GET /_proxy/requests/{id}` (JSON status) and `GET /_proxy/requests/{id}/response` (the
 /// CRM's stored answer, replayed). Unknown ids and other credentials both get 404.
-fn own_endpoint(p: &Proxy, req: &Request<Incoming>, path: &str) -> Response<Body> {
+fn own_endpoint(p: &Proxy, req: &Request<RequestBody>, path: &str) -> Response<Body> {
     let rest = path.get(PROXY_PREFIX.len()..).unwrap_or_default();
     let Some(rest) = rest.strip_prefix("requests/") else {
         return response::not_found();

@@ -10,13 +10,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
+
+use crate::listener::RequestBody;
 use serde_json::{Value, json};
 
 use super::{State, Ticket, create, jobs, now_ns};
 use crate::response::{self, Body};
 
-pub(super) async fn route(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn route(state: &Arc<Mutex<State>>, req: Request<RequestBody>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -167,7 +169,7 @@ pub(super) async fn route(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> 
 
 /// `/echo/...`: describes the request it got. `?status=N` sets the status, `?bytes=N` answers N
 /// bytes in 16 KiB chunks (no Content-Length), `?delay_ms=N` waits first.
-async fn echo(req: Request<Incoming>) -> Response<Body> {
+async fn echo(req: Request<RequestBody>) -> Response<Body> {
     let query: BTreeMap<String, String> = req
         .uri()
         .query()

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -297,7 +296,7 @@ impl Sim {
             Arc::default(),
             move |_peer, activity: Arc<crate::listener::Activity>| {
                 let state = served.clone();
-                hyper::service::service_fn(move |req: Request<Incoming>| {
+                hyper::service::service_fn(move |req: Request<crate::listener::RequestBody>| {
                     let (state, activity) = (state.clone(), activity.clone());
                     async move {
                         let _busy = activity.begin();
@@ -464,7 +463,7 @@ fn over_limit(flavor: SimFlavor, reset_secs: u64) -> Response<Body> {
 /// Answers one call; an `Err` makes hyper close the connection without a response.
 async fn handle(
     state: Arc<Mutex<State>>,
-    req: Request<Incoming>,
+    req: Request<crate::listener::RequestBody>,
 ) -> Result<Response<Body>, std::io::Error> {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     let (fault, latency) = {

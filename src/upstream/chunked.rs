@@ -1,5 +1,6 @@
-//! A chunked HTTP/1.1 body (RFC 9112 §7.1), decoded as it arrives: chunk sizes and their
-//! extensions, the data, and the trailer section, which is read and dropped.
+//! An HTTP/1.1 body's framing, decoded as it arrives, for the CRM's answers and the clients'
+//! requests alike: a counted body's pieces, and a chunked body (RFC 9112 §7.1): chunk sizes and
+//! their extensions, the data, and the trailer section, which is read and dropped.
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -33,8 +34,7 @@ pub fn dechunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Option<Option<By
                 };
                 // chunk-size [ chunk-ext ]: the extensions mean nothing to a proxy.
                 let size = line[..].split(|&b| b == b';').next().unwrap_or_default();
-                let size =
-                    parse_hex(size.trim_ascii()).ok_or("the response's chunk size is invalid")?;
+                let size = parse_hex(size.trim_ascii()).ok_or("a chunk size is invalid")?;
                 *state = if size == 0 {
                     Chunk::Trailers
                 } else {
@@ -57,7 +57,7 @@ pub fn dechunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Option<Option<By
                     return Ok(None);
                 };
                 if !line.is_empty() {
-                    return Err("the response's chunk data runs past its size".into());
+                    return Err("a chunk's data runs past its size".into());
                 }
                 *state = Chunk::Size;
             }
@@ -74,6 +74,17 @@ pub fn dechunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Option<Option<By
     }
 }
 
+/// Takes what `buf` holds of a body with `left` bytes still to come (`None`: it holds none),
+/// counting them off.
+pub fn counted(buf: &mut BytesMut, left: &mut u64) -> Option<Bytes> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = (*left).min(buf.len() as u64) as usize;
+    *left -= n as u64;
+    Some(buf.split_to(n).freeze())
+}
+
 /// Takes one CRLF-ended line (without its CRLF) off the front of `buf`.
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, Error> {
     match buf.windows(2).position(|w| w == b"\r\n") {
@@ -82,7 +93,7 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, Error> {
             buf.advance(2);
             Ok(Some(line))
         }
-        None if buf.len() > MAX_LINE => Err("a line of the chunked response is too long".into()),
+        None if buf.len() > MAX_LINE => Err("a line of the chunked body is too long".into()),
         None => Ok(None),
     }
 }

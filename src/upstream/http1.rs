@@ -22,7 +22,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::chunked::{Chunk, dechunk};
+use super::chunked::{Chunk, counted, dechunk};
+use crate::message::only_framing;
 use crate::units::push_decimal;
 
 /// Header fields a response may have; more is an error (hyper's default limit too).
@@ -181,10 +182,8 @@ impl Conn {
             match framing {
                 Framing::Length(0) => return Poll::Ready(Ok(None)),
                 Framing::Length(left) => {
-                    if !self.buf.is_empty() {
-                        let n = (*left).min(self.buf.len() as u64) as usize;
-                        *left -= n as u64;
-                        return Poll::Ready(Ok(Some(self.buf.split_to(n).freeze())));
+                    if let Some(piece) = counted(&mut self.buf, left) {
+                        return Poll::Ready(Ok(Some(piece)));
                     }
                 }
                 Framing::Close => {
@@ -208,8 +207,10 @@ impl Conn {
     }
 }
 
-fn poll_read(
-    io: &mut Io,
+/// Reads what `io` has into the spare room of `buf` (reserved by the caller); `Ready(Ok(0))` at
+/// its end.
+pub(crate) fn poll_read<R: AsyncRead + Unpin>(
+    io: &mut R,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<usize>> {
@@ -258,12 +259,20 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
             Version::HTTP_10
         };
         // Names are checked now; values are kept as where they lie in the head, which becomes
-        // one shared buffer they are all slices of (no copy and no allocation a value).
+        // one shared buffer they are all slices of (no copy and no allocation a value). The
+        // fields that frame the answer are read on the way (no lookups after).
+        let mut fields = Fields::default();
         let mut spans = Vec::with_capacity(parsed.headers.len());
         let base = buf.as_ptr() as usize;
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| format!("the response has an invalid header name {:?}", field.name))?;
+            if fields
+                .note(&name, field.value)
+                .map_err(|e| format!("the response has {e}"))?
+            {
+                continue;
+            }
             // An empty value need not point into the buffer at all.
             let start = if field.value.is_empty() {
                 0
@@ -279,10 +288,9 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
                 .map_err(|_| format!("the response's {name} has an invalid value"))?;
             headers.append(name, value);
         }
-        let framing = framing(status, &headers, head_only)?;
-        let reusable = version == Version::HTTP_11
-            && framing != Some(Framing::Close)
-            && !has_token(&headers, &CONNECTION, "close");
+        let framing = framing(status, &fields, head_only);
+        let reusable =
+            version == Version::HTTP_11 && framing != Some(Framing::Close) && !fields.close;
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -296,38 +304,66 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
 }
 
 /// How a final response's body is delimited (RFC 9112 §6.3); `None` when it has none.
-fn framing(
-    status: StatusCode,
-    headers: &HeaderMap,
-    head_only: bool,
-) -> Result<Option<Framing>, Error> {
+fn framing(status: StatusCode, fields: &Fields, head_only: bool) -> Option<Framing> {
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok(None);
+        return None;
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|t| !t.is_empty());
-        return Ok(Some(match last {
-            Some(t) if t.eq_ignore_ascii_case(b"chunked") => Framing::Chunked(Chunk::Size),
-            _ => Framing::Close,
-        }));
-    }
-    let mut length: Option<u64> = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_decimal(item.trim_ascii())
-                .ok_or_else(|| format!("the response's Content-Length {value:?} is invalid"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err("the response has conflicting Content-Length values".into());
+    Some(match (fields.coded, fields.chunked, fields.length) {
+        (true, true, _) => Framing::Chunked(Chunk::Size),
+        (true, false, _) | (false, _, None) => Framing::Close,
+        (false, _, Some(n)) => Framing::Length(n),
+    })
+}
+
+/// What a message's fields say of its framing and its connection, noted as its head is parsed
+/// (the same for the CRM's answers and the clients' requests).
+#[derive(Debug, Default)]
+pub(crate) struct Fields {
+    /// `Transfer-Encoding` was there.
+    pub coded: bool,
+    /// Its last coding is `chunked`.
+    pub chunked: bool,
+    pub length: Option<u64>,
+    /// `Connection` names `close`.
+    pub close: bool,
+    /// `Connection` names `keep-alive`.
+    pub keep_alive: bool,
+}
+
+impl Fields {
+    /// Notes one field; `Ok(true)` for a `Connection` field that only says `keep-alive` or
+    /// `close`, which frames the connection alone and need not be kept (it is hop-by-hop and
+    /// names no other field). An error names an invalid or conflicting `Content-Length`.
+    pub fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<bool, Error> {
+        let items = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+        if *name == CONNECTION {
+            for item in items() {
+                self.close |= item.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= item.eq_ignore_ascii_case(b"keep-alive");
             }
-            length = Some(n);
+            return Ok(only_framing(value.trim_ascii()));
         }
+        if *name == TRANSFER_ENCODING {
+            self.coded = true;
+            if let Some(last) = items().rfind(|t| !t.is_empty()) {
+                self.chunked = last.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if *name == CONTENT_LENGTH {
+            for item in items() {
+                let n = parse_decimal(item).ok_or_else(|| {
+                    format!(
+                        "an invalid Content-Length {:?}",
+                        String::from_utf8_lossy(value)
+                    )
+                })?;
+                if self.length.is_some_and(|l| l != n) {
+                    return Err("conflicting Content-Length values".into());
+                }
+                self.length = Some(n);
+            }
+        }
+        Ok(false)
     }
-    Ok(Some(length.map_or(Framing::Close, Framing::Length)))
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
@@ -335,14 +371,6 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
 }
 
 #[cfg(test)]

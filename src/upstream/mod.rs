@@ -2,8 +2,8 @@
 //! the last requests to the CRM looked like.
 
 mod body;
-mod chunked;
-mod http1;
+pub(crate) mod chunked;
+pub(crate) mod http1;
 mod pool;
 
 use std::cell::{Cell, RefCell};

@@ -8,6 +8,7 @@ mod bounds;
 mod browser;
 mod careless_crm;
 mod cli;
+mod client_wire;
 mod config_fuzz;
 mod crm_truth;
 mod crm_wire;

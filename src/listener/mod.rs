@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -23,6 +23,13 @@ use tokio::time::Instant;
 
 use crate::config::Listen;
 use crate::response::Body;
+
+mod answer;
+mod body;
+mod http1;
+
+pub use body::{BodyError, RequestBody};
+pub use http1::{MAX_HEAD, MAX_HEADERS};
 
 /// Connections the admin listener keeps open at once (scrapes, probes, an operator).
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -216,6 +223,9 @@ impl Activity {
 struct Watched {
     io: TcpStream,
     activity: Arc<Activity>,
+    /// Bytes already read (and seen) that are read again first: what the HTTP/1.1 loop had read
+    /// of a connection it hands to HTTP/2.
+    replay: Bytes,
 }
 
 impl AsyncRead for Watched {
@@ -224,6 +234,11 @@ impl AsyncRead for Watched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled
@@ -297,20 +312,16 @@ pub async fn accept_loop<F, S>(
     runtimes: &[tokio::runtime::Handle],
 ) where
     F: Fn(SocketAddr, Arc<Activity>) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
+    S: hyper::service::Service<Request<RequestBody>, Response = Response<Body>>
+        + Send
+        + Sync
+        + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Each connection's watch below keeps its header and idle timeouts; hyper's own header
-    // timer would be one more timer set and cleared for every request. An answer's head and
-    // body go out copied into one buffer, not as a list of buffers for a vectored write: CRM
-    // answers are small, and keeping the list cost more than the copy (474 instructions a
-    // request, README "Benchmarks").
-    builder.http1().header_read_timeout(None).writev(false);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    // HTTP/1.1 is served by `http1`; a connection opening with HTTP/2's preface goes to hyper.
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_streams)
         .keep_alive_interval(Some(limits.idle_timeout.min(Duration::from_secs(30))))
         .keep_alive_timeout(limits.header_timeout);
@@ -356,20 +367,35 @@ pub async fn accept_loop<F, S>(
                 let _ = stream.set_nodelay(true);
                 let activity = Activity::new();
                 let service = make_service(peer, activity.clone());
-                let (builder, limits, stats, closing, done) = (
-                    builder.clone(),
+                let (h2, limits, stats, closing, done) = (
+                    h2.clone(),
                     limits.clone(),
                     stats.clone(),
                     closing.clone(),
                     done_tx.clone(),
                 );
                 let serve = move |stream: TcpStream| async move {
-                    let io = Watched { io: stream, activity: activity.clone() };
-                    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+                    let io = Watched { io: stream, activity: activity.clone(), replay: Bytes::new() };
                     stats.open.fetch_add(1, Relaxed);
-                    tokio::pin!(conn);
-                    let close = |c: Pin<&mut _>| auto::Connection::graceful_shutdown(c);
-                    watch_connection(conn, close, &activity, &limits, &stats, closing, peer).await;
+                    // HTTP/1.1 is served by the proxy's own loop; a close asked of it is taken
+                    // between requests.
+                    let ended = {
+                        let shut = AtomicBool::new(false);
+                        let conn = http1::serve(http1::Conn::new(io), &service, &shut);
+                        tokio::pin!(conn);
+                        let close = |_: Pin<&mut _>| shut.store(true, Relaxed);
+                        watch_connection(conn, close, &activity, &limits, &stats, closing.clone(), peer).await
+                    };
+                    if let Some(http1::Ended::Http2(mut io, read)) = ended {
+                        io.replay = read;
+                        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                            service.call(req.map(RequestBody::http2))
+                        });
+                        let conn = h2.serve_connection(TokioIo::new(io), service);
+                        tokio::pin!(conn);
+                        let close = |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
+                        watch_connection(conn, close, &activity, &limits, &stats, closing, peer).await;
+                    }
                     stats.open.fetch_sub(1, Relaxed);
                     drop((slot, done));
                 };
@@ -404,14 +430,15 @@ pub async fn accept_loop<F, S>(
 }
 
 /// Serves one connection until it ends, closing it when a deadline of `limits` passes with no
-/// request in service, or (after its requests finish) when `closing` turns true.
+/// request in service, or (after its requests finish) when `closing` turns true; what it ended
+/// with, or `None` when it failed or was dropped after a close it did not finish in time.
 ///
 /// The connection is not woken for each request to move its timer. Every deadline lies at
 /// least `step` (the shorter timeout) after the change that set it: a request ending starts the
 /// idle timeout, a head beginning the header timeout. So a timer never set later than `step`
 /// from now fires before any deadline a later change can bring; when it fires early it is set
 /// again, to the deadline in force or `step` on.
-async fn watch_connection<C, E>(
+async fn watch_connection<C, T, E>(
     mut conn: Pin<&mut C>,
     close_gracefully: impl Fn(Pin<&mut C>),
     activity: &Activity,
@@ -419,8 +446,9 @@ async fn watch_connection<C, E>(
     stats: &ListenerStats,
     mut closing: watch::Receiver<bool>,
     peer: SocketAddr,
-) where
-    C: Future<Output = Result<(), E>>,
+) -> Option<T>
+where
+    C: Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
     let step = limits.header_timeout.min(limits.idle_timeout);
@@ -437,10 +465,13 @@ async fn watch_connection<C, E>(
         tokio::select! {
             biased;
             ended = conn.as_mut() => {
-                if let Err(e) = ended {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
-                }
-                return;
+                return match ended {
+                    Ok(ended) => Some(ended),
+                    Err(e) => {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        None
+                    }
+                };
             }
             _ = closing.wait_for(|c| *c), if !stopping => {
                 stopping = true;
@@ -448,7 +479,7 @@ async fn watch_connection<C, E>(
             }
             _ = timer.as_mut() => {
                 if give_up {
-                    return;
+                    return None;
                 }
                 let now = Instant::now();
                 match activity.deadline(limits) {
