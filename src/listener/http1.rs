@@ -253,40 +253,53 @@ where
             Some(Framing::Length(n)) if conn.buf.len() as u64 >= n => None,
             other => other,
         };
-        let answer = if let Some(framing) = streaming {
+        // The connection, while the loop holds it, and whether the body was read to its end.
+        let mut held = None;
+        let mut slot = None;
+        let body = if let Some(framing) = streaming {
             // The body holds the connection and reads it for the handler; it comes back at
             // the body's end, or when the body is dropped.
-            let slot: Slot = Arc::new(Mutex::new(None));
-            let body = RequestBody::reading(conn, framing, expect_continue, slot.clone());
-            let answer = service.call(request.map(|()| body)).await;
-            let back = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-            // Kept by the handler past its answer: the connection cannot be written.
-            let Some((back, finished)) = back else {
-                return Ok(Ended::Closed);
-            };
-            conn = back;
-            keep_alive &= finished;
-            answer
+            let back: Slot = Arc::new(Mutex::new(None));
+            slot = Some(back.clone());
+            RequestBody::reading(conn, framing, expect_continue, back)
         } else {
             let body = match framing {
                 Some(Framing::Length(n)) => conn.buf.split_to(n as usize).freeze(),
                 _ => Bytes::new(),
             };
-            let mut call = pin!(service.call(request.map(|()| RequestBody::whole(body))));
-            let answered = poll_fn(|cx| {
-                if let Poll::Ready(answer) = call.as_mut().poll(cx) {
-                    return Poll::Ready(Some(answer));
-                }
-                conn.poll_closed(cx).map(|()| None)
-            })
-            .await;
-            // The client went away: its request is dropped (cancelled) unanswered.
-            let Some(answer) = answered else {
-                return Ok(Ended::Closed);
-            };
-            answer
+            held = Some((conn, true));
+            RequestBody::whole(body)
         };
-        let response = answer.map_err(|e| format!("the handler failed: {}", e.into()))?;
+        let taken = |slot: &Option<Slot>| {
+            let slot = slot.as_ref()?;
+            slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+        };
+        let mut call = pin!(service.call(request.map(|()| body)));
+        // Once the whole request is read, the connection is watched for the client's close.
+        let answered = poll_fn(|cx| {
+            if let Poll::Ready(answer) = call.as_mut().poll(cx) {
+                return Poll::Ready(Some(answer.map_err(Into::into)));
+            }
+            if held.is_none() {
+                held = taken(&slot);
+            }
+            match &mut held {
+                Some((conn, true)) => conn.poll_closed(cx).map(|()| None),
+                _ => Poll::Pending,
+            }
+        })
+        .await;
+        // The client went away: its request is dropped (cancelled) unanswered.
+        let Some(answer) = answered else {
+            return Ok(Ended::Closed);
+        };
+        // Kept by the handler past its answer: the connection cannot be written.
+        let Some((back, finished)) = held.or_else(|| taken(&slot)) else {
+            return Ok(Ended::Closed);
+        };
+        conn = back;
+        keep_alive &= finished;
+        let response = answer.map_err(|e: super::BodyError| format!("the handler failed: {e}"))?;
         keep_alive &= !closing.load(Relaxed);
         if !write_response(&mut conn, response, version, head_only, keep_alive).await? {
             return Ok(Ended::Closed);

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crm_quota_proxy::sim::SimConfig;
 use http::Method;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
@@ -250,34 +250,69 @@ async fn status_reads_need_the_same_credential_and_unknown_ids_are_404() {
     );
 }
 
+/// However its body was framed (counted and sent with the head, chunked, or sent after a
+/// `100 Continue`), a write whose client hangs up while it waits is withdrawn.
 #[tokio::test]
 async fn a_client_that_disconnects_before_acceptance_withdraws_its_write() {
     let yaml = "upstream: { url: \"{upstream}\" }\ndefault_max_wait: 30s\nquotas:\n  - { name: w, limit: 1, window: 2s }\nroutes:\n  - { name: create, methods: [POST], path: /api/v2/tickets.json }\n";
     let h = Harness::start(sim(100, 2), yaml).await;
     assert_eq!(h.create("first").await.status, 201);
-    // A raw client sends a write that must park, then hangs up while waiting.
-    let mut s = tokio::net::TcpStream::connect(h.url.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let body = ticket_body("abandoned");
-    s.write_all(format!("POST /api/v2/tickets.json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).await.unwrap();
-    eventually("the write to be parked", Duration::from_secs(5), || async {
-        (h.admin_get("/status").await.json()["queue"]["queued"] == 1).then_some(())
-    })
-    .await;
-    drop(s);
-    eventually(
-        "the withdrawal to be counted",
-        Duration::from_secs(5),
-        || async {
-            (h.metric("crm_proxy_requests_total{outcome=\"withdrawn\",route=\"create\"}")
+    let head =
+        "POST /api/v2/tickets.json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
+    for (n, framing) in ["length", "chunked", "expect"].into_iter().enumerate() {
+        // A raw client sends a write that must park, then hangs up while waiting.
+        let mut s = tokio::net::TcpStream::connect(h.url.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        let body = ticket_body(&format!("abandoned ({framing})"));
+        match framing {
+            "length" => {
+                let len = body.len();
+                s.write_all(format!("{head}Content-Length: {len}\r\n\r\n{body}").as_bytes())
+                    .await
+                    .unwrap();
+            }
+            "chunked" => {
+                let (a, b) = body.split_at(body.len() / 2);
+                let (la, lb) = (a.len(), b.len());
+                let wire = format!(
+                    "{head}Transfer-Encoding: chunked\r\n\r\n{la:x}\r\n{a}\r\n{lb:x}\r\n{b}\r\n0\r\n\r\n"
+                );
+                s.write_all(wire.as_bytes()).await.unwrap();
+            }
+            _ => {
+                let len = body.len();
+                s.write_all(
+                    format!("{head}Expect: 100-continue\r\nContent-Length: {len}\r\n\r\n")
+                        .as_bytes(),
+                )
                 .await
-                == 1.0)
-                .then_some(())
-        },
-    )
-    .await;
-    // A later write of the same lane is delivered; had the abandoned one stayed, it would have gone first.
+                .unwrap();
+                let mut interim = [0u8; 25];
+                s.read_exact(&mut interim).await.unwrap();
+                assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+                s.write_all(body.as_bytes()).await.unwrap();
+            }
+        }
+        eventually("the write to be parked", Duration::from_secs(5), || async {
+            (h.admin_get("/status").await.json()["queue"]["queued"] == 1).then_some(())
+        })
+        .await;
+        drop(s);
+        let withdrawn = (n + 1) as f64;
+        eventually(
+            "the withdrawal to be counted",
+            Duration::from_secs(5),
+            || async {
+                (h.metric("crm_proxy_requests_total{outcome=\"withdrawn\",route=\"create\"}")
+                    .await
+                    == withdrawn)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // A later write of the same lane is delivered; had an abandoned one stayed, it would have gone first.
     assert_eq!(h.create("after").await.status, 201);
     let subjects: Vec<String> = h.sim.tickets().into_iter().map(|t| t.subject).collect();
     assert_eq!(subjects, vec!["first", "after"]);
