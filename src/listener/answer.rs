@@ -20,6 +20,8 @@ use crate::units::push_decimal;
 /// An answer's bytes are gathered up to this much before they are written.
 const COALESCE: usize = 16 * 1024;
 
+/// `HTTP/1.1 <code> <reason>`: the proxy answers as HTTP/1.1 whatever version the client spoke
+/// (RFC 9110 §2.5: a server sends its own highest version).
 pub(super) fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());

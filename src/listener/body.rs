@@ -11,9 +11,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::http1::{Conn, Framing};
-
-/// What reading a body can fail with.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+use crate::upstream::BodyError;
 
 /// The interim answer to `Expect: 100-continue`, sent when the handler first reads the body.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";

@@ -33,13 +33,14 @@ use super::answer::{push_date, status_line, write_response};
 use super::body::{RequestBody, Slot};
 use crate::response::Body;
 use crate::units::push_decimal;
+use crate::upstream::BodyError;
 use crate::upstream::chunked::{Chunk, counted, dechunk};
 use crate::upstream::http1::{Fields, poll_read};
 
 /// Header fields a request may have (hyper's default limit too); more gets a 431.
-pub const MAX_HEADERS: usize = 100;
+const MAX_HEADERS: usize = 100;
 /// Bytes a request's head may take; more gets a 431.
-pub const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
 /// How much is read at a time.
 const READ_CHUNK: usize = 8 * 1024;
 /// Below this much room the buffer is grown (or reclaimed) before a read: a request's head
@@ -201,7 +202,7 @@ pub(super) async fn serve<S>(
 ) -> Result<Ended, String>
 where
     S: hyper::service::Service<Request<RequestBody>, Response = Response<Body>>,
-    S::Error: Into<super::BodyError>,
+    S::Error: Into<BodyError>,
 {
     let mut first = true;
     loop {
@@ -299,7 +300,7 @@ where
         };
         conn = back;
         keep_alive &= finished;
-        let response = answer.map_err(|e: super::BodyError| format!("the handler failed: {e}"))?;
+        let response = answer.map_err(|e: BodyError| format!("the handler failed: {e}"))?;
         keep_alive &= !closing.load(Relaxed);
         if !write_response(&mut conn, response, version, head_only, keep_alive).await? {
             return Ok(Ended::Closed);

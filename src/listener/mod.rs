@@ -2,6 +2,7 @@
 //! how long one may sit idle or trickle a request head, HTTP/2 stream limits, and a graceful
 //! stop. A slow or silent client holds its own connection at most, never the listener; when the
 //! process runs out of file descriptors the listener backs off and says so once, not per try.
+//! HTTP/1.1 is the proxy's own server (`http1`), HTTP/2 hyper's.
 
 use std::future::Future;
 use std::io;
@@ -28,8 +29,7 @@ mod answer;
 mod body;
 mod http1;
 
-pub use body::{BodyError, RequestBody};
-pub use http1::{MAX_HEAD, MAX_HEADERS};
+pub use body::RequestBody;
 
 /// Connections the admin listener keeps open at once (scrapes, probes, an operator).
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
