@@ -10,8 +10,9 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::http1::{Conn, Framing};
+use super::http1::Conn;
 use crate::upstream::BodyError;
+use crate::upstream::chunked::Framing;
 
 /// The interim answer to `Expect: 100-continue`, sent when the handler first reads the body.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -147,7 +148,7 @@ impl Body for RequestBody {
             Kind::Reading(r) => match (&r.conn, r.framing) {
                 (None, _) => SizeHint::with_exact(0),
                 (Some(_), Framing::Length(left)) => SizeHint::with_exact(left),
-                (Some(_), Framing::Chunked(_)) => SizeHint::default(),
+                (Some(_), Framing::Chunked(_) | Framing::Close) => SizeHint::default(),
             },
             Kind::Http2(body) => body.size_hint(),
         }

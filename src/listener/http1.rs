@@ -23,9 +23,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http::header::EXPECT;
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::Watched;
@@ -34,8 +32,8 @@ use super::body::{RequestBody, Slot};
 use crate::response::Body;
 use crate::units::push_decimal;
 use crate::upstream::BodyError;
-use crate::upstream::chunked::{Chunk, counted, dechunk};
-use crate::upstream::http1::{Fields, poll_read};
+use crate::upstream::chunked::{Chunk, Framing, decoded};
+use crate::upstream::http1::{Fields, append_sliced, poll_read, span_in};
 
 /// Header fields a request may have (hyper's default limit too); more gets a 431.
 const MAX_HEADERS: usize = 100;
@@ -60,13 +58,6 @@ pub(super) struct Conn {
     /// it has room for the fields the proxy adds, where a map sized for the request's own would
     /// grow twice.
     pub(super) spare_headers: HeaderMap,
-}
-
-/// How the rest of a request's body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Framing {
-    Length(u64),
-    Chunked(Chunk),
 }
 
 /// How a connection's HTTP/1.1 service ended.
@@ -133,18 +124,8 @@ impl Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Bytes>, String>> {
         loop {
-            match framing {
-                Framing::Length(0) => return Poll::Ready(Ok(None)),
-                Framing::Length(left) => {
-                    if let Some(piece) = counted(&mut self.buf, left) {
-                        return Poll::Ready(Ok(Some(piece)));
-                    }
-                }
-                Framing::Chunked(state) => {
-                    if let Some(piece) = dechunk(&mut self.buf, state)? {
-                        return Poll::Ready(Ok(piece));
-                    }
-                }
+            if let Some(piece) = decoded(&mut self.buf, framing)? {
+                return Poll::Ready(Ok(piece));
             }
             match ready!(self.poll_more(cx)) {
                 Ok(0) => {
@@ -346,17 +327,7 @@ fn parse_request(buf: &mut BytesMut, spare: &mut HeaderMap) -> Result<Option<Par
     };
     // Names are checked now; the target and the values are kept as where they lie in the
     // head, which becomes one shared buffer they are all slices of.
-    let base = buf.as_ptr() as usize;
-    let at = |s: &[u8]| {
-        // An empty value need not point into the buffer at all.
-        let start = if s.is_empty() {
-            0
-        } else {
-            s.as_ptr() as usize - base
-        };
-        start..start + s.len()
-    };
-    let target = at(parsed.path.unwrap_or_default().as_bytes());
+    let target = span_in(buf, parsed.path.unwrap_or_default().as_bytes());
     // The fields that frame the message are read as the names are checked (no lookups after).
     let mut fields = Fields::default();
     let mut expect_continue = false;
@@ -373,18 +344,15 @@ fn parse_request(buf: &mut BytesMut, spare: &mut HeaderMap) -> Result<Option<Par
                 .value
                 .trim_ascii()
                 .eq_ignore_ascii_case(b"100-continue");
-        spans.push((name, at(field.value)));
+        spans.push((name, span_in(buf, field.value)));
     }
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target))
         .map_err(|e| refused(bad, format!("the request target is invalid: {e}")))?;
     let mut headers = std::mem::take(spare);
     headers.reserve(spans.len());
-    for (name, at) in spans {
-        let value = HeaderValue::from_maybe_shared(head.slice(at))
-            .map_err(|_| refused(bad, format!("the value of {name} is invalid")))?;
-        headers.append(name, value);
-    }
+    append_sliced(&mut headers, &head, spans)
+        .map_err(|name| refused(bad, format!("the value of {name} is invalid")))?;
     let framing = framing(&fields, version)?;
     let keep_alive = match version {
         Version::HTTP_11 => !fields.close,

@@ -8,7 +8,8 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::http1::{Conn, Framing};
+use super::chunked::Framing;
+use super::http1::Conn;
 use super::pool::Pool;
 
 /// What reading a body can fail with.

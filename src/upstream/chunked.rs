@@ -74,15 +74,32 @@ pub fn dechunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Option<Option<By
     }
 }
 
-/// Takes what `buf` holds of a body with `left` bytes still to come (`None`: it holds none),
-/// counting them off.
-pub fn counted(buf: &mut BytesMut, left: &mut u64) -> Option<Bytes> {
-    if buf.is_empty() {
-        return None;
-    }
-    let n = (*left).min(buf.len() as u64) as usize;
-    *left -= n as u64;
-    Some(buf.split_to(n).freeze())
+/// How the rest of a body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// So many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the connection closes (a response's only: a request's body is always delimited).
+    Close,
+}
+
+/// Decodes what `buf` holds of a body framed by `framing`: `Some(Some(data))` for a piece of
+/// it, `Some(None)` at its end, `None` when more must be read first. `framing` is brought up to
+/// date.
+#[inline]
+pub fn decoded(buf: &mut BytesMut, framing: &mut Framing) -> Result<Option<Option<Bytes>>, Error> {
+    Ok(match framing {
+        Framing::Length(0) => Some(None),
+        _ if buf.is_empty() => None,
+        Framing::Length(left) => {
+            let n = (*left).min(buf.len() as u64) as usize;
+            *left -= n as u64;
+            Some(Some(buf.split_to(n).freeze()))
+        }
+        Framing::Close => Some(Some(buf.split().freeze())),
+        Framing::Chunked(state) => dechunk(buf, state)?,
+    })
 }
 
 /// Takes one CRLF-ended line (without its CRLF) off the front of `buf`.

@@ -11,6 +11,7 @@
 //! was not delimited by the close.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
@@ -22,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::chunked::{Chunk, counted, dechunk};
+use super::chunked::{Chunk, Framing, decoded};
 use crate::message::only_framing;
 use crate::units::push_decimal;
 
@@ -43,16 +44,6 @@ pub struct Conn {
     buf: BytesMut,
     /// The next request's head, built here to reuse the allocation.
     out: Vec<u8>,
-}
-
-/// How the rest of a response's body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// So many bytes still to come.
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the connection closes.
-    Close,
 }
 
 /// The answer's head, and how its body is framed (`None`: it has none).
@@ -179,23 +170,8 @@ impl Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Bytes>, Error>> {
         loop {
-            match framing {
-                Framing::Length(0) => return Poll::Ready(Ok(None)),
-                Framing::Length(left) => {
-                    if let Some(piece) = counted(&mut self.buf, left) {
-                        return Poll::Ready(Ok(Some(piece)));
-                    }
-                }
-                Framing::Close => {
-                    if !self.buf.is_empty() {
-                        return Poll::Ready(Ok(Some(self.buf.split().freeze())));
-                    }
-                }
-                Framing::Chunked(state) => {
-                    if let Some(piece) = dechunk(&mut self.buf, state)? {
-                        return Poll::Ready(Ok(piece));
-                    }
-                }
+            if let Some(piece) = decoded(&mut self.buf, framing)? {
+                return Poll::Ready(Ok(piece));
             }
             if ready!(self.poll_more(cx))? == 0 {
                 return Poll::Ready(match framing {
@@ -263,7 +239,6 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
         // fields that frame the answer are read on the way (no lookups after).
         let mut fields = Fields::default();
         let mut spans = Vec::with_capacity(parsed.headers.len());
-        let base = buf.as_ptr() as usize;
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| format!("the response has an invalid header name {:?}", field.name))?;
@@ -273,21 +248,12 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
             {
                 continue;
             }
-            // An empty value need not point into the buffer at all.
-            let start = if field.value.is_empty() {
-                0
-            } else {
-                field.value.as_ptr() as usize - base
-            };
-            spans.push((name, start..start + field.value.len()));
+            spans.push((name, span_in(buf, field.value)));
         }
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
-        for (name, at) in spans {
-            let value = HeaderValue::from_maybe_shared(head.slice(at))
-                .map_err(|_| format!("the response's {name} has an invalid value"))?;
-            headers.append(name, value);
-        }
+        append_sliced(&mut headers, &head, spans)
+            .map_err(|name| format!("the response's {name} has an invalid value"))?;
         let framing = framing(status, &fields, head_only);
         let reusable =
             version == Version::HTTP_11 && framing != Some(Framing::Close) && !fields.close;
@@ -364,6 +330,36 @@ impl Fields {
         }
         Ok(false)
     }
+}
+
+/// Where `part`, read from the head at the front of `buf`, lies in it (an empty part need not
+/// point into it at all).
+#[inline]
+pub(crate) fn span_in(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = if part.is_empty() {
+        0
+    } else {
+        part.as_ptr() as usize - buf.as_ptr() as usize
+    };
+    start..start + part.len()
+}
+
+/// Appends the fields whose values lie at `spans` of `head` (the head, frozen into one shared
+/// buffer): each value a slice of it, no copy and no allocation. The error names a field whose
+/// value is not a valid one.
+#[inline]
+pub(crate) fn append_sliced(
+    headers: &mut HeaderMap,
+    head: &Bytes,
+    spans: Vec<(HeaderName, Range<usize>)>,
+) -> Result<(), HeaderName> {
+    for (name, at) in spans {
+        match HeaderValue::from_maybe_shared(head.slice(at)) {
+            Ok(value) => headers.append(name, value),
+            Err(_) => return Err(name),
+        };
+    }
+    Ok(())
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
