@@ -75,16 +75,18 @@ pub fn retry_after(headers: &HeaderMap, now: Time) -> Option<Time> {
     Some(Time::from_timestamp(at).clamp(now, now + RETRY_AFTER_MAX))
 }
 
-/// Headers that describe one hop, never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TRANSFER_ENCODING,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
+/// Headers that describe one hop, never forwarded in either direction. Names, not
+/// `HeaderName`s: a constant array of those is built and dropped wherever it is used, which
+/// the compiler does not always see through.
+const HOP_BY_HOP: [&str; HOP_BY_HOP_LEN] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
 ];
 
 const HOP_BY_HOP_LEN: usize = 8;
@@ -117,7 +119,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut fixed = 0u8;
     let mut named: Vec<HeaderName> = Vec::new();
     for (name, value) in headers.iter() {
-        let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) else {
+        let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) else {
             if name.as_str().starts_with("proxy-") && !named.contains(name) {
                 named.push(name.clone());
             }
@@ -133,7 +135,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             );
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+    for (i, name) in HOP_BY_HOP.into_iter().enumerate() {
         if fixed & (1 << i) != 0 {
             headers.remove(name);
         }

@@ -23,7 +23,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http::header::EXPECT;
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::Watched;
@@ -33,7 +33,8 @@ use crate::response::Body;
 use crate::units::push_decimal;
 use crate::upstream::BodyError;
 use crate::upstream::chunked::{Chunk, Framing, decoded};
-use crate::upstream::http1::{Fields, append_sliced, poll_read, span_in};
+use crate::upstream::head::{Fields, Names, span_in};
+use crate::upstream::http1::poll_read;
 
 /// Header fields a request may have (hyper's default limit too); more gets a 431.
 const MAX_HEADERS: usize = 100;
@@ -58,6 +59,8 @@ pub(super) struct Conn {
     /// it has room for the fields the proxy adds, where a map sized for the request's own would
     /// grow twice.
     pub(super) spare_headers: HeaderMap,
+    /// The last request's header names.
+    names: Names,
 }
 
 /// How a connection's HTTP/1.1 service ended.
@@ -97,6 +100,7 @@ impl Conn {
             buf: BytesMut::new(),
             out: Vec::new(),
             spare_headers: HeaderMap::new(),
+            names: Names::default(),
         })
     }
 
@@ -194,7 +198,7 @@ where
                     return Ok(Ended::Http2(conn.io, read));
                 }
             } else if !conn.buf.is_empty() {
-                match parse_request(&mut conn.buf, &mut conn.spare_headers) {
+                match parse_request(&mut conn.buf, &mut conn.names, &mut conn.spare_headers) {
                     Ok(Some(parsed)) => break parsed,
                     Ok(None) if conn.buf.len() > MAX_HEAD => {
                         let why = format!("the request head is over {MAX_HEAD} bytes");
@@ -296,7 +300,11 @@ fn is_preface_start(buf: &[u8]) -> bool {
 
 /// Takes a complete request head off the front of `buf`; `None` while it is incomplete.
 /// `spare` is an empty header map to fill (its room reused).
-fn parse_request(buf: &mut BytesMut, spare: &mut HeaderMap) -> Result<Option<Parsed>, Refused> {
+fn parse_request(
+    buf: &mut BytesMut,
+    names: &mut Names,
+    spare: &mut HeaderMap,
+) -> Result<Option<Parsed>, Refused> {
     let bad = StatusCode::BAD_REQUEST;
     // Left uninitialised: the parser writes the fields it finds (as the CRM side does).
     let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
@@ -331,27 +339,29 @@ fn parse_request(buf: &mut BytesMut, spare: &mut HeaderMap) -> Result<Option<Par
     // The fields that frame the message are read as the names are checked (no lookups after).
     let mut fields = Fields::default();
     let mut expect_continue = false;
-    let mut spans = Vec::with_capacity(parsed.headers.len());
+    names.clear();
     for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| refused(bad, format!("the header name {:?} is invalid", field.name)))?;
-        let noted = fields.note(&name, field.value);
+        let name = names
+            .next(field.name)
+            .map_err(|()| refused(bad, format!("the header name {:?} is invalid", field.name)))?;
+        let noted = fields.note(name, field.value);
         if noted.map_err(|e| refused(bad, format!("the request has {e}")))? {
             continue;
         }
-        expect_continue |= name == EXPECT
+        expect_continue |= *name == EXPECT
             && field
                 .value
                 .trim_ascii()
                 .eq_ignore_ascii_case(b"100-continue");
-        spans.push((name, span_in(buf, field.value)));
+        names.keep(span_in(buf, field.value));
     }
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target))
         .map_err(|e| refused(bad, format!("the request target is invalid: {e}")))?;
     let mut headers = std::mem::take(spare);
-    headers.reserve(spans.len());
-    append_sliced(&mut headers, &head, spans)
+    headers.reserve(names.len());
+    names
+        .append_to(&mut headers, &head)
         .map_err(|name| refused(bad, format!("the value of {name} is invalid")))?;
     let framing = framing(&fields, version)?;
     let keep_alive = match version {
@@ -403,7 +413,11 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Option<Parsed>, Refused> {
-        parse_request(&mut BytesMut::from(text), &mut HeaderMap::new())
+        parse_request(
+            &mut BytesMut::from(text),
+            &mut Names::default(),
+            &mut HeaderMap::new(),
+        )
     }
 
     #[test]
@@ -414,7 +428,9 @@ mod tests {
         );
         let mut spare = HeaderMap::with_capacity(32);
         let room = spare.capacity();
-        let p = parse_request(&mut buf, &mut spare).unwrap().unwrap();
+        let p = parse_request(&mut buf, &mut Names::default(), &mut spare)
+            .unwrap()
+            .unwrap();
         let (req, headers) = (&p.request, p.request.headers());
         assert_eq!((req.method(), req.uri().path()), (&Method::POST, "/a/b"));
         assert_eq!(req.uri().query(), Some("q=1"));

@@ -57,10 +57,21 @@ pub fn file_hash(path: &Path) -> Option<String> {
     Some(d.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A number in `[0, 1]` for backoff jitter: spread, not secret, so no system call is spent on it
-/// (each `RandomState` hashes with fresh keys).
+/// A number in `[0, 1)` for backoff jitter: spread, not secret, so no system call is spent on
+/// it. A xorshift generator per thread, seeded once from a `RandomState` (fresh keys each), as
+/// the verdict on every CRM answer asks for one and a hash each time cost 300 instructions.
 fn jitter() -> f64 {
-    RandomState::new().hash_one(0u8) as f64 / u64::MAX as f64
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(RandomState::new().hash_one(0u8) | 1);
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
 }
 
 /// Where the proxy is in its life, as `/readyz` reports it.

@@ -11,20 +11,19 @@
 //! was not delimited by the close.
 
 use std::mem::MaybeUninit;
-use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Version};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::chunked::{Chunk, Framing, decoded};
-use crate::message::only_framing;
+use super::head::{Fields, Names, span_in};
 use crate::units::push_decimal;
 
 /// Header fields a response may have; more is an error (hyper's default limit too).
@@ -44,6 +43,8 @@ pub struct Conn {
     buf: BytesMut,
     /// The next request's head, built here to reuse the allocation.
     out: Vec<u8>,
+    /// The last answer's header names.
+    names: Names,
 }
 
 /// The answer's head, and how its body is framed (`None`: it has none).
@@ -63,6 +64,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
+            names: Names::default(),
         }
     }
 
@@ -99,7 +101,7 @@ impl Conn {
         self.io.flush().await.map_err(io_error)?;
         let head_only = *method == Method::HEAD;
         loop {
-            if let Some(head) = parse_head(&mut self.buf, head_only)? {
+            if let Some(head) = parse_head(&mut self.buf, &mut self.names, head_only)? {
                 return Ok(head);
             }
             if self.buf.len() > MAX_HEAD {
@@ -201,7 +203,11 @@ pub(crate) fn poll_read<R: AsyncRead + Unpin>(
 
 /// Takes a complete response head off the front of `buf`, skipping interim (1xx) answers;
 /// `None` while it is incomplete.
-fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error> {
+fn parse_head(
+    buf: &mut BytesMut,
+    names: &mut Names,
+    head_only: bool,
+) -> Result<Option<Head>, Error> {
     loop {
         // Left uninitialised: the parser writes the fields it finds (100 blank ones cost more
         // than the parse).
@@ -238,21 +244,23 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Head>, Error
         // one shared buffer they are all slices of (no copy and no allocation a value). The
         // fields that frame the answer are read on the way (no lookups after).
         let mut fields = Fields::default();
-        let mut spans = Vec::with_capacity(parsed.headers.len());
+        names.clear();
         for field in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(field.name.as_bytes())
-                .map_err(|_| format!("the response has an invalid header name {:?}", field.name))?;
+            let name = names.next(field.name).map_err(|()| {
+                format!("the response has an invalid header name {:?}", field.name)
+            })?;
             if fields
-                .note(&name, field.value)
+                .note(name, field.value)
                 .map_err(|e| format!("the response has {e}"))?
             {
                 continue;
             }
-            spans.push((name, span_in(buf, field.value)));
+            names.keep(span_in(buf, field.value));
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
-        append_sliced(&mut headers, &head, spans)
+        let mut headers = HeaderMap::with_capacity(names.len());
+        names
+            .append_to(&mut headers, &head)
             .map_err(|name| format!("the response's {name} has an invalid value"))?;
         let framing = framing(status, &fields, head_only);
         let reusable =
@@ -281,100 +289,12 @@ fn framing(status: StatusCode, fields: &Fields, head_only: bool) -> Option<Frami
     })
 }
 
-/// What a message's fields say of its framing and its connection, noted as its head is parsed
-/// (the same for the CRM's answers and the clients' requests).
-#[derive(Debug, Default)]
-pub(crate) struct Fields {
-    /// `Transfer-Encoding` was there.
-    pub coded: bool,
-    /// Its last coding is `chunked`.
-    pub chunked: bool,
-    pub length: Option<u64>,
-    /// `Connection` names `close`.
-    pub close: bool,
-    /// `Connection` names `keep-alive`.
-    pub keep_alive: bool,
-}
-
-impl Fields {
-    /// Notes one field; `Ok(true)` for a `Connection` field that only says `keep-alive` or
-    /// `close`, which frames the connection alone and need not be kept (it is hop-by-hop and
-    /// names no other field). An error names an invalid or conflicting `Content-Length`.
-    pub fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<bool, Error> {
-        let items = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
-        if *name == CONNECTION {
-            for item in items() {
-                self.close |= item.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= item.eq_ignore_ascii_case(b"keep-alive");
-            }
-            return Ok(only_framing(value.trim_ascii()));
-        }
-        if *name == TRANSFER_ENCODING {
-            self.coded = true;
-            if let Some(last) = items().rfind(|t| !t.is_empty()) {
-                self.chunked = last.eq_ignore_ascii_case(b"chunked");
-            }
-        } else if *name == CONTENT_LENGTH {
-            for item in items() {
-                let n = parse_decimal(item).ok_or_else(|| {
-                    format!(
-                        "an invalid Content-Length {:?}",
-                        String::from_utf8_lossy(value)
-                    )
-                })?;
-                if self.length.is_some_and(|l| l != n) {
-                    return Err("conflicting Content-Length values".into());
-                }
-                self.length = Some(n);
-            }
-        }
-        Ok(false)
-    }
-}
-
-/// Where `part`, read from the head at the front of `buf`, lies in it (an empty part need not
-/// point into it at all).
-#[inline]
-pub(crate) fn span_in(buf: &[u8], part: &[u8]) -> Range<usize> {
-    let start = if part.is_empty() {
-        0
-    } else {
-        part.as_ptr() as usize - buf.as_ptr() as usize
-    };
-    start..start + part.len()
-}
-
-/// Appends the fields whose values lie at `spans` of `head` (the head, frozen into one shared
-/// buffer): each value a slice of it, no copy and no allocation. The error names a field whose
-/// value is not a valid one.
-#[inline]
-pub(crate) fn append_sliced(
-    headers: &mut HeaderMap,
-    head: &Bytes,
-    spans: Vec<(HeaderName, Range<usize>)>,
-) -> Result<(), HeaderName> {
-    for (name, at) in spans {
-        match HeaderValue::from_maybe_shared(head.slice(at)) {
-            Ok(value) => headers.append(name, value),
-            Err(_) => return Err(name),
-        };
-    }
-    Ok(())
-}
-
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn head(text: &str, head_only: bool) -> Result<Option<Head>, Error> {
-        parse_head(&mut BytesMut::from(text), head_only)
+        parse_head(&mut BytesMut::from(text), &mut Names::default(), head_only)
     }
 
     fn framed(text: &str) -> (Option<Framing>, bool) {
@@ -383,12 +303,67 @@ mod tests {
     }
 
     #[test]
+    fn names_kept_from_the_last_answer_are_used_only_where_spelled_the_same() {
+        let mut names = Names::default();
+        let mut next = |text: &str| {
+            let mut buf = BytesMut::from(text);
+            parse_head(&mut buf, &mut names, false).map(|h| {
+                let h = h.unwrap();
+                let fields: Vec<(String, String)> = h
+                    .response
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+                    .collect();
+                fields
+            })
+        };
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        let first = next("HTTP/1.1 200 OK\r\nServer: a\r\nX-Rate: 1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            first.unwrap(),
+            pairs(&[("server", "a"), ("x-rate", "1"), ("content-length", "0")])
+        );
+        // The same names again, then others in their places, a longer and a shorter list, a
+        // skipped `Connection` in the middle, and a name that is not a token where a valid
+        // one was kept: each answer has its own fields.
+        let again = next("HTTP/1.1 200 OK\r\nServer: b\r\nX-Rate: 2\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            again.unwrap(),
+            pairs(&[("server", "b"), ("x-rate", "2"), ("content-length", "0")])
+        );
+        let moved = next(
+            "HTTP/1.1 200 OK\r\nx-rate: 3\r\nConnection: keep-alive\r\nSERVER: c\r\n\
+             Content-Length: 0\r\nX-New: d\r\n\r\n",
+        );
+        assert_eq!(
+            moved.unwrap(),
+            pairs(&[
+                ("x-rate", "3"),
+                ("server", "c"),
+                ("content-length", "0"),
+                ("x-new", "d")
+            ])
+        );
+        let shorter = next("HTTP/1.1 204 No Content\r\nX-Rate: 4\r\n\r\n");
+        assert_eq!(shorter.unwrap(), pairs(&[("x-rate", "4")]));
+        let bad = next("HTTP/1.1 200 OK\r\nX-R\u{e9}te: 5\r\n\r\n");
+        assert!(bad.is_err(), "{bad:?}");
+    }
+
+    #[test]
     fn header_values_are_read_whole_empty_and_repeated_ones_too() {
         let mut buf = BytesMut::from(
             "HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\nx-n: 1\r\nX-N:  two  \r\n\
              Content-Length: 2\r\n\r\nok",
         );
-        let h = parse_head(&mut buf, false).unwrap().unwrap();
+        let h = parse_head(&mut buf, &mut Names::default(), false)
+            .unwrap()
+            .unwrap();
         let headers = h.response.headers();
         assert_eq!(headers["x-empty"], "");
         assert_eq!(headers["x-blank"], "");
@@ -452,7 +427,9 @@ mod tests {
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
              HTTP/1.1 201 Created\r\ncontent-length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\n{}",
         );
-        let h = parse_head(&mut buf, false).unwrap().unwrap();
+        let h = parse_head(&mut buf, &mut Names::default(), false)
+            .unwrap()
+            .unwrap();
         assert_eq!(h.response.status(), StatusCode::CREATED);
         let values: Vec<_> = h.response.headers().get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);

@@ -3,6 +3,7 @@
 
 mod body;
 pub(crate) mod chunked;
+pub(crate) mod head;
 pub(crate) mod http1;
 mod pool;
 
@@ -171,7 +172,10 @@ impl UpstreamClient {
             .map_err(|e| ForwardError::Io(format!("cannot build request: {e}")))?;
         *req.headers_mut() = out.headers;
         let pool = self.pool();
-        let result = match tokio::time::timeout(self.request_timeout, pool.send(req)).await {
+        // Pinned where it is made: the timeout holds a reference, so the call's future is not
+        // moved into it (a copy of its whole state).
+        let call = std::pin::pin!(pool.send(req));
+        let result = match tokio::time::timeout(self.request_timeout, call).await {
             Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
             Ok(Err(e)) => Err(e),
             Ok(Ok(Answer::Http1(head, conn))) => {
