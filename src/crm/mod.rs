@@ -448,6 +448,8 @@ struct Reader<'a> {
     /// The CRM's rate-limit header names and, at the same index, each one's first value.
     names: &'static [&'static str],
     found: [Option<&'a HeaderValue>; MOST_HEADERS],
+    /// Whether any of them was found (most answers carry none).
+    any: bool,
     now: Time,
     bad: &'a mut dyn FnMut(&'static str),
 }
@@ -478,9 +480,11 @@ impl<'a> Reader<'a> {
                 }
             }
         }
+        let any = found.iter().any(Option::is_some);
         Reader {
             names,
             found,
+            any,
             now,
             bad,
         }
@@ -500,12 +504,15 @@ impl<'a> Reader<'a> {
     }
 
     fn text(&mut self, name: &'static str) -> Option<&'a str> {
-        let at = self.names.iter().position(|n| *n == name);
         debug_assert!(
-            at.is_some(),
+            self.names.contains(&name),
             "{name} is not in the CRM's rate-limit headers"
         );
-        let v = self.found[at?]?;
+        if !self.any {
+            return None;
+        }
+        let at = self.names.iter().position(|n| *n == name)?;
+        let v = self.found[at]?;
         match v.to_str() {
             Ok(s) => Some(s.trim()),
             Err(_) => {

@@ -406,13 +406,14 @@ async fn forward_live(
     let (route, client, token) = (call.route, call.client, call.token);
     let parkable = (route.on_limit == OnLimit::Queue && ticket.is_some()).then(|| out.clone());
     let safe = route.resend_safe(&out);
-    let started = tokio::time::Instant::now();
     let sent_at = p.clock.now();
     p.metrics.client_call(&p.clients().get(client).name);
     let result = p.upstream().send(out).await;
-    let took = started.elapsed();
-    access::crm(took);
+    // The proxy's clock is monotonic between two reads (a wall time fixed at start plus the
+    // monotonic time since), so the call's duration is the difference of the two.
     let now = p.clock.now();
+    let took = now.saturating_since(sent_at);
+    access::crm(took);
     // A live request is its write's first attempt.
     let attempt = Some(1);
     let resp = match result {

@@ -79,16 +79,18 @@ impl Conn {
         poll_read(&mut self.io, &mut self.buf, &mut cx).is_pending()
     }
 
-    /// Writes a request and reads its answer's head.
+    /// Writes a request and reads its answer's head. The request's header map, emptied once
+    /// written, takes the answer's fields (its room is used again, not freed and asked for).
     pub async fn exchange(
         &mut self,
         method: &Method,
         target: &str,
         host: &HeaderValue,
-        headers: &HeaderMap,
+        headers: &mut HeaderMap,
         body: &Bytes,
     ) -> Result<Head, Error> {
         self.write_head(method, target, host, headers, body.len());
+        headers.clear();
         let io_error = |e: std::io::Error| format!("writing the request: {e}");
         if body.len() <= COALESCE {
             self.out.extend_from_slice(body);
@@ -101,7 +103,7 @@ impl Conn {
         self.io.flush().await.map_err(io_error)?;
         let head_only = *method == Method::HEAD;
         loop {
-            if let Some(head) = parse_head(&mut self.buf, &mut self.names, head_only)? {
+            if let Some(head) = parse_head(&mut self.buf, &mut self.names, head_only, headers)? {
                 return Ok(head);
             }
             if self.buf.len() > MAX_HEAD {
@@ -207,6 +209,7 @@ fn parse_head(
     buf: &mut BytesMut,
     names: &mut Names,
     head_only: bool,
+    spare: &mut HeaderMap,
 ) -> Result<Option<Head>, Error> {
     loop {
         // Left uninitialised: the parser writes the fields it finds (100 blank ones cost more
@@ -258,7 +261,8 @@ fn parse_head(
             names.keep(span_in(buf, field.value));
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(names.len());
+        let mut headers = std::mem::take(spare);
+        headers.reserve(names.len());
         names
             .append_to(&mut headers, &head)
             .map_err(|name| format!("the response's {name} has an invalid value"))?;
@@ -294,7 +298,12 @@ mod tests {
     use super::*;
 
     fn head(text: &str, head_only: bool) -> Result<Option<Head>, Error> {
-        parse_head(&mut BytesMut::from(text), &mut Names::default(), head_only)
+        parse_head(
+            &mut BytesMut::from(text),
+            &mut Names::default(),
+            head_only,
+            &mut HeaderMap::new(),
+        )
     }
 
     fn framed(text: &str) -> (Option<Framing>, bool) {
@@ -307,7 +316,7 @@ mod tests {
         let mut names = Names::default();
         let mut next = |text: &str| {
             let mut buf = BytesMut::from(text);
-            parse_head(&mut buf, &mut names, false).map(|h| {
+            parse_head(&mut buf, &mut names, false, &mut HeaderMap::new()).map(|h| {
                 let h = h.unwrap();
                 let fields: Vec<(String, String)> = h
                     .response
@@ -361,9 +370,14 @@ mod tests {
             "HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\nx-n: 1\r\nX-N:  two  \r\n\
              Content-Length: 2\r\n\r\nok",
         );
-        let h = parse_head(&mut buf, &mut Names::default(), false)
-            .unwrap()
-            .unwrap();
+        let h = parse_head(
+            &mut buf,
+            &mut Names::default(),
+            false,
+            &mut HeaderMap::new(),
+        )
+        .unwrap()
+        .unwrap();
         let headers = h.response.headers();
         assert_eq!(headers["x-empty"], "");
         assert_eq!(headers["x-blank"], "");
@@ -427,9 +441,14 @@ mod tests {
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
              HTTP/1.1 201 Created\r\ncontent-length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\n{}",
         );
-        let h = parse_head(&mut buf, &mut Names::default(), false)
-            .unwrap()
-            .unwrap();
+        let h = parse_head(
+            &mut buf,
+            &mut Names::default(),
+            false,
+            &mut HeaderMap::new(),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(h.response.status(), StatusCode::CREATED);
         let values: Vec<_> = h.response.headers().get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);

@@ -162,14 +162,14 @@ impl Pool {
         mut conn: Box<Conn>,
         req: Request<Bytes>,
     ) -> Result<Answer, ForwardError> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let head = conn
             .exchange(
                 &parts.method,
                 target,
                 &self.0.target.host,
-                &parts.headers,
+                &mut parts.headers,
                 &body,
             )
             .await
