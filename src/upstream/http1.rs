@@ -306,6 +306,14 @@ mod tests {
         )
     }
 
+    /// The head at the front of `buf`, which keeps what follows it.
+    fn parsed(buf: &mut BytesMut) -> Head {
+        let mut spare = HeaderMap::new();
+        parse_head(buf, &mut Names::default(), false, &mut spare)
+            .unwrap()
+            .unwrap()
+    }
+
     fn framed(text: &str) -> (Option<Framing>, bool) {
         let h = head(text, false).unwrap().unwrap();
         (h.framing, h.reusable)
@@ -370,14 +378,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\nx-n: 1\r\nX-N:  two  \r\n\
              Content-Length: 2\r\n\r\nok",
         );
-        let h = parse_head(
-            &mut buf,
-            &mut Names::default(),
-            false,
-            &mut HeaderMap::new(),
-        )
-        .unwrap()
-        .unwrap();
+        let h = parsed(&mut buf);
         let headers = h.response.headers();
         assert_eq!(headers["x-empty"], "");
         assert_eq!(headers["x-blank"], "");
@@ -441,14 +442,7 @@ mod tests {
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
              HTTP/1.1 201 Created\r\ncontent-length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\n{}",
         );
-        let h = parse_head(
-            &mut buf,
-            &mut Names::default(),
-            false,
-            &mut HeaderMap::new(),
-        )
-        .unwrap()
-        .unwrap();
+        let h = parsed(&mut buf);
         assert_eq!(h.response.status(), StatusCode::CREATED);
         let values: Vec<_> = h.response.headers().get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);
