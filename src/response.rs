@@ -319,9 +319,8 @@ pub fn add_rate_limit_headers(
         return;
     }
     // One look at the configs for every item; the numbers are written without `format!`
-    // (this runs on every answer).
-    // Both values are written into one buffer, which they become slices of (one allocation
-    // for the two, not one each and a shared header for each).
+    // (this runs on every answer), and both values into one buffer they become slices of (one
+    // allocation for the two, not one each and a shared header for each).
     let configs = ledger.configs();
     let mut out = Vec::with_capacity(80 * usage.len());
     for (i, u) in usage.iter().enumerate() {

@@ -344,16 +344,16 @@ fn parse_request(
         let name = names
             .next(field.name)
             .map_err(|()| refused(bad, format!("the header name {:?} is invalid", field.name)))?;
-        let noted = fields.note(name, field.value);
+        let noted = fields.note(&name, field.value);
         if noted.map_err(|e| refused(bad, format!("the request has {e}")))? {
             continue;
         }
-        expect_continue |= *name == EXPECT
+        expect_continue |= name == EXPECT
             && field
                 .value
                 .trim_ascii()
                 .eq_ignore_ascii_case(b"100-continue");
-        names.keep(span_in(buf, field.value));
+        names.keep(name, span_in(buf, field.value));
     }
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target))

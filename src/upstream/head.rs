@@ -74,60 +74,68 @@ pub(crate) fn span_in(buf: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
-/// The header names of a connection's last message, in order, each as it was spelled and as
-/// checked, and where the kept fields of the message being parsed lie in its head. One peer's
+/// Fields whose names are kept from one message to the next, by place, and how long a kept
+/// name may be: a few kilobytes per connection at most, whatever a peer sends.
+pub(crate) const KEPT_PLACES: usize = 32;
+pub(crate) const KEPT_NAME: usize = 64;
+
+/// The names of the first fields of a connection's last messages, by place, each as it was
+/// spelled and as checked; and the kept fields of the message being parsed. One peer's
 /// messages mostly repeat their names, spelled the same, in the same order, so a name spelled
 /// as the one at its place last time is taken from here, not checked again (a comparison of a
-/// few bytes against a parse); and the list of values keeps its allocation from one message to
-/// the next.
+/// few bytes against a parse). The lists keep their allocations from one message to the next.
 #[derive(Default)]
 pub(crate) struct Names {
-    names: Vec<(Box<[u8]>, HeaderName)>,
-    values: Vec<Range<usize>>,
+    known: Vec<Option<(Box<[u8]>, HeaderName)>>,
+    /// Fields of the message seen so far, kept or not.
+    seen: usize,
+    /// The message's kept fields: their names and where their values lie in its head.
+    kept: Vec<(HeaderName, Range<usize>)>,
 }
 
 impl Names {
     /// Starts a new message.
     pub fn clear(&mut self) {
-        self.values.clear();
+        self.seen = 0;
+        self.kept.clear();
     }
 
     /// The name of the message's next field, checked; `Err` when it is not a valid one.
     #[inline]
-    pub fn next(&mut self, raw: &str) -> Result<&HeaderName, ()> {
-        let at = self.values.len();
-        let same = self
-            .names
-            .get(at)
-            .is_some_and(|(spelled, _)| **spelled == *raw.as_bytes());
-        if !same {
-            let name = HeaderName::from_bytes(raw.as_bytes()).map_err(|_| ())?;
-            let entry = (Box::from(raw.as_bytes()), name);
-            if at < self.names.len() {
-                self.names[at] = entry;
-            } else {
-                self.names.push(entry);
-            }
+    pub fn next(&mut self, raw: &str) -> Result<HeaderName, ()> {
+        let at = self.seen;
+        self.seen += 1;
+        if let Some(Some((spelled, name))) = self.known.get(at)
+            && **spelled == *raw.as_bytes()
+        {
+            return Ok(name.clone());
         }
-        Ok(&self.names[at].1)
+        let name = HeaderName::from_bytes(raw.as_bytes()).map_err(|_| ())?;
+        if at < KEPT_PLACES {
+            let entry = (raw.len() <= KEPT_NAME).then(|| (Box::from(raw.as_bytes()), name.clone()));
+            if at >= self.known.len() {
+                self.known.resize(at + 1, None);
+            }
+            self.known[at] = entry;
+        }
+        Ok(name)
     }
 
-    /// Keeps the field last named by [`Names::next`], its value at `value` in the head (the
-    /// next name takes its place if it is not kept).
+    /// Keeps a field of the message, its value at `value` in the head.
     #[inline]
-    pub fn keep(&mut self, value: Range<usize>) {
-        self.values.push(value);
+    pub fn keep(&mut self, name: HeaderName, value: Range<usize>) {
+        self.kept.push((name, value));
     }
 
-    /// Appends the kept fields to `headers`, each value a slice of `head` (the head, frozen
+    /// Moves the kept fields into `headers`, each value a slice of `head` (the head, frozen
     /// into one shared buffer): no copy and no allocation a value. The error names a field
     /// whose value is not a valid one.
     #[inline]
-    pub fn append_to(&self, headers: &mut HeaderMap, head: &Bytes) -> Result<(), HeaderName> {
-        for ((_, name), at) in self.names.iter().zip(&self.values) {
-            match HeaderValue::from_maybe_shared(head.slice(at.clone())) {
-                Ok(value) => headers.append(name.clone(), value),
-                Err(_) => return Err(name.clone()),
+    pub fn append_to(&mut self, headers: &mut HeaderMap, head: &Bytes) -> Result<(), HeaderName> {
+        for (name, at) in self.kept.drain(..) {
+            match HeaderValue::from_maybe_shared(head.slice(at)) {
+                Ok(value) => headers.append(name, value),
+                Err(_) => return Err(name),
             };
         }
         Ok(())
@@ -135,7 +143,7 @@ impl Names {
 
     /// How many fields are kept.
     pub fn len(&self) -> usize {
-        self.values.len()
+        self.kept.len()
     }
 }
 

@@ -204,7 +204,8 @@ pub(crate) fn poll_read<R: AsyncRead + Unpin>(
 }
 
 /// Takes a complete response head off the front of `buf`, skipping interim (1xx) answers;
-/// `None` while it is incomplete.
+/// `None` while it is incomplete. `spare` is an empty header map for the answer's fields (its
+/// room reused).
 fn parse_head(
     buf: &mut BytesMut,
     names: &mut Names,
@@ -253,12 +254,12 @@ fn parse_head(
                 format!("the response has an invalid header name {:?}", field.name)
             })?;
             if fields
-                .note(name, field.value)
+                .note(&name, field.value)
                 .map_err(|e| format!("the response has {e}"))?
             {
                 continue;
             }
-            names.keep(span_in(buf, field.value));
+            names.keep(name, span_in(buf, field.value));
         }
         let head = buf.split_to(len).freeze();
         let mut headers = std::mem::take(spare);
@@ -296,6 +297,7 @@ fn framing(status: StatusCode, fields: &Fields, head_only: bool) -> Option<Frami
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::head::{KEPT_NAME, KEPT_PLACES};
 
     fn head(text: &str, head_only: bool) -> Result<Option<Head>, Error> {
         parse_head(
@@ -368,6 +370,23 @@ mod tests {
         );
         let shorter = next("HTTP/1.1 204 No Content\r\nX-Rate: 4\r\n\r\n");
         assert_eq!(shorter.unwrap(), pairs(&[("x-rate", "4")]));
+        // More fields than places are kept, and a name longer than is kept: read alike twice.
+        let long = format!("x-{}", "l".repeat(KEPT_NAME));
+        let many: Vec<String> = (0..KEPT_PLACES + 8)
+            .map(|i| {
+                if i == 3 {
+                    long.clone()
+                } else {
+                    format!("x-f{i}")
+                }
+            })
+            .collect();
+        let text: String = many.iter().map(|n| format!("{n}: v\r\n")).collect();
+        let want: Vec<(String, String)> = many.iter().map(|n| (n.clone(), "v".into())).collect();
+        for _ in 0..2 {
+            let got = next(&format!("HTTP/1.1 204 No Content\r\n{text}\r\n"));
+            assert_eq!(got.unwrap(), want);
+        }
         let bad = next("HTTP/1.1 200 OK\r\nX-R\u{e9}te: 5\r\n\r\n");
         assert!(bad.is_err(), "{bad:?}");
     }
