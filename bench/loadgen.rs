@@ -4,6 +4,9 @@
 //! - `loadgen rate URL RATE SECS`: an open-loop GET load at a fixed rate. Each request's latency
 //!   counts from the moment it was due, so a stall is charged to every request it delayed
 //!   (no coordinated omission).
+//! - `loadgen rates URL,URL.. RATE SLICE_SECS SLICES`: the same load at each URL in turn for
+//!   SLICE_SECS, SLICES times over; one line per URL (in the order given) with its latencies
+//!   pooled, so targets compared side by side meet the same moments of the machine's noise.
 //! - `loadgen backlog BIN sliding|fixed LIMIT WINDOW_SECS WINDOWS`: the proxy binary in front of
 //!   the simulated CRM (an epoch-aligned fixed window of LIMIT calls, Zendesk headers), with its
 //!   quota of that kind; ticket creates offered at three times the budget for WINDOWS windows,
@@ -43,7 +46,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> &str {
         args.get(i).map(String::as_str).unwrap_or_else(|| {
-            eprintln!("usage: loadgen rate URL RATE SECS | backlog BIN sliding|fixed LIMIT WINDOW_SECS WINDOWS [REDIS_URL REPLICAS] | memory BIN ENTRIES | scrape BIN ENTRIES RATE SECS ROUNDS | ledger REDIS_URL REPLICAS SECS");
+            eprintln!("usage: loadgen rate URL RATE SECS | rates URL,URL.. RATE SLICE_SECS SLICES | backlog BIN sliding|fixed LIMIT WINDOW_SECS WINDOWS [REDIS_URL REPLICAS] | memory BIN ENTRIES | scrape BIN ENTRIES RATE SECS ROUNDS | ledger REDIS_URL REPLICAS SECS");
             std::process::exit(64)
         })
     };
@@ -60,6 +63,7 @@ fn main() {
         .expect("runtime");
     let line = match arg(0) {
         "rate" => rt.block_on(rate(arg(1), num(2), num(3))),
+        "rates" => rt.block_on(rates(arg(1), num(2), num(3), num(4))),
         "backlog" => rt.block_on(backlog(
             Path::new(arg(1)),
             arg(2),
@@ -121,6 +125,60 @@ fn percentile(sorted: &[Duration], p: f64) -> u128 {
 }
 
 async fn rate(url: &str, per_second: u64, secs: u64) -> String {
+    let (mut latencies, errors, elapsed) = paced(url, per_second, secs).await;
+    latencies.sort();
+    format!(
+        "requests={} errors={errors} rps={:.0} {}",
+        latencies.len(),
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        spread(&latencies),
+    )
+}
+
+/// `rates`: each URL in turn at the fixed rate for SLICE seconds, SLICES times over, so every
+/// target meets the same moments of the machine's noise; one line per URL, its latencies pooled.
+async fn rates(urls: &str, per_second: u64, slice: u64, slices: u64) -> String {
+    let urls: Vec<&str> = urls.split(',').collect();
+    let mut pooled = vec![(Vec::new(), 0, Duration::ZERO); urls.len()];
+    for _ in 0..slices {
+        for (url, (latencies, errors, spent)) in urls.iter().zip(&mut pooled) {
+            let (mut more, failed, took) = paced(url, per_second, slice).await;
+            latencies.append(&mut more);
+            *errors += failed;
+            *spent += took;
+        }
+    }
+    let lines: Vec<String> = urls
+        .iter()
+        .zip(&mut pooled)
+        .map(|(url, (latencies, errors, spent))| {
+            latencies.sort();
+            format!(
+                "url={url} requests={} errors={errors} rps={:.0} {}",
+                latencies.len(),
+                latencies.len() as f64 / spent.as_secs_f64(),
+                spread(latencies)
+            )
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// The percentiles `rate` and `rates` print, from sorted latencies.
+fn spread(sorted: &[Duration]) -> String {
+    format!(
+        "p50_us={} p90_us={} p99_us={} p999_us={} max_us={}",
+        percentile(sorted, 50.0),
+        percentile(sorted, 90.0),
+        percentile(sorted, 99.0),
+        percentile(sorted, 99.9),
+        sorted.last().map_or(0, Duration::as_micros),
+    )
+}
+
+/// GETs at `per_second` for `secs`, open loop: each request's latency, how many failed, and the
+/// time from the first request's due time to the last answer.
+async fn paced(url: &str, per_second: u64, secs: u64) -> (Vec<Duration>, u64, Duration) {
     let client = client();
     // Warm the connection pool (not measured).
     for _ in 0..20 {
@@ -163,16 +221,7 @@ async fn rate(url: &str, per_second: u64, secs: u64) -> String {
         latencies.push(latency);
     }
     let _ = releaser.join();
-    let elapsed = start.elapsed().as_secs_f64();
-    latencies.sort();
-    format!(
-        "requests={total} errors={errors} rps={:.0} p50_us={} p99_us={} p999_us={} max_us={}",
-        total as f64 / elapsed,
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
-        percentile(&latencies, 99.9),
-        latencies.last().map_or(0, Duration::as_micros),
-    )
+    (latencies, errors, start.elapsed())
 }
 
 /// The proxy binary on `127.0.0.1:0`, until dropped.

@@ -2,9 +2,9 @@
 # The benchmark harness (README, "Benchmarks"): in one run on this machine,
 #   1. GET load straight at a fast upstream, through crm-quota-proxy (budgets that never bind;
 #      also with data_threads: 0, the shared runtime), and through nginx proxy_pass with an
-#      equivalent limit_req, alternating rounds: at
-#      saturation (wrk; with the CPU time each server spent per request) and at a fixed
-#      1,000 req/s (loadgen, open loop);
+#      equivalent limit_req: at saturation (wrk, alternating rounds; with the CPU time each
+#      server spent per request) and at a fixed 1,000 req/s (loadgen, open loop; the targets
+#      alternating second by second, latencies pooled);
 #   2. a backlog run: creates at 3x the budget against the simulated CRM (utilization, CRM 429s,
 #      how soon a window's first parked write goes), with a sliding and with a fixed local window;
 #   3. memory: resident size with 100,000 parked 1 KiB writes;
@@ -169,12 +169,18 @@ for round in $(seq 1 "$ROUNDS"); do
         cpu=$(awk -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$TICK" -v n="$requests" \
             'BEGIN { n = n > 0 ? n : 1; printf "cpu_us=%.2f user_us=%.2f sys_us=%.2f", (u + s) * 1e6 / hz / n, u * 1e6 / hz / n, s * 1e6 / hz / n }')
         echo "saturation $target $line $cpu" >>"$RESULTS"
-        line=$("$LOADGEN" rate "${URL[$target]}" "$RATE" "$RATE_SECS")
-        echo "rate $target $line" >>"$RESULTS"
     done
-    echo "bench: round $round, proxy with its ledger on Redis" >&2
-    line=$("$LOADGEN" rate "${URL[proxy_redis]}" "$RATE" "$RATE_SECS")
-    echo "rate proxy_redis $line" >>"$RESULTS"
+done
+# The fixed rate: the targets take turns second by second, ROUNDS x RATE_SECS seconds each, so
+# every one meets the same moments of the shared machine's noise (a burst elsewhere lasting a
+# few seconds lands on all of them, not on one target's block); latencies pooled per target.
+echo "bench: fixed rate, the targets alternating second by second" >&2
+RATE_TARGETS=(direct proxy nginx proxy_shared proxy_redis)
+rate_urls=$(for t in "${RATE_TARGETS[@]}"; do printf '%s,' "${URL[$t]}"; done)
+mapfile -t lines < <("$LOADGEN" rates "${rate_urls%,}" "$RATE" 1 $((ROUNDS * RATE_SECS)))
+((${#lines[@]} == ${#RATE_TARGETS[@]})) || { echo "bench: loadgen rates gave ${#lines[@]} lines" >&2; exit 1; }
+for i in "${!RATE_TARGETS[@]}"; do
+    echo "rate ${RATE_TARGETS[$i]} ${lines[$i]#url=* }" >>"$RESULTS"
 done
 
 echo "bench: backlog runs" >&2
@@ -280,9 +286,11 @@ def med(kind, target, key):
 
 failed = []
 print(f"### Benchmark run {datetime.date.today()} ({cores} cores, {mem}; "
-      f"`bench/run.sh{' --smoke' if smoke == '1' else ''}`, medians of {rounds} alternating rounds)\n")
-for kind, title in (("saturation", "saturation (wrk, 1 thread, 32 connections)"),
-                    ("rate", f"fixed rate, {rate} req/s (open loop; latency from each request's due time)")):
+      f"`bench/run.sh{' --smoke' if smoke == '1' else ''}`)\n")
+for kind, title in (("saturation", f"saturation (wrk, 1 thread, 32 connections; medians of {rounds} alternating rounds)"),
+                    ("rate", f"fixed rate, {rate} req/s (open loop; latency from each request's due time; "
+                             f"{rows[('rate', 'proxy')][0]['requests']} requests a target, the targets taking "
+                             "turns second by second, percentiles of the pooled latencies)")):
     print(f"{title}:\n")
     cpu = kind == "saturation"
     print("| target | req/s | p50 | p99 | p99.9 | errors |" + (" CPU per request |" if cpu else ""))
@@ -310,7 +318,9 @@ print(f"- p99 at {rate} req/s: proxy/direct {r('proxy', 'p99_us') / r('direct', 
       f"proxy/nginx {r('proxy', 'p99_us') / r('nginx', 'p99_us'):.2f}; added by the proxy "
       f"{(r('proxy', 'p99_us') - r('direct', 'p99_us')) / 1e3:.2f} ms, by nginx "
       f"{(r('nginx', 'p99_us') - r('direct', 'p99_us')) / 1e3:.2f} ms; added by the shared ledger "
-      f"on Redis (proxy_redis over proxy) {(r('proxy_redis', 'p99_us') - r('proxy', 'p99_us')) / 1e3:.2f} ms\n")
+      f"on Redis (proxy_redis over proxy) {(r('proxy_redis', 'p99_us') - r('proxy', 'p99_us')) / 1e3:.2f} ms; "
+      f"p50 added by the proxy {(r('proxy', 'p50_us') - r('direct', 'p50_us')) / 1e3:.3f} ms, by nginx "
+      f"{(r('nginx', 'p50_us') - r('direct', 'p50_us')) / 1e3:.3f} ms\n")
 print("| decisions through the shared ledger (Redis on loopback) | decisions/s | p50 | p99 | refused |")
 print("|---|---|---|---|---|")
 for n in ("1", "3"):
