@@ -126,13 +126,7 @@ fn percentile(sorted: &[Duration], p: f64) -> u128 {
 
 async fn rate(url: &str, per_second: u64, secs: u64) -> String {
     let (mut latencies, errors, elapsed) = paced(url, per_second, secs).await;
-    latencies.sort();
-    format!(
-        "requests={} errors={errors} rps={:.0} {}",
-        latencies.len(),
-        latencies.len() as f64 / elapsed.as_secs_f64(),
-        spread(&latencies),
-    )
+    summary(&mut latencies, errors, elapsed)
 }
 
 /// `rates`: each URL in turn at the fixed rate for SLICE seconds, SLICES times over, so every
@@ -152,27 +146,25 @@ async fn rates(urls: &str, per_second: u64, slice: u64, slices: u64) -> String {
         .iter()
         .zip(&mut pooled)
         .map(|(url, (latencies, errors, spent))| {
-            latencies.sort();
-            format!(
-                "url={url} requests={} errors={errors} rps={:.0} {}",
-                latencies.len(),
-                latencies.len() as f64 / spent.as_secs_f64(),
-                spread(latencies)
-            )
+            format!("url={url} {}", summary(latencies, *errors, *spent))
         })
         .collect();
     lines.join("\n")
 }
 
-/// The percentiles `rate` and `rates` print, from sorted latencies.
-fn spread(sorted: &[Duration]) -> String {
+/// What `rate` and `rates` print for one target: requests, errors, rate achieved over `spent`,
+/// and the latencies' percentiles.
+fn summary(latencies: &mut [Duration], errors: u64, spent: Duration) -> String {
+    latencies.sort();
     format!(
-        "p50_us={} p90_us={} p99_us={} p999_us={} max_us={}",
-        percentile(sorted, 50.0),
-        percentile(sorted, 90.0),
-        percentile(sorted, 99.0),
-        percentile(sorted, 99.9),
-        sorted.last().map_or(0, Duration::as_micros),
+        "requests={} errors={errors} rps={:.0} p50_us={} p90_us={} p99_us={} p999_us={} max_us={}",
+        latencies.len(),
+        latencies.len() as f64 / spent.as_secs_f64(),
+        percentile(latencies, 50.0),
+        percentile(latencies, 90.0),
+        percentile(latencies, 99.0),
+        percentile(latencies, 99.9),
+        latencies.last().map_or(0, Duration::as_micros),
     )
 }
 
