@@ -3,6 +3,7 @@
 
 mod body;
 pub(crate) mod chunked;
+mod deadline;
 pub(crate) mod head;
 pub(crate) mod http1;
 mod pool;
@@ -175,14 +176,19 @@ impl UpstreamClient {
         // Pinned where it is made: the timeout holds a reference, so the call's future is not
         // moved into it (a copy of its whole state).
         let call = std::pin::pin!(pool.send(req));
-        let result = match tokio::time::timeout(self.request_timeout, call).await {
-            Err(_) => Err(ForwardError::Timeout(self.request_timeout)),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(Answer::Http1(head, conn))) => {
+        let timed = if OWN_POOL.with(Cell::get) {
+            deadline::within(self.request_timeout, call).await.ok()
+        } else {
+            tokio::time::timeout(self.request_timeout, call).await.ok()
+        };
+        let result = match timed {
+            None => Err(ForwardError::Timeout(self.request_timeout)),
+            Some(Err(e)) => Err(e),
+            Some(Ok(Answer::Http1(head, conn))) => {
                 let body = UpstreamBody::http1(conn, head.framing, head.reusable, &pool);
                 Ok(head.response.map(|()| body))
             }
-            Ok(Ok(Answer::Http2(resp))) => Ok(resp.map(UpstreamBody::http2)),
+            Some(Ok(Answer::Http2(resp))) => Ok(resp.map(UpstreamBody::http2)),
         };
         self.record(&result);
         result
