@@ -2,6 +2,7 @@
 //! User-Agent, a credential fingerprint or the source address. Unmatched requests are `default`.
 
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use http::HeaderMap;
 use http::header::USER_AGENT;
@@ -9,6 +10,7 @@ use http::header::USER_AGENT;
 use crate::config::{ClientConfig, DEFAULT_CLIENT, Rule};
 use crate::ids::{ClientId, Fingerprint};
 use crate::matching::glob;
+use crate::metrics::{ClientSeries, Metrics};
 
 /// What a request offers for identification.
 pub struct Caller<'a> {
@@ -38,13 +40,16 @@ fn holds(rule: &Rule, caller: &Caller<'_>) -> bool {
 #[derive(Debug, Clone)]
 pub struct Clients {
     list: Vec<ClientConfig>,
+    /// Each client's metric series in the proxy's registry, looked up at its first request.
+    series: Vec<OnceLock<ClientSeries>>,
 }
 
 impl Clients {
     /// `list` must end with the `default` client (config validation guarantees it).
     pub fn new(list: Vec<ClientConfig>) -> Clients {
         debug_assert_eq!(list.last().map(|c| c.name.as_str()), Some(DEFAULT_CLIENT));
-        Clients { list }
+        let series = list.iter().map(|_| OnceLock::new()).collect();
+        Clients { list, series }
     }
 
     /// The first client whose every rule holds, else `default`.
@@ -65,6 +70,11 @@ impl Clients {
 
     pub fn get(&self, id: ClientId) -> &ClientConfig {
         &self.list[id.0]
+    }
+
+    /// Client `id`'s metric series (looked up in `metrics` the first time).
+    pub fn series(&self, id: ClientId, metrics: &Metrics) -> &ClientSeries {
+        self.series[id.0].get_or_init(|| metrics.client_series(&self.list[id.0].name))
     }
 
     pub fn all(&self) -> &[ClientConfig] {

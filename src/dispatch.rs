@@ -125,11 +125,9 @@ async fn send(proxy: &Proxy, route: &Route, request: Outbound) -> Sending {
         .send_buffered(request, proxy.config().max_body_bytes)
         .await;
     match &result {
-        Ok(resp) => proxy.metrics.upstream_response(
-            &route.name,
-            resp.status,
-            started.elapsed().as_secs_f64(),
-        ),
+        Ok(resp) => route
+            .series(&proxy.metrics)
+            .upstream_response(resp.status, started.elapsed().as_secs_f64()),
         Err(e) => proxy.metrics.upstream_error(&route.name, e.kind()),
     }
     Sending { result, sent_at }
@@ -266,9 +264,7 @@ async fn deliver(proxy: Arc<Proxy>, d: Dispatch) {
     }
     let safe = route.resend_safe(&d.request);
     let keyed = d.request.headers.contains_key(IDEMPOTENCY_KEY);
-    proxy
-        .metrics
-        .client_call(&proxy.clients().get(d.client).name);
+    proxy.clients().series(d.client, &proxy.metrics).call();
     let result = send(&proxy, route, d.request).await;
     let now = proxy.clock.now();
     let sent = Sent::read(&proxy, route, &grant, result, now);
@@ -324,9 +320,7 @@ async fn deliver_batch(proxy: Arc<Proxy>, b: BatchDispatch) {
             .complete_batch(b.batch, BatchOutcome::Each(each), now);
         return;
     }
-    proxy
-        .metrics
-        .client_call(&proxy.clients().get(b.client).name);
+    proxy.clients().series(b.client, &proxy.metrics).call();
     let result = send(&proxy, route, b.request).await;
     let now = proxy.clock.now();
     // Each write gets the verdict on the call as its own attempt.

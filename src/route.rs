@@ -1,5 +1,6 @@
 //! The route table: classification of a request into a route with its quotas and lane.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::Method;
@@ -8,6 +9,7 @@ use crate::config::{BatchConfig, Class, Config, DEFAULT_ROUTE, KeyPart, OnLimit,
 use crate::ids::{LaneId, QuotaId, RouteId};
 use crate::matching::PathPattern;
 use crate::message::{IDEMPOTENCY_KEY, Outbound};
+use crate::metrics::{Metrics, RouteSeries};
 
 /// A classified route: what a request of this kind may spend and what happens when it cannot.
 #[derive(Debug)]
@@ -32,9 +34,16 @@ pub struct Route {
     pub batch: Option<BatchConfig>,
     /// `false`: shadow mode (the route's or the whole proxy's `enforce: false`).
     pub enforce: bool,
+    /// The route's metric series in the proxy's registry, looked up at its first request.
+    series: OnceLock<RouteSeries>,
 }
 
 impl Route {
+    /// The route's metric series (looked up in `metrics` the first time).
+    pub fn series(&self, metrics: &Metrics) -> &RouteSeries {
+        self.series.get_or_init(|| metrics.route_series(&self.name))
+    }
+
     fn accepts(&self, method: &Method, path: &str) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && self.paths.iter().any(|p| p.matches(path))
@@ -143,6 +152,7 @@ impl RouteTable {
                 retry_ambiguous: rc.retry_ambiguous,
                 batch: rc.batch,
                 enforce: config.enforce && rc.enforce,
+                series: OnceLock::new(),
             });
         }
         let configured = routes.len();
@@ -168,6 +178,7 @@ impl RouteTable {
                 keyed: keyed(&account),
                 batch: None,
                 enforce: config.enforce,
+                series: OnceLock::new(),
             });
         }
         RouteTable {

@@ -16,6 +16,7 @@ use crate::ids::EntryId;
 use crate::listener::RequestBody;
 use crate::proxy::Proxy;
 use crate::response::Body;
+use crate::route::Route;
 
 tokio::task_local! {
     static NOTE: RefCell<Note>;
@@ -123,6 +124,12 @@ pub(super) fn client(name: &str) {
 /// How the request ended; counted in `crm_proxy_requests_total` too.
 pub(super) fn outcome(p: &Proxy, route: &str, outcome: &'static str) {
     p.metrics.request(route, outcome);
+    with(|n| n.outcome = outcome);
+}
+
+/// [`outcome`] for a classified request: its route's series are held, not looked up.
+pub(super) fn route_outcome(p: &Proxy, route: &Route, outcome: &'static str) {
+    route.series(&p.metrics).request(outcome);
     with(|n| n.outcome = outcome);
 }
 

@@ -32,7 +32,7 @@ pub(super) async fn accepted(
         });
     }
     p.queue.settle(a.id, true);
-    access::outcome(p, &route.name, "queued");
+    access::route_outcome(p, route, "queued");
     access::id(a.id);
     tracing::info!(request_id = %a.id, route = %route.name, position = a.position, "{why}");
     Ok(response::accepted(
@@ -58,14 +58,14 @@ pub(super) fn batched(
     access::id(id);
     let mut resp = match settled {
         Settled::Answer(answer) => {
-            access::outcome(p, &route.name, "batched");
+            access::route_outcome(p, route, "batched");
             let mut resp = Response::new(response::full(answer.body));
             *resp.status_mut() = answer.status;
             *resp.headers_mut() = answer.headers;
             resp
         }
         Settled::Failed(reason, error) => {
-            access::outcome(p, &route.name, "failed");
+            access::route_outcome(p, route, "failed");
             let status_url = response::status_url(id, token);
             let mut resp = if reason == FailReason::Rejected {
                 response::problem(StatusCode::UNPROCESSABLE_ENTITY, "RecordInvalid", &error)
@@ -92,7 +92,7 @@ pub(super) fn reject(
     binding: Option<QuotaId>,
     now: Time,
 ) -> Response<Body> {
-    access::outcome(p, &route.name, "rejected");
+    access::route_outcome(p, route, "rejected");
     p.ledger
         .refused(&route.quotas, route.class == Class::Read, now);
     let mut usage = p.ledger.usage(&route.quotas, now);

@@ -82,7 +82,7 @@ async fn answer(proxy: &Proxy, req: Request<RequestBody>, peer: &Peer) -> Respon
     match forward(proxy, route, req, &canon, peer).await {
         Ok(resp) => resp,
         Err(e) => {
-            access::outcome(proxy, &route.name, e.outcome());
+            access::route_outcome(proxy, route, e.outcome());
             if let ProxyError::Upstream(fe) = &e {
                 tracing::warn!(route = %route.name, error = %fe, "CRM request failed");
             }
@@ -144,7 +144,7 @@ async fn forward(
         fingerprint,
     });
     let name = &clients.get(client).name;
-    p.metrics.client_request(name);
+    clients.series(client, &p.metrics).request();
     access::client(name);
     let keys = keys(p, route, canon, &headers, client, fingerprint);
     prepare_request_headers(&mut headers, peer);
@@ -407,7 +407,7 @@ async fn forward_live(
     let parkable = (route.on_limit == OnLimit::Queue && ticket.is_some()).then(|| out.clone());
     let safe = route.resend_safe(&out);
     let sent_at = p.clock.now();
-    p.metrics.client_call(&p.clients().get(client).name);
+    p.clients().series(client, &p.metrics).call();
     let result = p.upstream().send(out).await;
     // The proxy's clock is monotonic between two reads (a wall time fixed at start plus the
     // monotonic time since), so the call's duration is the difference of the two.
@@ -447,8 +447,9 @@ async fn forward_live(
             return Err(ProxyError::Upstream(e));
         }
     };
-    p.metrics
-        .upstream_response(&route.name, resp.status(), took.as_secs_f64());
+    route
+        .series(&p.metrics)
+        .upstream_response(resp.status(), took.as_secs_f64());
     let (mut parts, body) = resp.into_parts();
     let crm = p.config().upstream.crm;
     let (body, read): (Body, Option<Bytes>) = if crm.needs_body(parts.status) {
@@ -499,7 +500,7 @@ async fn forward_live(
         .await;
     }
     drop(ticket);
-    access::outcome(p, &route.name, outcome);
+    access::route_outcome(p, route, outcome);
     strip_hop_by_hop(&mut parts.headers);
     let usage = p.ledger.usage(&route.quotas, now);
     response::add_rate_limit_headers(&mut parts.headers, &p.ledger, &usage, now);

@@ -5,8 +5,8 @@ mod outlook;
 mod registry;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Outcomes of a client request, as counted in `crm_proxy_requests_total`.
@@ -41,6 +41,73 @@ pub const LISTENERS: &[&str] = &["data", "admin"];
 
 /// Why a listener closed a connection itself.
 pub const CLOSE_REASONS: &[&str] = &["over_cap", "header_timeout", "idle"];
+
+/// A route's series of `crm_proxy_requests_total` and `crm_proxy_upstream_*`: the common ones
+/// held, the others looked up by label.
+#[derive(Debug, Clone)]
+pub struct RouteSeries {
+    route: String,
+    requests: IntCounterVec,
+    responses: IntCounterVec,
+    forwarded: IntCounter,
+    waited: IntCounter,
+    answered_2xx: IntCounter,
+    duration: Histogram,
+}
+
+impl RouteSeries {
+    /// How a request of the route ended (`crm_proxy_requests_total`).
+    pub fn request(&self, outcome: &str) {
+        match outcome {
+            "forwarded" => self.forwarded.inc(),
+            "waited" => self.waited.inc(),
+            _ => self
+                .requests
+                .with_label_values(&[&self.route, outcome])
+                .inc(),
+        }
+    }
+
+    /// The CRM's answer to one of the route's requests, and how long it took.
+    pub fn upstream_response(&self, status: http::StatusCode, seconds: f64) {
+        match status_class(status) {
+            "2xx" => self.answered_2xx.inc(),
+            class => self
+                .responses
+                .with_label_values(&[&self.route, class])
+                .inc(),
+        }
+        self.duration.observe(seconds);
+    }
+}
+
+/// A client's series of `crm_proxy_client_requests_total` and `crm_proxy_client_calls_total`.
+#[derive(Debug, Clone)]
+pub struct ClientSeries {
+    requests: IntCounter,
+    calls: IntCounter,
+}
+
+impl ClientSeries {
+    pub fn request(&self) {
+        self.requests.inc();
+    }
+
+    pub fn call(&self) {
+        self.calls.inc();
+    }
+}
+
+/// The label of a status's class: `2xx` and the like.
+fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -112,14 +179,6 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn client_request(&self, client: &str) {
-        self.client_requests.with_label_values(&[client]).inc();
-    }
-
-    pub fn client_call(&self, client: &str) {
-        self.client_calls.with_label_values(&[client]).inc();
-    }
-
     /// A client's use of an unkeyed quota's current window, and that use as a share of the limit.
     pub fn set_client_quota(&self, client: &str, quota: &str, used: u64, share: f64) {
         let l = [client, quota];
@@ -152,20 +211,26 @@ impl Metrics {
         self.requests.with_label_values(&[route, outcome]).inc();
     }
 
-    pub fn upstream_response(&self, route: &str, status: http::StatusCode, seconds: f64) {
-        let class = match status.as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.upstream_responses
-            .with_label_values(&[route, class])
-            .inc();
-        self.upstream_duration
-            .with_label_values(&[route])
-            .observe(seconds);
+    /// The series every forwarded request of `route` counts, looked up once (a labelled
+    /// lookup hashes its labels and takes its vector's lock, which every data thread shares).
+    pub fn route_series(&self, route: &str) -> RouteSeries {
+        RouteSeries {
+            route: route.to_string(),
+            requests: self.requests.clone(),
+            responses: self.upstream_responses.clone(),
+            forwarded: self.requests.with_label_values(&[route, "forwarded"]),
+            waited: self.requests.with_label_values(&[route, "waited"]),
+            answered_2xx: self.upstream_responses.with_label_values(&[route, "2xx"]),
+            duration: self.upstream_duration.with_label_values(&[route]),
+        }
+    }
+
+    /// The two series every request of `client` counts, looked up once.
+    pub fn client_series(&self, client: &str) -> ClientSeries {
+        ClientSeries {
+            requests: self.client_requests.with_label_values(&[client]),
+            calls: self.client_calls.with_label_values(&[client]),
+        }
     }
 
     /// 1 while the drain is paused because the CRM fails as a whole.
