@@ -1,6 +1,8 @@
 //! The one place that turns proxy decisions and errors into HTTP responses and headers.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -318,20 +320,12 @@ pub fn add_rate_limit_headers(
     if usage.is_empty() {
         return;
     }
-    // One look at the configs for every item; the numbers are written without `format!`
-    // (this runs on every answer), and both values into one buffer they become slices of (one
-    // allocation for the two, not one each and a shared header for each).
     let configs = ledger.configs();
-    let mut out = Vec::with_capacity(80 * usage.len());
-    for (i, u) in usage.iter().enumerate() {
-        let cfg = &configs[u.quota.0];
-        if i > 0 {
-            out.extend_from_slice(b", ");
-        }
-        let (limit, window) = (u64::from(cfg.limit), cfg.window.as_secs());
-        push_item(&mut out, &cfg.name, [("q", limit), ("w", window)]);
-    }
-    let policy_end = out.len();
+    let Some(policy) = policy(&configs, usage) else {
+        return;
+    };
+    // The numbers are written without `format!` (this runs on every answer).
+    let mut out = Vec::with_capacity(40 * usage.len());
     for (i, u) in usage.iter().enumerate() {
         if i > 0 {
             out.extend_from_slice(b", ");
@@ -344,14 +338,52 @@ pub fn add_rate_limit_headers(
             [("r", u64::from(u.remaining)), ("t", reset)],
         );
     }
-    let out = Bytes::from(out);
-    if let (Ok(p), Ok(s)) = (
-        HeaderValue::from_maybe_shared(out.slice(..policy_end)),
-        HeaderValue::from_maybe_shared(out.slice(policy_end..)),
-    ) {
-        headers.append(RATELIMIT_POLICY.clone(), p);
-        headers.append(RATELIMIT.clone(), s);
+    if let Ok(state) = HeaderValue::from_maybe_shared(Bytes::from(out)) {
+        headers.append(RATELIMIT_POLICY.clone(), policy);
+        headers.append(RATELIMIT.clone(), state);
     }
+}
+
+thread_local! {
+    /// Each quota's `RateLimit-Policy` item (`None`: not a valid field value) and the configs
+    /// they were written from: an item depends on its quota's config alone, so it is written
+    /// once, and again only when a reload replaces the configs.
+    static POLICY_ITEMS: RefCell<Option<PolicyItems>> = const { RefCell::new(None) };
+}
+
+type PolicyItems = (Arc<Vec<QuotaConfig>>, Vec<Option<HeaderValue>>);
+
+/// The `RateLimit-Policy` value for `usage`: one item per quota, in its order.
+fn policy(configs: &Arc<Vec<QuotaConfig>>, usage: &[QuotaUsage]) -> Option<HeaderValue> {
+    POLICY_ITEMS.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let items = match &mut *cell {
+            Some((written_from, items)) if Arc::ptr_eq(written_from, configs) => items,
+            slot => {
+                let items = configs.iter().map(policy_item).collect();
+                &mut slot.insert((configs.clone(), items)).1
+            }
+        };
+        if let [only] = usage {
+            return items[only.quota.0].clone();
+        }
+        let mut out = Vec::with_capacity(40 * usage.len());
+        for (i, u) in usage.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(items[u.quota.0].as_ref()?.as_bytes());
+        }
+        HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
+    })
+}
+
+/// A quota's `RateLimit-Policy` item: its name, limit (`q`) and window in seconds (`w`).
+fn policy_item(cfg: &QuotaConfig) -> Option<HeaderValue> {
+    let mut out = Vec::new();
+    let (limit, window) = (u64::from(cfg.limit), cfg.window.as_secs());
+    push_item(&mut out, &cfg.name, [("q", limit), ("w", window)]);
+    HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
 }
 
 /// Appends one structured-field item: `"name";k=v;k=v` (the header value's own check covers
