@@ -165,6 +165,11 @@ impl Crm {
     ) -> Vec<Observation> {
         let mut h = Reader::new(self.rate_limit_headers(), headers, now, bad);
         let mut out = Vec::new();
+        // Most answers carry none of the CRM's rate-limit headers: nothing to build (Zendesk's
+        // `zendesk-ratelimit-*` family is found by its prefix below, not by the reader).
+        if !h.any && self != Crm::Zendesk {
+            return out;
+        }
         match self {
             Crm::Zendesk => {
                 let mut account = Observation::new("account");
