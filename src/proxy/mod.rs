@@ -16,7 +16,7 @@ use crate::admin_guard::AdminGuard;
 use crate::breaker::Breaker;
 use crate::client::Clients;
 use crate::clock::{SharedClock, Time};
-use crate::config::{Class, Config, DEFAULT_ROUTE};
+use crate::config::{Class, Config, DEFAULT_ROUTE, QueueConfig};
 use crate::credentials::Credentials;
 use crate::crm::{Observation, Throttle};
 use crate::ids::QuotaId;
@@ -482,11 +482,13 @@ impl Proxy {
         outage: Option<Time>,
         now: Time,
     ) -> Verdict {
+        let config = self.config();
+        let q = &config.queue;
         let policy = Policy {
             resend_safe,
-            retry_status: &self.config().upstream.retry_status,
-            attempts: attempt.map(|n| (n, self.config().queue.max_attempts)),
-            backoff: self.backoff(attempt.unwrap_or(1)),
+            retry_status: &config.upstream.retry_status,
+            attempts: attempt.map(|n| (n, q.max_attempts)),
+            backoff: backoff(q, attempt.unwrap_or(1)),
             outage,
             now,
         };
@@ -495,7 +497,11 @@ impl Proxy {
 
     /// The wait after attempt `attempt` before the next: doubled per attempt, capped, jittered.
     pub fn backoff(&self, attempt: u32) -> std::time::Duration {
-        let q = &self.config().queue;
-        verdict::backoff(q.backoff_initial, q.backoff_max, attempt, jitter())
+        backoff(&self.config().queue, attempt)
     }
+}
+
+/// The wait after attempt `attempt` before the next, under queue settings `q`.
+fn backoff(q: &QueueConfig, attempt: u32) -> std::time::Duration {
+    verdict::backoff(q.backoff_initial, q.backoff_max, attempt, jitter())
 }
