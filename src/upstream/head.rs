@@ -33,6 +33,16 @@ impl Fields {
     pub fn note(&mut self, name: &HeaderName, value: &[u8]) -> Result<bool, Error> {
         let items = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
         if *name == CONNECTION {
+            // Most say only this, and are not kept.
+            let whole = value.trim_ascii();
+            if whole.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+                return Ok(true);
+            }
+            if whole.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+                return Ok(true);
+            }
             for item in items() {
                 self.close |= item.eq_ignore_ascii_case(b"close");
                 self.keep_alive |= item.eq_ignore_ascii_case(b"keep-alive");
@@ -45,6 +55,14 @@ impl Fields {
                 self.chunked = last.eq_ignore_ascii_case(b"chunked");
             }
         } else if *name == CONTENT_LENGTH {
+            // Most are one number alone; a list of them (equal ones) is read item by item.
+            if let Some(n) = parse_decimal(value) {
+                if self.length.is_some_and(|l| l != n) {
+                    return Err("conflicting Content-Length values".into());
+                }
+                self.length = Some(n);
+                return Ok(false);
+            }
             for item in items() {
                 let n = parse_decimal(item).ok_or_else(|| {
                     format!(
@@ -151,5 +169,65 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    // Nineteen digits always fit in a u64.
+    Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noted(fields: &[(HeaderName, &str)]) -> (Fields, Vec<Result<bool, Error>>) {
+        let mut f = Fields::default();
+        let results = fields
+            .iter()
+            .map(|(name, value)| f.note(name, value.as_bytes()))
+            .collect();
+        (f, results)
+    }
+
+    #[test]
+    fn a_connection_field_that_only_frames_is_not_kept_and_one_naming_fields_is() {
+        for value in ["keep-alive", "Keep-Alive ", " close", "keep-alive, close"] {
+            let (f, r) = noted(&[(CONNECTION, value)]);
+            let only = value.trim().eq_ignore_ascii_case("keep-alive")
+                || value.trim().eq_ignore_ascii_case("close");
+            assert_eq!(r[0].as_ref().ok(), Some(&only), "{value:?}");
+            assert!(f.keep_alive || f.close, "{value:?}");
+        }
+        let (f, r) = noted(&[(CONNECTION, "Upgrade, close")]);
+        assert_eq!(r[0].as_ref().ok(), Some(&false));
+        assert!(f.close && !f.keep_alive);
+    }
+
+    #[test]
+    fn content_length_is_one_number_or_a_list_of_equal_ones() {
+        let (f, r) = noted(&[(CONTENT_LENGTH, "42")]);
+        assert!(r[0].is_ok());
+        assert_eq!(f.length, Some(42));
+        let (f, r) = noted(&[(CONTENT_LENGTH, "7, 7"), (CONTENT_LENGTH, "7")]);
+        assert!(r.iter().all(Result::is_ok));
+        assert_eq!(f.length, Some(7));
+        let (_, r) = noted(&[(CONTENT_LENGTH, "42"), (CONTENT_LENGTH, "43")]);
+        assert!(r[1].as_ref().unwrap_err().contains("conflicting"));
+        for bad in ["", "4 2", "-1", "0x10", "18446744073709551616", "42,"] {
+            let (_, r) = noted(&[(CONTENT_LENGTH, bad)]);
+            assert!(
+                r[0].as_ref()
+                    .unwrap_err()
+                    .contains("invalid Content-Length"),
+                "{bad:?}"
+            );
+        }
+        let (f, _) = noted(&[(CONTENT_LENGTH, "9999999999999999999")]);
+        assert_eq!(f.length, Some(9_999_999_999_999_999_999));
+    }
+
+    #[test]
+    fn transfer_coding_is_chunked_when_its_last_coding_is() {
+        let (f, _) = noted(&[(TRANSFER_ENCODING, "gzip, Chunked")]);
+        assert!(f.coded && f.chunked);
+        let (f, _) = noted(&[(TRANSFER_ENCODING, "chunked, gzip")]);
+        assert!(f.coded && !f.chunked);
+    }
 }
