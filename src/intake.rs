@@ -45,7 +45,9 @@ pub struct Intake {
     base: Instant,
     /// Requests waiting for a slot.
     waiting: AtomicUsize,
-    /// Milliseconds after `base` when a slot was last handed out (or freed with nobody waiting).
+    /// Milliseconds after `base` when requests began to wait for a slot (none waited before),
+    /// or when one was last handed out while others waited: kept only while someone waits, so
+    /// a request that finds a slot free reads no clock for it.
     last_slot: AtomicU64,
 }
 
@@ -147,17 +149,29 @@ impl Intake {
     /// Waits for a processing slot.
     pub async fn slot(&self) -> Slot {
         let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
+            Ok(p) => {
+                if self.waiting.load(Relaxed) > 0 {
+                    self.slot_moved();
+                }
+                p
+            }
             Err(_) => {
-                self.waiting.fetch_add(1, Relaxed);
+                if self.waiting.fetch_add(1, Relaxed) == 0 {
+                    // The first to wait: a stall is timed from now.
+                    self.slot_moved();
+                }
                 let p = self.slots.clone().acquire_owned().await;
                 self.waiting.fetch_sub(1, Relaxed);
+                self.slot_moved();
                 p.expect("the slot semaphore is never closed")
             }
         };
+        Slot(permit)
+    }
+
+    fn slot_moved(&self) {
         self.last_slot
             .store(self.base.elapsed().as_millis() as u64, Relaxed);
-        Slot(permit)
     }
 
     /// How long requests have waited for a slot with none handed out: a data plane that has
@@ -211,5 +225,37 @@ mod tests {
         drop(held);
         let _next = waiter.await.unwrap();
         assert_eq!(intake.stalled_for(Instant::now()), None, "moving again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_is_timed_from_when_requests_began_to_wait_or_were_last_served() {
+        let intake = Arc::new(intake(1));
+        let held = intake.slot().await;
+        // Held for a long time with nobody waiting: not a stall yet.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let wait = |intake: &Arc<Intake>| {
+            let intake = intake.clone();
+            tokio::spawn(async move { intake.slot().await })
+        };
+        let first = wait(&intake);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let second = wait(&intake);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            intake.stalled_for(Instant::now()),
+            Some(Duration::from_secs(10)),
+            "since the first began to wait"
+        );
+        drop(held);
+        let served = first.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert_eq!(
+            intake.stalled_for(Instant::now()),
+            Some(Duration::from_secs(7)),
+            "since the first was served, the second still waiting"
+        );
+        drop(served);
+        let _last = second.await.unwrap();
+        assert_eq!(intake.stalled_for(Instant::now()), None);
     }
 }

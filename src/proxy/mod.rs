@@ -268,9 +268,10 @@ impl Proxy {
         }
     }
 
-    /// Why the data plane is not moving, for `/healthz`: every processing slot held for longer
-    /// than any request may take (the longest `max_wait`, plus connecting and the CRM's answer,
-    /// plus 10 s), or the data listener unable to accept for 10 s.
+    /// Why the data plane is not moving, for `/healthz`: every processing slot held and requests
+    /// waiting for one, none freed to them, for longer than any request may take (the longest
+    /// `max_wait`, plus connecting and the CRM's answer, plus 10 s), or the data listener unable
+    /// to accept for 10 s.
     pub fn stuck(&self) -> Option<String> {
         let now = tokio::time::Instant::now();
         let c = &self.config();
@@ -287,7 +288,7 @@ impl Proxy {
             && stalled > longest
         {
             return Some(format!(
-                "no processing slot freed for {}s: all {} are held (listen.max_concurrent_requests)",
+                "requests have waited {}s for a processing slot and none was freed: all {} are held (listen.max_concurrent_requests)",
                 stalled.as_secs(),
                 c.listen.max_concurrent_requests
             ));
