@@ -57,11 +57,7 @@ impl Fields {
         } else if *name == CONTENT_LENGTH {
             // Most are one number alone; a list of them (equal ones) is read item by item.
             if let Some(n) = parse_decimal(value) {
-                if self.length.is_some_and(|l| l != n) {
-                    return Err("conflicting Content-Length values".into());
-                }
-                self.length = Some(n);
-                return Ok(false);
+                return self.length(n).map(|()| false);
             }
             for item in items() {
                 let n = parse_decimal(item).ok_or_else(|| {
@@ -70,13 +66,19 @@ impl Fields {
                         String::from_utf8_lossy(value)
                     )
                 })?;
-                if self.length.is_some_and(|l| l != n) {
-                    return Err("conflicting Content-Length values".into());
-                }
-                self.length = Some(n);
+                self.length(n)?;
             }
         }
         Ok(false)
+    }
+
+    /// Notes one `Content-Length` number: the same as any noted before it, or an error.
+    fn length(&mut self, n: u64) -> Result<(), Error> {
+        if self.length.is_some_and(|l| l != n) {
+            return Err("conflicting Content-Length values".into());
+        }
+        self.length = Some(n);
+        Ok(())
     }
 }
 
