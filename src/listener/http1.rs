@@ -360,9 +360,7 @@ fn parse_request(
         .map_err(|e| refused(bad, format!("the request target is invalid: {e}")))?;
     let mut headers = std::mem::take(spare);
     headers.reserve(names.len());
-    names
-        .append_to(&mut headers, &head)
-        .map_err(|name| refused(bad, format!("the value of {name} is invalid")))?;
+    names.append_to(&mut headers, &head);
     let framing = framing(&fields, version)?;
     let keep_alive = match version {
         Version::HTTP_11 => !fields.close,

@@ -264,9 +264,7 @@ fn parse_head(
         let head = buf.split_to(len).freeze();
         let mut headers = std::mem::take(spare);
         headers.reserve(names.len());
-        names
-            .append_to(&mut headers, &head)
-            .map_err(|name| format!("the response's {name} has an invalid value"))?;
+        names.append_to(&mut headers, &head);
         let framing = framing(status, &fields, head_only);
         let reusable =
             version == Version::HTTP_11 && framing != Some(Framing::Close) && !fields.close;
