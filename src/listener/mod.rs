@@ -28,14 +28,14 @@ use crate::response::Body;
 mod answer;
 mod body;
 mod http1;
+mod lifetime;
+
+use lifetime::watch_connection;
 
 pub use body::RequestBody;
 
 /// Connections the admin listener keeps open at once (scrapes, probes, an operator).
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
-
-/// How long after a graceful close was asked a connection that has not closed is dropped.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// A repeated accept failure or refusal is logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -426,77 +426,6 @@ pub async fn accept_loop<F, S>(
     drop(done_tx);
     if tokio::time::timeout(grace, done.recv()).await.is_err() {
         tracing::warn!("grace period over; closing connections still open");
-    }
-}
-
-/// Serves one connection until it ends, closing it when a deadline of `limits` passes with no
-/// request in service, or (after its requests finish) when `closing` turns true; what it ended
-/// with, or `None` when it failed or was dropped after a close it did not finish in time.
-///
-/// The connection is not woken for each request to move its timer. Every deadline lies at
-/// least `step` (the shorter timeout) after the change that set it: a request ending starts the
-/// idle timeout, a head beginning the header timeout. So a timer never set later than `step`
-/// from now fires before any deadline a later change can bring; when it fires early it is set
-/// again, to the deadline in force or `step` on.
-async fn watch_connection<C, T, E>(
-    mut conn: Pin<&mut C>,
-    close_gracefully: impl Fn(Pin<&mut C>),
-    activity: &Activity,
-    limits: &ConnLimits,
-    stats: &ListenerStats,
-    mut closing: watch::Receiver<bool>,
-    peer: SocketAddr,
-) -> Option<T>
-where
-    C: Future<Output = Result<T, E>>,
-    E: std::fmt::Display,
-{
-    let step = limits.header_timeout.min(limits.idle_timeout);
-    let next_check = |now: Instant| match activity.deadline(limits) {
-        Some((at, _)) => at.min(now + step),
-        None => now + step,
-    };
-    let timer = tokio::time::sleep_until(next_check(Instant::now()));
-    tokio::pin!(timer);
-    let mut stopping = false;
-    // Set once a close was asked: past it the connection is dropped.
-    let mut give_up = false;
-    loop {
-        tokio::select! {
-            biased;
-            ended = conn.as_mut() => {
-                return match ended {
-                    Ok(ended) => Some(ended),
-                    Err(e) => {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                        None
-                    }
-                };
-            }
-            _ = closing.wait_for(|c| *c), if !stopping => {
-                stopping = true;
-                close_gracefully(conn.as_mut());
-            }
-            _ = timer.as_mut() => {
-                if give_up {
-                    return None;
-                }
-                let now = Instant::now();
-                match activity.deadline(limits) {
-                    Some((at, why)) if now >= at => {
-                        match why {
-                            Expired::Header => stats.header_timeouts.fetch_add(1, Relaxed),
-                            Expired::Idle => stats.idle_closed.fetch_add(1, Relaxed),
-                        };
-                        tracing::debug!(%peer, reason = ?why, "closing a connection");
-                        close_gracefully(conn.as_mut());
-                        give_up = true;
-                        timer.as_mut().reset(now + CLOSE_WAIT);
-                    }
-                    _ => timer.as_mut().reset(next_check(now)),
-                }
-            }
-        }
     }
 }
 
