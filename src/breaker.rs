@@ -5,6 +5,7 @@
 //! attempt. Any answer of the CRM's own (a success, a 4xx) closes it.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -59,6 +60,9 @@ pub enum Probe {
 #[derive(Debug, Default)]
 pub struct Breaker {
     state: Mutex<State>,
+    /// Whether a failure was counted since the last answer (or it is open): an answer, which
+    /// closes it, takes the lock only then, not on every call (both data threads make them).
+    troubled: AtomicBool,
     /// Woken when it closes (the drain goes on at once).
     closed: Notify,
 }
@@ -82,6 +86,7 @@ impl Breaker {
             return Some(now);
         }
         s.failures = s.failures.saturating_add(1);
+        self.troubled.store(true, Ordering::Release);
         let failures = s.failures;
         match &mut s.open {
             Some(o) => {
@@ -108,8 +113,13 @@ impl Breaker {
 
     /// The CRM answered with an answer of its own: the breaker closes.
     pub fn answered(&self, now: Time) {
+        // An answer that races a failure counted on another thread is as if it came first.
+        if !self.troubled.load(Ordering::Acquire) {
+            return;
+        }
         let mut s = self.lock();
         s.failures = 0;
+        self.troubled.store(false, Ordering::Release);
         if let Some(o) = s.open.take() {
             s.last = Some((o.since, now));
             tracing::info!(
