@@ -69,12 +69,21 @@ impl Conn {
     }
 
     /// Whether a kept connection can take a request: nothing arrived while it was idle, neither
-    /// bytes nor the CRM's close. Looks once, without waiting.
+    /// bytes nor the CRM's close. Looks once, without waiting: a socket the runtime has seen
+    /// nothing arrive on since its last read is not read again (no system call either way).
     pub fn idle_open(&mut self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
         self.buf.reserve(1);
+        if let MaybeHttpsStream::Http(tcp) = self.io.inner() {
+            // Plain TCP: a read that registers no waker (the connection has no task now).
+            return match tcp.inner().try_read_buf(&mut self.buf) {
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                Ok(_) => false,
+            };
+        }
+        // TLS: a record may carry no data (a ticket) or the CRM's close_notify.
         let mut cx = Context::from_waker(Waker::noop());
         poll_read(&mut self.io, &mut self.buf, &mut cx).is_pending()
     }

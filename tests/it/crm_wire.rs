@@ -24,6 +24,10 @@ struct WireCrm {
     opened: Arc<AtomicUsize>,
     closed: watch::Receiver<usize>,
     received: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Tells a connection that answered `/api/v2/then-stray` to send bytes nobody asked for.
+    stray: Arc<tokio::sync::Notify>,
+    /// How many such unasked answers were sent.
+    strays: watch::Receiver<usize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -35,6 +39,12 @@ impl WireCrm {
         let received = Arc::new(Mutex::new(Vec::new()));
         let (closed_tx, closed) = watch::channel(0);
         let closed_tx = Arc::new(closed_tx);
+        let (strays_tx, strays) = watch::channel(0);
+        let unasked = Unasked {
+            told: Arc::new(tokio::sync::Notify::new()),
+            sent: Arc::new(strays_tx),
+        };
+        let stray = unasked.told.clone();
         let (counted, kept) = (opened.clone(), received.clone());
         let task = tokio::spawn(async move {
             loop {
@@ -42,9 +52,9 @@ impl WireCrm {
                     return;
                 };
                 counted.fetch_add(1, Ordering::SeqCst);
-                let (kept, closed_tx) = (kept.clone(), closed_tx.clone());
+                let (kept, closed_tx, unasked) = (kept.clone(), closed_tx.clone(), unasked.clone());
                 tokio::spawn(async move {
-                    serve(tcp, script, &kept).await;
+                    serve(tcp, script, &kept, &unasked).await;
                     closed_tx.send_modify(|n| *n += 1);
                 });
             }
@@ -54,6 +64,8 @@ impl WireCrm {
             opened,
             closed,
             received,
+            stray,
+            strays,
             task,
         }
     }
@@ -78,8 +90,16 @@ impl WireCrm {
     }
 }
 
+/// Where a connection that answered `/api/v2/then-stray` waits to be told to send an answer
+/// nobody asked for, and counts it sent.
+#[derive(Clone)]
+struct Unasked {
+    told: Arc<tokio::sync::Notify>,
+    sent: Arc<watch::Sender<usize>>,
+}
+
 /// Reads requests (head, then a `Content-Length` body) and answers each from the script.
-async fn serve(mut tcp: TcpStream, script: Script, kept: &Mutex<Vec<Vec<u8>>>) {
+async fn serve(mut tcp: TcpStream, script: Script, kept: &Mutex<Vec<Vec<u8>>>, unasked: &Unasked) {
     let mut buf = Vec::new();
     loop {
         let (head_len, method, path, body_len) = loop {
@@ -121,6 +141,14 @@ async fn serve(mut tcp: TcpStream, script: Script, kept: &Mutex<Vec<Vec<u8>>>) {
         if close {
             let _ = tcp.shutdown().await;
             return;
+        }
+        if path == "/api/v2/then-stray" {
+            unasked.told.notified().await;
+            let stray = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray";
+            if tcp.write_all(stray).await.is_err() {
+                return;
+            }
+            unasked.sent.send_modify(|n| *n += 1);
         }
     }
 }
@@ -168,6 +196,7 @@ fn framings(method: &Method, path: &str) -> (Vec<u8>, bool) {
             b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 3\r\n\r\nbye".to_vec(),
             true,
         ),
+        "/api/v2/then-stray" => text("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
         "/api/v2/then-closes" => (
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
             true,
@@ -262,6 +291,28 @@ async fn a_connection_the_crm_closed_while_idle_is_not_used_again() {
     );
     crm.closed(1).await;
     // The next request finds it closed and goes on a new connection: no error for the client.
+    let r = h.call(Method::POST, "/api/v2/length", r#"{"a":1}"#).await;
+    assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"hello"[..]));
+    assert_eq!(crm.opened(), 2);
+    crm.task.abort();
+}
+
+#[tokio::test]
+async fn a_connection_the_crm_sent_bytes_on_while_idle_is_not_used_again() {
+    let mut crm = WireCrm::start(framings).await;
+    let h = through(&crm).await;
+    assert_eq!(
+        h.call(Method::GET, "/api/v2/then-stray", "").await.body,
+        "ok"
+    );
+    // The answer was read to its end and its connection kept; then the CRM sends an answer
+    // nobody asked for on it.
+    crm.stray.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), crm.strays.wait_for(|n| *n == 1))
+        .await
+        .expect("the CRM sends its stray answer")
+        .unwrap();
+    // The next request does not take that answer for its own: it goes on a new connection.
     let r = h.call(Method::POST, "/api/v2/length", r#"{"a":1}"#).await;
     assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"hello"[..]));
     assert_eq!(crm.opened(), 2);
