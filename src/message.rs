@@ -21,6 +21,10 @@ pub struct Outbound {
     /// Path and query as the client sent them (the upstream path prefix is added on send), as
     /// parsed once from the request line.
     pub path_and_query: PathAndQuery,
+    /// A `Host` among them is the client's, kept as it came (not moved to another name for
+    /// every request): it reaches the CRM as `X-Forwarded-Host`, the CRM getting a `Host` of
+    /// its own (the HTTP/1.1 writer sends it so; [`forwarded_host`] moves it for HTTP/2). A
+    /// request with an `X-Forwarded-Host` of its own (a front proxy's) holds no `Host`.
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -165,11 +169,11 @@ impl Peer {
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Cleans a client's request headers for the upstream: hop-by-hop removed, `Host` left for the
-/// client to set from the upstream URI, a buffered body's framing recomputed, and the
-/// `X-Forwarded-*` trio added (`-Proto` and `-Host` kept when a front proxy already set them).
+/// Cleans a client's request headers for the upstream: hop-by-hop removed, a buffered body's
+/// framing recomputed, `X-Forwarded-For` and `-Proto` added (`-Proto` kept when a front proxy
+/// already set it). The client's `Host` stays, to be sent as `X-Forwarded-Host` (see
+/// [`Outbound::headers`]), unless a front proxy already set that.
 pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     strip_hop_by_hop(headers);
     // One pass over the names: each lookup hashes its name, so absent ones are not looked up.
@@ -190,7 +194,9 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
             _ => {}
         }
     }
-    let host = headers.remove(header::HOST);
+    if forwarded_host {
+        headers.remove(header::HOST);
+    }
     if length {
         headers.remove(header::CONTENT_LENGTH);
     }
@@ -218,7 +224,17 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     if !proto {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
-    if let Some(host) = host.filter(|_| !forwarded_host) {
+}
+
+/// The name the client's `Host` reaches the CRM under.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Moves the client's `Host` of a request to `X-Forwarded-Host` (see [`Outbound::headers`]),
+/// as the HTTP/1.1 writer sends it.
+pub fn forwarded_host(headers: &mut HeaderMap) {
+    if let Some(host) = headers.remove(header::HOST)
+        && !headers.contains_key(&X_FORWARDED_HOST)
+    {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
 }
@@ -308,7 +324,7 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_are_added_and_host_moved() {
+    fn forwarded_headers_are_added_and_the_clients_host_kept_to_go_as_x_forwarded_host() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("proxy.local:8080"));
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
@@ -316,9 +332,15 @@ mod tests {
         prepare_request_headers(&mut h, &Peer::new("10.0.0.2:4000".parse().unwrap()));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(
+            h[header::HOST],
+            "proxy.local:8080",
+            "kept, to go as X-Forwarded-Host"
+        );
+        assert!(h.get(header::CONTENT_LENGTH).is_none());
+        forwarded_host(&mut h);
         assert_eq!(h["x-forwarded-host"], "proxy.local:8080");
         assert!(h.get(header::HOST).is_none());
-        assert!(h.get(header::CONTENT_LENGTH).is_none());
 
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
@@ -336,6 +358,9 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.2");
         assert!(h.get(header::EXPECT).is_none());
+        assert!(h.get(header::HOST).is_none(), "the front proxy's host goes");
+        forwarded_host(&mut h);
+        assert_eq!(h["x-forwarded-host"], "crm.example");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Version};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 
 use super::chunked::{Chunk, Framing, decoded};
 use super::head::{Fields, Names, span_in};
+use crate::message::X_FORWARDED_HOST;
 use crate::units::push_decimal;
 
 /// Header fields a response may have; more is an error (hyper's default limit too).
@@ -147,13 +148,26 @@ impl Conn {
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
+        // The client's `Host` goes as `X-Forwarded-Host`, unless the request has one already.
+        let mut client_host = None;
+        let mut forwarded_host = false;
         for (name, value) in headers {
-            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == http::header::HOST {
+            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
                 continue;
             }
+            if name == HOST {
+                client_host = Some(value);
+                continue;
+            }
+            forwarded_host |= name == X_FORWARDED_HOST;
             for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
                 out.extend_from_slice(part);
             }
+        }
+        if let Some(client_host) = client_host.filter(|_| !forwarded_host) {
+            out.extend_from_slice(b"x-forwarded-host: ");
+            out.extend_from_slice(client_host.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         // A body, or a method whose request has one by meaning, is counted; GET, HEAD, DELETE
         // and OPTIONS without one carry no length (as HTTP clients send them).

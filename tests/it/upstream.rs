@@ -181,8 +181,18 @@ async fn tls_upstream() -> (
                     return;
                 };
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let field = |name: &str| {
+                        req.headers()
+                            .get(name)
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    };
+                    let (host, forwarded) = (field("host"), field("x-forwarded-host"));
                     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
-                        format!("{:?} {}", req.version(), req.uri().path()),
+                        format!(
+                            "{:?} {} host={host:?} forwarded={forwarded:?}",
+                            req.version(),
+                            req.uri().path()
+                        ),
                     ))))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -205,9 +215,11 @@ async fn an_https_upstream_is_verified_against_the_extra_ca_and_spoken_to_over_h
     let h = Harness::with_config(sim, &yaml).await;
     let r = h.call(Method::GET, "/api/v2/users/me.json", "").await;
     assert_eq!(r.status, 200);
+    // The client's Host goes as X-Forwarded-Host, not as a field beside the CRM's authority.
+    let proxy = h.url.trim_start_matches("http://");
     assert_eq!(
         String::from_utf8_lossy(&r.body),
-        "HTTP/2.0 /api/v2/users/me.json"
+        format!("HTTP/2.0 /api/v2/users/me.json host=None forwarded=Some({proxy:?})")
     );
 
     // Without the extra CA the self-signed certificate is refused.
