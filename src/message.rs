@@ -23,8 +23,10 @@ pub struct Outbound {
     pub path_and_query: PathAndQuery,
     /// A `Host` among them is the client's, kept as it came (not moved to another name for
     /// every request): it reaches the CRM as `X-Forwarded-Host`, the CRM getting a `Host` of
-    /// its own (the HTTP/1.1 writer sends it so; [`forwarded_host`] moves it for HTTP/2). A
-    /// request with an `X-Forwarded-Host` of its own (a front proxy's) holds no `Host`.
+    /// its own. A request with an `X-Forwarded-Host` of its own (a front proxy's) holds no
+    /// `Host`. One without `X-Forwarded-Proto` is sent with `http` there (the proxy's data
+    /// listener speaks plain HTTP). The HTTP/1.1 writer sends both so, with no change to the
+    /// map; [`forwarded_fields`] sets them in the map for HTTP/2.
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -168,12 +170,13 @@ impl Peer {
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Cleans a client's request headers for the upstream: hop-by-hop removed, a buffered body's
-/// framing recomputed, `X-Forwarded-For` and `-Proto` added (`-Proto` kept when a front proxy
-/// already set it). The client's `Host` stays, to be sent as `X-Forwarded-Host` (see
-/// [`Outbound::headers`]), unless a front proxy already set that.
+/// framing recomputed, the client's address added to `X-Forwarded-For`. The client's `Host`
+/// stays, to be sent as `X-Forwarded-Host`, unless a front proxy already set that; the
+/// `X-Forwarded-Proto` a front proxy set stays, and a request without one is sent with `http`
+/// (see [`Outbound::headers`]).
 pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     strip_hop_by_hop(headers);
     // One pass over the names: each lookup hashes its name, so absent ones are not looked up.
@@ -181,15 +184,13 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
         mut length,
         mut expect,
         mut forwarded_for,
-        mut proto,
         mut forwarded_host,
-    ] = [false; 5];
+    ] = [false; 4];
     for name in headers.keys() {
         match name {
             n if n == header::CONTENT_LENGTH => length = true,
             n if n == header::EXPECT => expect = true,
             n if *n == X_FORWARDED_FOR => forwarded_for = true,
-            n if *n == X_FORWARDED_PROTO => proto = true,
             n if *n == X_FORWARDED_HOST => forwarded_host = true,
             _ => {}
         }
@@ -221,21 +222,21 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
     if let Some(v) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if !proto {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    }
 }
 
 /// The name the client's `Host` reaches the CRM under.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Moves the client's `Host` of a request to `X-Forwarded-Host` (see [`Outbound::headers`]),
-/// as the HTTP/1.1 writer sends it.
-pub fn forwarded_host(headers: &mut HeaderMap) {
+/// Sets a request's `X-Forwarded-Host` and `-Proto` as the HTTP/1.1 writer sends them (see
+/// [`Outbound::headers`]): the client's `Host` moved to the first, `http` in the second.
+pub fn forwarded_fields(headers: &mut HeaderMap) {
     if let Some(host) = headers.remove(header::HOST)
         && !headers.contains_key(&X_FORWARDED_HOST)
     {
         headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
 }
 
@@ -324,22 +325,23 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_are_added_and_the_clients_host_kept_to_go_as_x_forwarded_host() {
+    fn forwarded_fields_are_set_and_the_clients_host_kept_to_go_as_x_forwarded_host() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("proxy.local:8080"));
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
         prepare_request_headers(&mut h, &Peer::new("10.0.0.2:4000".parse().unwrap()));
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2");
-        assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(
             h[header::HOST],
             "proxy.local:8080",
             "kept, to go as X-Forwarded-Host"
         );
         assert!(h.get(header::CONTENT_LENGTH).is_none());
-        forwarded_host(&mut h);
+        assert!(h.get("x-forwarded-proto").is_none(), "set when sent");
+        forwarded_fields(&mut h);
         assert_eq!(h["x-forwarded-host"], "proxy.local:8080");
+        assert_eq!(h["x-forwarded-proto"], "http");
         assert!(h.get(header::HOST).is_none());
 
         let mut h = HeaderMap::new();
@@ -359,8 +361,9 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.2");
         assert!(h.get(header::EXPECT).is_none());
         assert!(h.get(header::HOST).is_none(), "the front proxy's host goes");
-        forwarded_host(&mut h);
+        forwarded_fields(&mut h);
         assert_eq!(h["x-forwarded-host"], "crm.example");
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 
 use super::chunked::{Chunk, Framing, decoded};
 use super::head::{Fields, Names, span_in};
-use crate::message::X_FORWARDED_HOST;
+use crate::message::{X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::units::push_decimal;
 
 /// Header fields a response may have; more is an error (hyper's default limit too).
@@ -148,9 +148,10 @@ impl Conn {
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
-        // The client's `Host` goes as `X-Forwarded-Host`, unless the request has one already.
+        // The client's `Host` goes as `X-Forwarded-Host` unless the request has one already,
+        // and a request without `X-Forwarded-Proto` says `http` (`Outbound::headers`).
         let mut client_host = None;
-        let mut forwarded_host = false;
+        let (mut forwarded_host, mut forwarded_proto) = (false, false);
         for (name, value) in headers {
             if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
                 continue;
@@ -160,6 +161,7 @@ impl Conn {
                 continue;
             }
             forwarded_host |= name == X_FORWARDED_HOST;
+            forwarded_proto |= name == X_FORWARDED_PROTO;
             for part in [name.as_str().as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
                 out.extend_from_slice(part);
             }
@@ -168,6 +170,9 @@ impl Conn {
             out.extend_from_slice(b"x-forwarded-host: ");
             out.extend_from_slice(client_host.as_bytes());
             out.extend_from_slice(b"\r\n");
+        }
+        if !forwarded_proto {
+            out.extend_from_slice(b"x-forwarded-proto: http\r\n");
         }
         // A body, or a method whose request has one by meaning, is counted; GET, HEAD, DELETE
         // and OPTIONS without one carry no length (as HTTP clients send them).

@@ -28,7 +28,7 @@ use tower_service::Service;
 
 use super::http1::{Conn, Head};
 use super::{ForwardError, error_chain};
-use crate::message::forwarded_host;
+use crate::message::forwarded_fields;
 
 type Body = Full<Bytes>;
 
@@ -275,7 +275,7 @@ async fn send_http2(
     target: &Target,
 ) -> Result<Answer, Result<Request<Bytes>, ForwardError>> {
     let (mut parts, body) = req.into_parts();
-    forwarded_host(&mut parts.headers);
+    forwarded_fields(&mut parts.headers);
     let mut uri = std::mem::take(&mut parts.uri).into_parts();
     uri.scheme = Some(target.scheme.clone());
     uri.authority = Some(target.authority.clone());

@@ -340,6 +340,11 @@ async fn a_request_reaches_the_crm_as_sent_with_its_length_counted_once() {
         1,
         "{post}"
     );
+    assert_eq!(
+        lower.matches("\r\nx-forwarded-proto: http\r\n").count(),
+        1,
+        "{post}"
+    );
     // The client's own Host goes once, as X-Forwarded-Host.
     let proxy = h.url.trim_start_matches("http://");
     assert_eq!(lower.matches("\r\nhost: ").count(), 1, "{post}");

@@ -187,9 +187,10 @@ async fn tls_upstream() -> (
                             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                     };
                     let (host, forwarded) = (field("host"), field("x-forwarded-host"));
+                    let proto = field("x-forwarded-proto");
                     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
                         format!(
-                            "{:?} {} host={host:?} forwarded={forwarded:?}",
+                            "{:?} {} host={host:?} forwarded={forwarded:?} proto={proto:?}",
                             req.version(),
                             req.uri().path()
                         ),
@@ -219,7 +220,10 @@ async fn an_https_upstream_is_verified_against_the_extra_ca_and_spoken_to_over_h
     let proxy = h.url.trim_start_matches("http://");
     assert_eq!(
         String::from_utf8_lossy(&r.body),
-        format!("HTTP/2.0 /api/v2/users/me.json host=None forwarded=Some({proxy:?})")
+        format!(
+            "HTTP/2.0 /api/v2/users/me.json host=None forwarded=Some({proxy:?}) \
+             proto=Some(\"http\")"
+        )
     );
 
     // Without the extra CA the self-signed certificate is refused.
