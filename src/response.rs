@@ -2,7 +2,6 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -320,62 +319,76 @@ pub fn add_rate_limit_headers(
     if usage.is_empty() {
         return;
     }
-    let configs = ledger.configs();
-    let Some(policy) = policy(&configs, usage) else {
-        return;
-    };
-    // The numbers are written without `format!` (this runs on every answer).
-    let mut out = Vec::with_capacity(40 * usage.len());
-    for (i, u) in usage.iter().enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b", ");
+    let fields = QUOTA_ITEMS.with_borrow_mut(|kept| {
+        let id = ledger.configs_id();
+        let items = match kept {
+            Some((written_for, items)) if *written_for == id => items,
+            slot => {
+                let (configs, id) = ledger.configs_with_id();
+                let items = configs.iter().map(QuotaItem::new).collect();
+                &mut slot.insert((id, items)).1
+            }
+        };
+        let policy = policy(items, usage)?;
+        // The numbers are written without `format!` (this runs on every answer).
+        let mut out = Vec::with_capacity(40 * usage.len());
+        for (i, u) in usage.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            let reset = u.reset_at.seconds_after(now, 0);
+            let name = &items[u.quota.0].name;
+            push_item(
+                &mut out,
+                name,
+                [("r", u64::from(u.remaining)), ("t", reset)],
+            );
         }
-        let reset = u.reset_at.seconds_after(now, 0);
-        let name = &configs[u.quota.0].name;
-        push_item(
-            &mut out,
-            name,
-            [("r", u64::from(u.remaining)), ("t", reset)],
-        );
-    }
-    if let Ok(state) = HeaderValue::from_maybe_shared(Bytes::from(out)) {
+        let state = HeaderValue::from_maybe_shared(Bytes::from(out)).ok()?;
+        Some((policy, state))
+    });
+    if let Some((policy, state)) = fields {
         headers.append(RATELIMIT_POLICY.clone(), policy);
         headers.append(RATELIMIT.clone(), state);
     }
 }
 
 thread_local! {
-    /// Each quota's `RateLimit-Policy` item (`None`: not a valid field value) and the configs
-    /// they were written from: an item depends on its quota's config alone, so it is written
-    /// once, and again only when a reload replaces the configs.
-    static POLICY_ITEMS: RefCell<Option<PolicyItems>> = const { RefCell::new(None) };
+    /// What the `RateLimit` fields need of each quota's config, and the number of the configs
+    /// it was written from ([`Ledger::configs_id`]): an item depends on its quota's config
+    /// alone, so it is written once per thread, and again only when a reload replaces the
+    /// configs. Nothing of the ledger is taken for it on an answer but one load.
+    static QUOTA_ITEMS: RefCell<Option<(u64, Vec<QuotaItem>)>> = const { RefCell::new(None) };
 }
 
-type PolicyItems = (Arc<Vec<QuotaConfig>>, Vec<Option<HeaderValue>>);
+/// A quota's name, and its `RateLimit-Policy` item (`None`: not a valid field value).
+struct QuotaItem {
+    name: Box<str>,
+    policy: Option<HeaderValue>,
+}
+
+impl QuotaItem {
+    fn new(cfg: &QuotaConfig) -> QuotaItem {
+        QuotaItem {
+            name: cfg.name.as_str().into(),
+            policy: policy_item(cfg),
+        }
+    }
+}
 
 /// The `RateLimit-Policy` value for `usage`: one item per quota, in its order.
-fn policy(configs: &Arc<Vec<QuotaConfig>>, usage: &[QuotaUsage]) -> Option<HeaderValue> {
-    POLICY_ITEMS.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let items = match &mut *cell {
-            Some((written_from, items)) if Arc::ptr_eq(written_from, configs) => items,
-            slot => {
-                let items = configs.iter().map(policy_item).collect();
-                &mut slot.insert((configs.clone(), items)).1
-            }
-        };
-        if let [only] = usage {
-            return items[only.quota.0].clone();
+fn policy(items: &[QuotaItem], usage: &[QuotaUsage]) -> Option<HeaderValue> {
+    if let [only] = usage {
+        return items[only.quota.0].policy.clone();
+    }
+    let mut out = Vec::with_capacity(40 * usage.len());
+    for (i, u) in usage.iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b", ");
         }
-        let mut out = Vec::with_capacity(40 * usage.len());
-        for (i, u) in usage.iter().enumerate() {
-            if i > 0 {
-                out.extend_from_slice(b", ");
-            }
-            out.extend_from_slice(items[u.quota.0].as_ref()?.as_bytes());
-        }
-        HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
-    })
+        out.extend_from_slice(items[u.quota.0].policy.as_ref()?.as_bytes());
+    }
+    HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
 }
 
 /// A quota's `RateLimit-Policy` item: its name, limit (`q`) and window in seconds (`w`).
@@ -452,5 +465,35 @@ mod tests {
             headers["ratelimit"],
             format!("\"minute\";r=399;t={}, \"hour\";r=999;t={}", t(0), t(1)).as_str()
         );
+    }
+
+    #[test]
+    fn rate_limit_fields_follow_a_reload_and_each_ledger_its_own_quotas() {
+        let now = Time::from_nanos(1_000_000_000_000);
+        let fields = |ledger: &Ledger| {
+            let usage = ledger.usage(&[QuotaId(0)], now);
+            let mut headers = HeaderMap::new();
+            add_rate_limit_headers(&mut headers, ledger, &usage, now);
+            let text = |name: &str| headers[name].to_str().unwrap().to_string();
+            (text("ratelimit-policy"), text("ratelimit"))
+        };
+        let minute = Duration::from_secs(60);
+        let ledger = Ledger::new(&[sliding("minute", 400, minute)], None, now);
+        let other = Ledger::new(&[sliding("burst", 10, minute)], None, now);
+        assert_eq!(fields(&ledger).0, "\"minute\";q=400;w=60");
+        // Kept per thread, but never one ledger's items for another's.
+        assert_eq!(fields(&other).0, "\"burst\";q=10;w=60");
+        assert_eq!(fields(&ledger).0, "\"minute\";q=400;w=60");
+        let reloaded = [sliding("per-minute", 300, minute)];
+        let clients = [crate::config::ClientConfig::default_client()];
+        let none = crate::config::Fairness {
+            live_reserve: 0.0,
+            read_reserve: 0.0,
+            drain_min: 0.0,
+        };
+        ledger.reconfigure(&reloaded, &clients, none, None, now);
+        let (policy, state) = fields(&ledger);
+        assert_eq!(policy, "\"per-minute\";q=300;w=60");
+        assert!(state.starts_with("\"per-minute\";r=300;t="), "{state}");
     }
 }

@@ -2,6 +2,7 @@
 //! until its reset (only ever tightening the local window), its throttle answers pause quotas,
 //! and after a start a synced quota probes before sending in parallel.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::state::{Cap, same_reset};
@@ -146,6 +147,7 @@ impl Ledger {
                 let state = &mut inner.quotas[q.0];
                 let doubling = 2u32.saturating_pow(state.throttles.min(30));
                 state.throttles = state.throttles.saturating_add(1);
+                self.shared.throttled.store(true, Ordering::Relaxed);
                 let floor = (now + bounds.min.saturating_mul(doubling)).min(limit);
                 let capped = until > limit;
                 let first_cap = capped && !std::mem::replace(&mut state.capped_before, true);
@@ -171,10 +173,17 @@ impl Ledger {
     /// An answer that was not a throttle reached requests of `quotas`: their minimum pause
     /// starts over.
     pub fn not_throttled(&self, quotas: &[QuotaId]) {
+        // Set under the lock with each throttle counted: when clear, there is none to count
+        // off (an answer racing a throttle on another thread is as if it came first).
+        if !self.shared.throttled.load(Ordering::Relaxed) {
+            return;
+        }
         let mut inner = self.lock();
         for &q in quotas {
             inner.quotas[q.0].throttles = 0;
         }
+        let left = inner.quotas.iter().any(|s| s.throttles > 0);
+        self.shared.throttled.store(left, Ordering::Relaxed);
     }
 
     /// Lifts a pause (and a ceiling the CRM reported) on `q` now: the operator's override.

@@ -13,6 +13,7 @@ mod state;
 mod views;
 pub mod window;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
@@ -172,6 +173,19 @@ struct Shared {
     inner: Mutex<Inner>,
     /// Signalled whenever a grant on a synced quota is released (an answer was read).
     released: Notify,
+    /// The number of the configs `inner` holds (see [`Ledger::configs_id`]).
+    configs_id: AtomicU64,
+    /// Whether a quota may have throttles counted: an answer that was no throttle takes the
+    /// lock to count them off only then (see [`Ledger::not_throttled`]).
+    throttled: AtomicBool,
+}
+
+/// Numbers each set of quota configs a ledger is given (at its start and at each reload), in
+/// the whole process, so that no two sets ever share one.
+static NEXT_CONFIGS: AtomicU64 = AtomicU64::new(1);
+
+fn next_configs_id() -> u64 {
+    NEXT_CONFIGS.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Shared {
@@ -362,6 +376,8 @@ impl Ledger {
                     journal: None,
                 }),
                 released: Notify::new(),
+                configs_id: AtomicU64::new(next_configs_id()),
+                throttled: AtomicBool::new(false),
             }),
             board: Arc::new(WaitingBoard::new(configs.len(), clients.len())),
         }
@@ -391,6 +407,19 @@ impl Ledger {
     /// Every quota's config as the ledger holds it now.
     pub fn configs(&self) -> Arc<Vec<QuotaConfig>> {
         self.lock().configs.clone()
+    }
+
+    /// A number for the configs the ledger holds now, another after each reload and unique in
+    /// the process: what is derived from the configs alone can be kept under it and checked
+    /// with one load, without taking the lock or the configs.
+    pub fn configs_id(&self) -> u64 {
+        self.shared.configs_id.load(Ordering::Acquire)
+    }
+
+    /// The configs the ledger holds now, and their number ([`Ledger::configs_id`]).
+    pub fn configs_with_id(&self) -> (Arc<Vec<QuotaConfig>>, u64) {
+        let inner = self.lock();
+        (inner.configs.clone(), self.configs_id())
     }
 
     /// Charges every quota of `d` if all of them have room now; otherwise charges none.

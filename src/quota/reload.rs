@@ -4,12 +4,13 @@
 //! one still counted, so usage carries over.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::keyed::Keyed;
 use super::pace::Pacer;
 use super::share::ClientUse;
 use super::window::{Shadow, Window};
-use super::{Ledger, QuotaId, sharing};
+use super::{Ledger, QuotaId, next_configs_id, sharing};
 use crate::clock::Time;
 use crate::config::{ClientConfig, Fairness, Pace, QuotaConfig};
 
@@ -76,6 +77,8 @@ impl Ledger {
             }
         }
         inner.configs = Arc::new(configs.to_vec());
+        let id = next_configs_id();
+        self.shared.configs_id.store(id, Ordering::Release);
         inner.sharing = sharing(configs, clients, fairness);
         let same_pace = match (&inner.pacer, pace) {
             (Some(p), Some(new)) => p.pace() == new,

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use super::Ledger;
 use super::state::QuotaState;
+use super::{Inner, Ledger};
 use crate::clock::Time;
 use crate::config::{QuotaConfig, WindowKind};
 use crate::ids::QuotaId;
@@ -114,12 +114,17 @@ impl Ledger {
     /// Remaining requests and reset time of each unkeyed quota, binding (fewest remaining) first.
     pub fn usage(&self, quotas: &[QuotaId], now: Time) -> Vec<QuotaUsage> {
         let mut inner = self.lock();
-        let configs = inner.configs.clone();
+        // Borrowed apart, not the configs taken (a count both data threads would write).
+        let Inner {
+            configs,
+            quotas: states,
+            ..
+        } = &mut *inner;
         let mut out: Vec<QuotaUsage> = quotas
             .iter()
             .filter(|q| configs[q.0].key.is_empty())
             .map(|&q| {
-                let state = &mut inner.quotas[q.0];
+                let state = &mut states[q.0];
                 let remaining = Self::remaining(&configs[q.0], state, now);
                 QuotaUsage {
                     quota: q,
