@@ -163,6 +163,7 @@ impl Names {
         }
     }
 
+    /// How many fields are kept.
     pub fn len(&self) -> usize {
         self.kept.len()
     }

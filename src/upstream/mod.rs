@@ -78,8 +78,9 @@ pub struct UpstreamClient {
     record: Record,
 }
 
-/// What the last requests to the CRM looked like. An answer, the common case, is two stores
-/// that take no lock; an error takes the lock that keeps its message.
+/// What the last requests to the CRM looked like. An answer, the common case, takes no lock
+/// (and writes its time at most once a millisecond); an error takes the lock that keeps its
+/// message.
 #[derive(Default)]
 struct Record {
     /// Nanoseconds of the last answer's [`Time`]; 0: none yet.
