@@ -486,11 +486,7 @@ mod tests {
         assert_eq!(fields(&ledger).0, "\"minute\";q=400;w=60");
         let reloaded = [sliding("per-minute", 300, minute)];
         let clients = [crate::config::ClientConfig::default_client()];
-        let none = crate::config::Fairness {
-            live_reserve: 0.0,
-            read_reserve: 0.0,
-            drain_min: 0.0,
-        };
+        let none = crate::config::Fairness::NONE;
         ledger.reconfigure(&reloaded, &clients, none, None, now);
         let (policy, state) = fields(&ledger);
         assert_eq!(policy, "\"per-minute\";q=300;w=60");

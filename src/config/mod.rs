@@ -164,6 +164,15 @@ pub struct Fairness {
     pub read_reserve: f64,
 }
 
+impl Fairness {
+    /// No reserve for anyone: whoever asks first takes the room.
+    pub const NONE: Fairness = Fairness {
+        live_reserve: 0.0,
+        drain_min: 0.0,
+        read_reserve: 0.0,
+    };
+}
+
 /// A part of a keyed quota's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyPart {

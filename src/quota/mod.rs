@@ -302,12 +302,7 @@ impl Ledger {
     /// A ledger with one client (`default`) and no live/drain reserves.
     pub fn new(configs: &[QuotaConfig], pace: Option<Pace>, now: Time) -> Ledger {
         let default = ClientConfig::default_client();
-        let none = Fairness {
-            live_reserve: 0.0,
-            read_reserve: 0.0,
-            drain_min: 0.0,
-        };
-        Ledger::shared_by(configs, pace, now, &[default], none)
+        Ledger::shared_by(configs, pace, now, &[default], Fairness::NONE)
     }
 
     /// Reads are expected on these quotas (a route of class `read` spends them): the reads'

@@ -77,8 +77,9 @@ impl Ledger {
             }
         }
         inner.configs = Arc::new(configs.to_vec());
-        let id = next_configs_id();
-        self.shared.configs_id.store(id, Ordering::Release);
+        self.shared
+            .configs_id
+            .store(next_configs_id(), Ordering::Release);
         inner.sharing = sharing(configs, clients, fairness);
         let same_pace = match (&inner.pacer, pace) {
             (Some(p), Some(new)) => p.pace() == new,

@@ -888,12 +888,6 @@ fn two_clients_at(weights: [u32; 2], cap: Option<u32>, fairness: Fairness, start
     )
 }
 
-const NO_RESERVES: Fairness = Fairness {
-    live_reserve: 0.0,
-    drain_min: 0.0,
-    read_reserve: 0.0,
-};
-
 fn ask(ledger: &Ledger, client: usize, live: bool, now: Time) -> bool {
     ask_as(ledger, client, live, false, now)
 }
@@ -913,7 +907,7 @@ fn ask_as(ledger: &Ledger, client: usize, live: bool, read: bool, now: Time) -> 
 
 #[test]
 fn two_clients_with_backlogs_split_a_window_by_weight() {
-    let ledger = two_clients([3, 1], None, NO_RESERVES);
+    let ledger = two_clients([3, 1], None, Fairness::NONE);
     let now = t("2026-01-01T00:00:00Z");
     // Both have parked writes waiting; A asks first and greedily.
     ledger.board().mark(&[QuotaId(0)], ClientId(0), true);
@@ -932,7 +926,7 @@ fn two_clients_with_backlogs_split_a_window_by_weight() {
 
 #[test]
 fn an_idle_clients_share_is_lent_and_returned_when_it_comes_back() {
-    let ledger = two_clients([1, 1], None, NO_RESERVES);
+    let ledger = two_clients([1, 1], None, Fairness::NONE);
     let t0 = t("2026-01-01T00:00:00Z");
     // B is idle: A may take the whole window.
     let mut a = 0;
@@ -961,7 +955,7 @@ fn an_idle_clients_share_is_lent_and_returned_when_it_comes_back() {
 
 #[test]
 fn a_hard_cap_holds_even_without_contention() {
-    let ledger = two_clients([1, 1], Some(5), NO_RESERVES);
+    let ledger = two_clients([1, 1], Some(5), Fairness::NONE);
     let now = t("2026-01-01T00:00:00Z");
     let mut a = 0;
     while ask(&ledger, 0, true, now) {

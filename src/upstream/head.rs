@@ -9,7 +9,6 @@ use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::http1::Error;
-use crate::message::only_framing;
 
 /// What a message's fields say of its framing and its connection, noted as its head is parsed
 /// (the same for the CRM's answers and the clients' requests).
@@ -47,7 +46,8 @@ impl Fields {
                 self.close |= item.eq_ignore_ascii_case(b"close");
                 self.keep_alive |= item.eq_ignore_ascii_case(b"keep-alive");
             }
-            return Ok(only_framing(value.trim_ascii()));
+            // Not one of the two above: it names other fields.
+            return Ok(false);
         }
         if *name == TRANSFER_ENCODING {
             self.coded = true;
