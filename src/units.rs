@@ -120,17 +120,26 @@ pub fn format_size(n: u64) -> String {
     format!("{n}B")
 }
 
-/// Appends `n` in decimal (on paths that run for every request: no `format!`).
+/// Appends `n` in decimal (on paths that run for every request: no `format!`), two digits a
+/// step: a count of millions takes four divisions instead of seven.
 pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
     let mut digits = [0u8; 20];
     let mut at = digits.len();
-    loop {
+    while n >= 10 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    // The first digit when the count of digits is odd, or zero itself.
+    if n > 0 || at == digits.len() {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[at] = b'0' + n as u8;
     }
     out.extend_from_slice(&digits[at..]);
 }
@@ -141,7 +150,10 @@ mod tests {
 
     #[test]
     fn numbers_are_written_in_full() {
-        for n in [0, 7, 10, 6_000_000, u64::MAX] {
+        // Every number below 100,000, each power of ten, one below each, and the largest.
+        let tens = (0..20).map(|i| 10u64.pow(i));
+        let around = tens.flat_map(|t| [t - 1, t, t + 1]);
+        for n in (0..100_000).chain(around).chain([u64::MAX]) {
             let mut s = b"x".to_vec();
             push_decimal(&mut s, n);
             assert_eq!(s, format!("x{n}").into_bytes());
