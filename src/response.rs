@@ -331,20 +331,22 @@ pub fn add_rate_limit_headers(
         };
         let policy = policy(items, usage)?;
         // The numbers are written without `format!` (this runs on every answer).
-        let mut out = Vec::with_capacity(40 * usage.len());
-        for (i, u) in usage.iter().enumerate() {
-            if i > 0 {
-                out.extend_from_slice(b", ");
+        let state = STATE_BYTES.with_borrow_mut(|out| {
+            out.clear();
+            for (i, u) in usage.iter().enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b", ");
+                }
+                let reset = u.reset_at.seconds_after(now, 0);
+                let name = &items[u.quota.0].name;
+                push_item(out, name, [("r", u64::from(u.remaining)), ("t", reset)]);
             }
-            let reset = u.reset_at.seconds_after(now, 0);
-            let name = &items[u.quota.0].name;
-            push_item(
-                &mut out,
-                name,
-                [("r", u64::from(u.remaining)), ("t", reset)],
-            );
-        }
-        let state = HeaderValue::from_maybe_shared(Bytes::from(out)).ok()?;
+            Bytes::copy_from_slice(out)
+        });
+        // SAFETY: every quota here has a policy item (`policy` gave one), and that item, the
+        // same name between quotes with parameters of digits, passed the value check; so did
+        // this value's every other byte (`"`, `;`, `=`, `,`, a space, letters and digits).
+        let state = unsafe { HeaderValue::from_maybe_shared_unchecked(state) };
         Some((policy, state))
     });
     if let Some((policy, state)) = fields {
@@ -359,6 +361,8 @@ thread_local! {
     /// alone, so it is written once per thread, and again only when a reload replaces the
     /// configs. Nothing of the ledger is taken for it on an answer but one load.
     static QUOTA_ITEMS: RefCell<Option<(u64, Vec<QuotaItem>)>> = const { RefCell::new(None) };
+    /// Where a `RateLimit` value is written before it is copied out at its size.
+    static STATE_BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A quota's name, and its `RateLimit-Policy` item (`None`: not a valid field value).
