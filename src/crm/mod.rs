@@ -346,7 +346,6 @@ impl Crm {
         observations: &[Observation],
         now: Time,
     ) -> Option<Throttle> {
-        let retry_after = crate::message::retry_after(headers, now);
         let (scope, reason, default): (Option<Cow<'static, str>>, &'static str, Option<Duration>) =
             match (self, status) {
                 (Crm::Salesforce, StatusCode::FORBIDDEN) => {
@@ -405,7 +404,8 @@ impl Crm {
             .iter()
             .find(|o| Some(&o.scope) == scope.as_ref() || (scope.is_none() && o.scope == "account"))
             .and_then(|o| o.reset);
-        let until = retry_after
+        // Read only once the answer is known to be a throttle: most answers are not.
+        let until = crate::message::retry_after(headers, now)
             .or(scope_reset)
             .or_else(|| default.map(|d| now + d));
         Some(Throttle {

@@ -486,7 +486,9 @@ async fn forward_live(
         headers: &parts.headers,
         throttled,
     };
-    if p.verdict(answered, safe, attempt, None, now) == Verdict::Throttled
+    // Only a write with a ticket can go back in line; for the rest the verdict is not asked.
+    if parkable.is_some()
+        && p.verdict(answered, safe, attempt, None, now) == Verdict::Throttled
         && let (Some(t), Some(req)) = (ticket.as_mut(), parkable)
         && let Some(a) = t.repark(req, false, &p.ledger, now)
     {
