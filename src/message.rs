@@ -99,6 +99,25 @@ const HOP_BY_HOP_LEN: usize = 8;
 // `strip_hop_by_hop` marks the fixed names present as bits of one byte.
 const _: () = assert!(HOP_BY_HOP_LEN <= u8::BITS as usize);
 
+/// Where `name` stands in [`HOP_BY_HOP`]. Compared as names: a name `http` knows is one
+/// number, so most fields are told apart without reading their bytes.
+fn hop_by_hop(name: &HeaderName) -> Option<usize> {
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    let i = match name {
+        n if n == header::CONNECTION => 0,
+        n if *n == KEEP_ALIVE => 1,
+        n if n == header::TRANSFER_ENCODING => 2,
+        n if n == header::TE => 3,
+        n if n == header::TRAILER => 4,
+        n if n == header::UPGRADE => 5,
+        n if n == header::PROXY_AUTHENTICATE => 6,
+        n if n == header::PROXY_AUTHORIZATION => 7,
+        _ => return None,
+    };
+    debug_assert_eq!(HOP_BY_HOP[i], name.as_str());
+    Some(i)
+}
+
 /// A `Connection` value that names no header: only the connection's own fate.
 pub fn only_framing(value: &[u8]) -> bool {
     value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
@@ -125,7 +144,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut fixed = 0u8;
     let mut named: Vec<HeaderName> = Vec::new();
     for (name, value) in headers.iter() {
-        let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) else {
+        let Some(i) = hop_by_hop(name) else {
             if name.as_str().starts_with("proxy-") && !named.contains(name) {
                 named.push(name.clone());
             }
@@ -304,6 +323,29 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["authorization", "x-kept"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_name_is_known_however_it_was_written_and_no_other() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let upper = name.to_ascii_uppercase();
+            for written in [*name, upper.as_str()] {
+                let parsed = HeaderName::from_bytes(written.as_bytes()).unwrap();
+                assert_eq!(hop_by_hop(&parsed), Some(i), "{written}");
+            }
+        }
+        for other in [
+            "keep-alives",
+            "connectio",
+            "t",
+            "tes",
+            "host",
+            "proxy-status",
+            "x-te",
+        ] {
+            let parsed = HeaderName::from_bytes(other.as_bytes()).unwrap();
+            assert_eq!(hop_by_hop(&parsed), None, "{other}");
+        }
     }
 
     #[test]
