@@ -11,6 +11,7 @@
 //! `%` not followed by two hex digits) and raw backslashes are refused: such a path is ambiguous,
 //! and the CRM may read it differently from the proxy.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Why a path has no canonical form.
@@ -23,33 +24,92 @@ impl fmt::Display for BadPath {
     }
 }
 
-/// The canonical form of `path` (which starts with `/`).
-pub fn canonical(path: &str) -> Result<String, BadPath> {
-    if is_plain(path.as_bytes()) {
-        return Ok(path.to_ascii_lowercase());
+/// The canonical form of `path` (which starts with `/`): `path` itself when it is already
+/// canonical (most are), so no copy is made for it.
+pub fn canonical(path: &str) -> Result<Cow<'_, str>, BadPath> {
+    match plain(path.as_bytes()) {
+        Some(Case::Lower) => Ok(Cow::Borrowed(path)),
+        Some(Case::Mixed) => Ok(Cow::Owned(path.to_ascii_lowercase())),
+        None => rebuilt(path).map(Cow::Owned),
     }
-    rebuilt(path)
+}
+
+/// The letters of a plain path.
+#[derive(Debug, PartialEq, Eq)]
+enum Case {
+    /// No ASCII upper-case letter: the path is its own canonical form.
+    Lower,
+    Mixed,
+}
+
+/// What [`plain`] needs to know of each byte value, as bits: one pass over a path ORs them.
+const NEVER_PLAIN: u8 = 1;
+const UPPER: u8 = 2;
+/// A `0` right after a `/`, which may lead a number (looked at again).
+const ZERO: u8 = 4;
+
+/// A byte's class anywhere in a path.
+static CLASS: [u8; 256] = table(
+    &[
+        (b'%', NEVER_PLAIN),
+        (b'\\', NEVER_PLAIN),
+        (b';', NEVER_PLAIN),
+    ],
+    true,
+);
+/// What a byte right after a `/` says: an empty segment or one that starts with `.` is never
+/// plain.
+static START: [u8; 256] = table(
+    &[(b'/', NEVER_PLAIN), (b'.', NEVER_PLAIN), (b'0', ZERO)],
+    false,
+);
+
+/// A class for each byte value: `marked` bytes have theirs, ASCII upper-case letters [`UPPER`]
+/// if `upper`, the rest none.
+const fn table(marked: &[(u8, u8)], upper: bool) -> [u8; 256] {
+    let mut class = [0u8; 256];
+    let mut b = b'A';
+    while upper && b <= b'Z' {
+        class[b as usize] = UPPER;
+        b += 1;
+    }
+    let mut i = 0;
+    while i < marked.len() {
+        class[marked[i].0 as usize] = marked[i].1;
+        i += 1;
+    }
+    class
 }
 
 /// Whether `path` needs no more than lower-casing (most do): no escape, backslash or matrix
 /// parameter, no empty segment or trailing `/`, no segment that starts with `.`, and no number
-/// with a leading zero. One look at each byte.
-fn is_plain(path: &[u8]) -> bool {
-    let mut prev = 0u8;
-    for (i, &b) in path.iter().enumerate() {
-        let plain = match b {
-            b'%' | b'\\' | b';' => false,
-            b'/' => prev != b'/',
-            b'.' => prev != b'/',
-            b'0' => prev != b'/' || !path.get(i + 1).is_some_and(u8::is_ascii_digit),
-            _ => true,
-        };
-        if !plain {
-            return false;
-        }
-        prev = b;
+/// with a leading zero; and if so, whether it has upper-case letters. One pass over the bytes
+/// with table look-ups and no branch; a second only for a segment that starts with `0`.
+fn plain(path: &[u8]) -> Option<Case> {
+    let (&first, rest) = path.split_first()?;
+    if first != b'/' || rest.last() == Some(&b'/') {
+        return None;
     }
-    path.first() == Some(&b'/') && (path.len() == 1 || prev != b'/')
+    // Each byte's class, and what it says as a segment's first byte when it follows a `/`.
+    let (seen, _) = path.iter().fold((0, 0), |(seen, after_slash), &b| {
+        let class = CLASS[usize::from(b)] | (START[usize::from(b)] & after_slash);
+        (seen | class, u8::from(b == b'/').wrapping_neg())
+    });
+    if seen & NEVER_PLAIN != 0 {
+        return None;
+    }
+    if seen & ZERO != 0
+        && path
+            .windows(3)
+            .any(|w| w[0] == b'/' && w[1] == b'0' && w[2].is_ascii_digit())
+    {
+        return None;
+    }
+    Some(if seen & UPPER != 0 {
+        Case::Mixed
+    } else {
+        Case::Lower
+    })
 }
 
 /// The canonical form of a path that needs more than lower-casing.
@@ -180,10 +240,38 @@ mod tests {
         fn a_plain_path_lower_cased_is_its_canonical_form(
             path in "/[a-zA-Z0-9./;%\\\\é_-]{0,24}"
         ) {
-            if is_plain(path.as_bytes()) {
+            if let Some(case) = plain(path.as_bytes()) {
                 proptest::prop_assert_eq!(Ok(path.to_ascii_lowercase()), rebuilt(&path));
+                let lower = path.bytes().all(|b| !b.is_ascii_uppercase());
+                proptest::prop_assert_eq!(case == Case::Lower, lower);
+                proptest::prop_assert_eq!(matches!(canonical(&path), Ok(Cow::Borrowed(_))), lower);
             }
         }
+    }
+
+    #[test]
+    fn a_canonical_path_is_taken_as_it_is_and_others_are_copied() {
+        for path in [
+            "/",
+            "/api/v2/tickets/1.json",
+            "/api/v2/users/search.json",
+            "/a/10/0.x",
+        ] {
+            assert!(
+                matches!(canonical(path), Ok(Cow::Borrowed(p)) if p == path),
+                "{path}"
+            );
+        }
+        for (path, canon) in [("/API/v2", "/api/v2"), ("/a//b", "/a/b"), ("/a/01", "/a/1")] {
+            assert!(
+                matches!(canonical(path), Ok(Cow::Owned(c)) if c == canon),
+                "{path}"
+            );
+        }
+        assert!(
+            canonical("").is_ok_and(|c| c == "/"),
+            "a path that is not one yet"
+        );
     }
 
     #[test]

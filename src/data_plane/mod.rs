@@ -58,8 +58,11 @@ async fn answer(proxy: &Proxy, req: Request<RequestBody>, peer: &Peer) -> Respon
         access::outcome(proxy, DEFAULT_ROUTE, "method_not_allowed");
         return response::method_not_allowed(METHODS);
     }
-    // Every spelling of a path counts and waits as one; the request goes on as sent.
-    let canon = match path::canonical(req.uri().path()) {
+    // Every spelling of a path counts and waits as one; the request goes on as sent. The
+    // canonical form may borrow the path, so it borrows a handle on the target (a count, not
+    // a copy) while the request moves on.
+    let target = req.uri().clone();
+    let canon = match path::canonical(target.path()) {
         Ok(c) => c,
         Err(e) => {
             access::outcome(proxy, DEFAULT_ROUTE, "bad_path");

@@ -73,7 +73,7 @@ impl Queue {
                 continue;
             };
             let raw = request.path_and_query.path();
-            let path = crate::path::canonical(raw).unwrap_or_else(|_| raw.to_string());
+            let path = crate::path::canonical(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
             let routes = self.routes();
             let route = routes.find(&s.route, &request.method, &path);
             let client = self
