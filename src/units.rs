@@ -150,7 +150,8 @@ mod tests {
 
     #[test]
     fn numbers_are_written_in_full() {
-        // Every number below 100,000, each power of ten, one below each, and the largest.
+        // Every number below 100,000, each power of ten and the numbers either side of it, and
+        // the largest.
         let tens = (0..20).map(|i| 10u64.pow(i));
         let around = tens.flat_map(|t| [t - 1, t, t + 1]);
         for n in (0..100_000).chain(around).chain([u64::MAX]) {
