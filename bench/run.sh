@@ -14,7 +14,9 @@
 #      redis-server of the harness's own), decisions through Redis from 1 and 3 replicas, and
 #      the backlog run (sliding) through three replicas sharing that ledger;
 #   6. user-space instructions per proxied request, proxy and nginx, each under valgrind's
-#      callgrind (a count, not a time: the same whatever else the machine is doing);
+#      callgrind (a count, not a time: the same whatever else the machine is doing), with the
+#      misses of its simulated first-level caches (32 KiB of instructions, 32 KiB of data, as
+#      on this machine): how much code and data a request goes through beyond what they hold;
 #   7. system calls per proxied request, proxy and nginx, counted by strace (a count too).
 # Prints a Markdown report. Everything binds 127.0.0.1 only.
 #
@@ -216,14 +218,15 @@ counted() { # name port pid
     callgrind_control -z "$3" >/dev/null 2>&1
     sequential "$2" "$INSTR_N"
     callgrind_control -d "$3" >/dev/null 2>&1
-    local total
-    total=$(awk '/^summary:/ { print $2 }' "$WORK/callgrind.$1.1")
     kill "$3"
     wait "$3" 2>/dev/null || true
-    echo "instructions $1 per_request=$((total / INSTR_N)) requests=$INSTR_N" >>"$RESULTS"
+    # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw (--cache-sim=yes).
+    awk -v name="$1" -v n="$INSTR_N" '/^summary:/ {
+        printf "instructions %s per_request=%d i1_misses=%.0f d1_misses=%.0f requests=%d\n",
+            name, $2 / n, $5 / n, ($6 + $7) / n, n }' "$WORK/callgrind.$1.1" >>"$RESULTS"
 }
 echo "bench: instructions per request (callgrind)" >&2
-CG=(valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.%s")
+CG=(valgrind --tool=callgrind --cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --callgrind-out-file="$WORK/callgrind.%s")
 IPX=$(free_port) IPXA=$(free_port) INGX=$(free_port)
 sed -e "s/127.0.0.1:$PX,/127.0.0.1:$IPX,/" -e "s/127.0.0.1:$PXA }/127.0.0.1:$IPXA }/" "$WORK/proxy.yaml" >"$WORK/proxy-counted.yaml"
 # shellcheck disable=SC2059
@@ -342,6 +345,12 @@ for k, title in (("sliding", "local window `sliding`"), ("fixed", "local window 
 ip, ing = (int(rows[("instructions", t)][0]["per_request"]) for t in ("proxy", "nginx"))
 print(f"\ninstructions per proxied request (callgrind, user space, {rows[('instructions', 'proxy')][0]['requests']} "
       f"requests one after another): proxy {ip:,}, nginx {ing:,}, proxy/nginx {ip / max(ing, 1):.2f}")
+def misses(t):
+    d = rows[("instructions", t)][0]
+    return int(d["i1_misses"]), int(d["d1_misses"])
+(i1p, d1p), (i1n, d1n) = misses("proxy"), misses("nginx")
+print(f"\nfirst-level cache misses per proxied request (the same runs, callgrind's simulated 32 KiB "
+      f"caches): instructions proxy {i1p:,}, nginx {i1n:,}; data proxy {d1p:,}, nginx {d1n:,}")
 def calls(t):
     d = rows[("syscalls", t)][0]
     top = sorted((kv.split(":") for kv in d.get("top", "").split(",") if kv), key=lambda kv: -float(kv[1]))
