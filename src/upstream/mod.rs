@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::{Request, Response};
+use http::Response;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 
@@ -161,24 +161,17 @@ impl UpstreamClient {
     }
 
     /// Sends a request and returns the response head with its streaming body.
-    pub async fn send(&self, out: Outbound) -> Result<Response<UpstreamBody>, ForwardError> {
-        let path_and_query = if self.prefix.is_empty() {
-            out.path_and_query
-        } else {
-            format!("{}{}", self.prefix, out.path_and_query)
+    pub async fn send(&self, mut out: Outbound) -> Result<Response<UpstreamBody>, ForwardError> {
+        if !self.prefix.is_empty() {
+            out.path_and_query = format!("{}{}", self.prefix, out.path_and_query)
                 .parse()
-                .map_err(|e| ForwardError::Io(format!("cannot build upstream path: {e}")))?
-        };
-        let mut req = Request::builder()
-            .method(out.method)
-            .uri(path_and_query)
-            .body(out.body)
-            .map_err(|e| ForwardError::Io(format!("cannot build request: {e}")))?;
-        *req.headers_mut() = out.headers;
+                .map_err(|e| ForwardError::Io(format!("cannot build upstream path: {e}")))?;
+        }
         let pool = self.pool();
-        // Pinned where it is made: the timeout holds a reference, so the call's future is not
-        // moved into it (a copy of its whole state).
-        let call = std::pin::pin!(pool.send(req));
+        // The request goes to the pool as it is (no `Request` built from it and taken apart
+        // again); pinned where it is made: the timeout holds a reference, so the call's future
+        // is not moved into it (a copy of its whole state).
+        let call = std::pin::pin!(pool.send(out));
         let timed = if OWN_POOL.with(Cell::get) {
             deadline::within(self.request_timeout, call).await.ok()
         } else {

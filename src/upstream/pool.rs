@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, Scheme};
+use http::uri::{self, Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -28,7 +28,7 @@ use tower_service::Service;
 
 use super::http1::{Conn, Head};
 use super::{ForwardError, error_chain};
-use crate::message::forwarded_fields;
+use crate::message::{Outbound, forwarded_fields};
 
 type Body = Full<Bytes>;
 
@@ -128,23 +128,23 @@ impl Pool {
         }))
     }
 
-    /// Sends `req` (its URI in origin form) on a kept connection, or a new one.
-    pub async fn send(&self, req: Request<Bytes>) -> Result<Answer, ForwardError> {
-        let req = match self.checkout() {
-            Checkout::Http1(conn) => return self.exchange(conn, req).await,
-            Checkout::Http2(mut h2) => match send_http2(&mut h2, req, &self.0.target).await {
+    /// Sends `out` on a kept connection, or a new one.
+    pub async fn send(&self, out: Outbound) -> Result<Answer, ForwardError> {
+        let out = match self.checkout() {
+            Checkout::Http1(conn) => return self.exchange(conn, out).await,
+            Checkout::Http2(mut h2) => match send_http2(&mut h2, out, &self.0.target).await {
                 Ok(resp) => return Ok(resp),
                 Err(unsent) => unsent?,
             },
-            Checkout::None => req,
+            Checkout::None => out,
         };
         // Boxed: opening a connection (TLS, an HTTP/2 handshake) takes a large future that a
         // request on a kept connection should not carry.
         match Box::pin(self.connect()).await? {
-            Sender::Http1(conn) => self.exchange(conn, req).await,
+            Sender::Http1(conn) => self.exchange(conn, out).await,
             Sender::Http2(mut h2) => {
                 self.keep(|conns| conns.http2 = Some(h2.clone()));
-                send_http2(&mut h2, req, &self.0.target)
+                send_http2(&mut h2, out, &self.0.target)
                     .await
                     .map_err(|unsent| {
                         unsent.err().unwrap_or_else(|| {
@@ -157,21 +157,19 @@ impl Pool {
         }
     }
 
-    /// Writes `req` on `conn` and reads its answer's head; the body reads the rest.
+    /// Writes `out` on `conn` and reads its answer's head; the body reads the rest.
     async fn exchange(
         &self,
         mut conn: Box<Conn>,
-        req: Request<Bytes>,
+        mut out: Outbound,
     ) -> Result<Answer, ForwardError> {
-        let (mut parts, body) = req.into_parts();
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let head = conn
             .exchange(
-                &parts.method,
-                target,
+                &out.method,
+                out.path_and_query.as_str(),
                 &self.0.target.host,
-                &mut parts.headers,
-                &body,
+                &mut out.headers,
+                &out.body,
             )
             .await
             .map_err(ForwardError::Io)?;
@@ -267,26 +265,42 @@ enum Checkout {
 }
 
 /// HTTP/2 names scheme and authority in the request's URI (its pseudo-headers). A request the
-/// connection refused before any of it was sent (it was closing) comes back as `Err(Ok(req))`,
+/// connection refused before any of it was sent (it was closing) comes back as `Err(Ok(out))`,
 /// free to go on a new connection; any other failure is `Err(Err(_))`.
 async fn send_http2(
     sender: &mut http2::SendRequest<Body>,
-    req: Request<Bytes>,
+    out: Outbound,
     target: &Target,
-) -> Result<Answer, Result<Request<Bytes>, ForwardError>> {
-    let (mut parts, body) = req.into_parts();
-    forwarded_fields(&mut parts.headers);
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+) -> Result<Answer, Result<Outbound, ForwardError>> {
+    let Outbound {
+        method,
+        path_and_query,
+        mut headers,
+        body,
+    } = out;
+    forwarded_fields(&mut headers);
+    let mut uri = uri::Parts::default();
     uri.scheme = Some(target.scheme.clone());
     uri.authority = Some(target.authority.clone());
+    uri.path_and_query = Some(path_and_query.clone());
+    let mut req = Request::new(Full::new(body.clone()));
+    *req.method_mut() = method;
+    *req.headers_mut() = headers;
     if let Ok(uri) = Uri::from_parts(uri) {
-        parts.uri = uri;
+        *req.uri_mut() = uri;
     }
-    let sent = sender.try_send_request(Request::from_parts(parts, Full::new(body.clone())));
-    match sent.await {
+    match sender.try_send_request(req).await {
         Ok(resp) => Ok(Answer::Http2(resp)),
         Err(mut e) => match e.take_message() {
-            Some(unsent) => Err(Ok(Request::from_parts(unsent.into_parts().0, body))),
+            Some(unsent) => {
+                let parts = unsent.into_parts().0;
+                Err(Ok(Outbound {
+                    method: parts.method,
+                    path_and_query,
+                    headers: parts.headers,
+                    body,
+                }))
+            }
             None => Err(Err(ForwardError::Io(error_chain(&e.into_error())))),
         },
     }
