@@ -243,11 +243,7 @@ pub async fn serve_with(
             let p = data_proxy.clone();
             let peer = Peer::new(peer);
             hyper::service::service_fn(move |req: Request<RequestBody>| {
-                let (p, activity, peer) = (p.clone(), activity.clone(), peer.clone());
-                async move {
-                    let _busy = activity.begin();
-                    Ok::<_, Infallible>(data_plane::handle(p, req, peer).await)
-                }
+                data_plane::handle(p.clone(), req, peer.clone(), activity.begin())
             })
         },
         async move {

@@ -41,9 +41,10 @@ pub(super) struct Note {
     client_request_id: Option<String>,
 }
 
-/// Answers one request with `handle`, logging it at the end when the access log is on.
+/// Answers one request with `handle`, logging it at the end (the access log is on).
 pub(super) async fn logged<F>(
     p: &Proxy,
+    settings: AccessLog,
     req: Request<RequestBody>,
     peer: SocketAddr,
     handle: impl FnOnce(Request<RequestBody>) -> F,
@@ -51,10 +52,6 @@ pub(super) async fn logged<F>(
 where
     F: Future<Output = Response<Body>>,
 {
-    let settings = p.config().access_log;
-    if !settings.enabled {
-        return handle(req).await;
-    }
     let headers = req.headers();
     let note = Note {
         settings,
@@ -80,13 +77,11 @@ where
             })
             .map(str::to_string),
     };
-    // Boxed: otherwise every request's future would hold room for the request's handling
-    // twice (here and above), logged or not.
-    Box::pin(NOTE.scope(RefCell::new(note), async {
+    NOTE.scope(RefCell::new(note), async {
         let resp = handle(req).await;
         with(|n| n.status = Some(resp.status()));
         resp
-    }))
+    })
     .await
 }
 

@@ -6,6 +6,7 @@ mod answers;
 
 use answers::{accepted, batched, reject, shadow_decision};
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,7 +20,7 @@ use crate::config::{Class, DEFAULT_ROUTE, KeyPart, OnLimit};
 use crate::credentials;
 use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId};
 use crate::intake::IntakeError;
-use crate::listener::RequestBody;
+use crate::listener::{InService, RequestBody};
 use crate::message::{IDEMPOTENCY_KEY, Outbound, Peer, prepare_request_headers, strip_hop_by_hop};
 use crate::path;
 use crate::proxy::Proxy;
@@ -48,9 +49,28 @@ fn is_crm_method(m: &Method) -> bool {
     .contains(m)
 }
 
-/// Handles one client request on the data listener.
-pub async fn handle(proxy: Arc<Proxy>, req: Request<RequestBody>, peer: Peer) -> Response<Body> {
-    access::logged(&proxy, req, peer.addr, |req| answer(&proxy, req, &peer)).await
+/// Handles one client request on the data listener; `busy` marks its connection in service
+/// until the answer is ready.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    req: Request<RequestBody>,
+    peer: Peer,
+    busy: InService,
+) -> Result<Response<Body>, Infallible> {
+    let settings = proxy.config().access_log;
+    let resp = if settings.enabled {
+        // Boxed: otherwise every request's future would hold room for the request's handling
+        // twice, logged or not.
+        Box::pin(access::logged(&proxy, settings, req, peer.addr, |req| {
+            answer(&proxy, req, &peer)
+        }))
+        .await
+    } else {
+        // Straight on: the request is not moved through the access log's layer.
+        answer(&proxy, req, &peer).await
+    };
+    drop(busy);
+    Ok(resp)
 }
 
 async fn answer(proxy: &Proxy, req: Request<RequestBody>, peer: &Peer) -> Response<Body> {
