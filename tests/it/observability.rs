@@ -98,9 +98,11 @@ fn the_alert_rules_pass_promtool_and_each_alert_is_tested_firing_and_quiet() {
 }
 
 /// A Prometheus server of its own: a config scraping `target` every second and evaluating the
-/// alert rules, its data in a temporary directory, its HTTP API on a free loopback port.
+/// alert rules, its data in a temporary directory, its HTTP API on a loopback port the kernel
+/// chose for it (read back from its log: no other server can take it in between).
 struct Prometheus {
     child: std::process::Child,
+    log: StderrLines,
     url: String,
     _dir: tempfile::TempDir,
 }
@@ -122,23 +124,41 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let port = free_port();
-        let child = std::process::Command::new(PROMETHEUS)
+        let mut child = std::process::Command::new(PROMETHEUS)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
             ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.listen-address=127.0.0.1:0")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let p = Prometheus {
+        let log = StderrLines::follow(&mut child);
+        let mut p = Prometheus {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            log,
+            url: String::new(),
             _dir: dir,
         };
+        // Its line `msg="Listening on" address=127.0.0.1:PORT` names the port.
+        let address = eventually("Prometheus to listen", Duration::from_secs(30), || {
+            let found = p.log.lines().iter().find_map(|l| {
+                let rest = &l[l.find("msg=\"Listening on\"")?..];
+                let at = rest.find("address=")? + "address=".len();
+                rest[at..].split_whitespace().next().map(str::to_string)
+            });
+            let exited = p.child.try_wait().unwrap().is_some();
+            async move { found.or_else(|| exited.then(String::new)) }
+        })
+        .await;
+        assert!(
+            !address.is_empty(),
+            "Prometheus exited at start:\n{}",
+            p.log.lines().join("\n")
+        );
+        p.url = format!("http://{address}");
         until_serving("Prometheus to be ready", &format!("{}/-/ready", p.url)).await;
         p
     }
@@ -167,6 +187,7 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.log.finish();
     }
 }
 

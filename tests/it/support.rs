@@ -48,6 +48,11 @@ impl Reply {
     }
 }
 
+/// How long one exchange of a test may take, head and body: far beyond any wait a test provokes
+/// (the longest are a 30 s `max_wait` and the 30 s default `request_timeout`), so that a server
+/// that never answers fails the test, naming the request, instead of hanging the run.
+pub const EXCHANGE_LIMIT: Duration = Duration::from_secs(120);
+
 pub async fn send(
     client: &HttpClient,
     method: Method,
@@ -55,20 +60,25 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Reply {
-    let mut req = Request::builder().method(method).uri(url);
+    let mut req = Request::builder().method(method.clone()).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = client
-        .request(req.body(Full::new(body.into())).unwrap())
+    let exchange = async {
+        let resp = client
+            .request(req.body(Full::new(body.into())).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+        let (parts, body) = resp.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    };
+    tokio::time::timeout(EXCHANGE_LIMIT, exchange)
         .await
-        .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
-    let (parts, body) = resp.into_parts();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+        .unwrap_or_else(|_| panic!("{method} {url}: no whole answer within {EXCHANGE_LIMIT:?}"))
 }
 
 pub fn ticket_body(subject: &str) -> String {
@@ -242,8 +252,45 @@ pub struct Process {
     child: std::process::Child,
     pub data: String,
     pub admin: String,
-    log: Arc<std::sync::Mutex<Vec<String>>>,
+    log: StderrLines,
+}
+
+/// What a child process writes to stderr, line by line, collected by a thread of its own as it
+/// comes (so the pipe never fills).
+pub struct StderrLines {
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
     reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StderrLines {
+    /// Follows the stderr of `child`, spawned with `Stdio::piped()` for it.
+    pub fn follow(child: &mut std::process::Child) -> StderrLines {
+        use std::io::{BufRead, BufReader};
+        let stderr = child.stderr.take().expect("stderr piped");
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        StderrLines {
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits for the end of the stream: call once the child has exited.
+    pub fn finish(&mut self) {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
 }
 
 pub fn bin() -> std::process::Command {
@@ -263,27 +310,17 @@ impl Process {
 
     /// Spawns `cmd` and waits for its "listening" line; `Err` holds the log if it exited first.
     pub async fn spawn(mut cmd: std::process::Command) -> Result<Process, Vec<String>> {
-        use std::io::{BufRead, BufReader};
         let mut child = cmd
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let log = StderrLines::follow(&mut child);
         let mut process = Process {
             child,
             data: String::new(),
             admin: String::new(),
             log,
-            reader: Some(reader),
         };
         let listening = eventually(
             "the proxy to listen or exit",
@@ -306,9 +343,7 @@ impl Process {
         .await;
         let Ok(listening) = listening else {
             let _ = process.child.wait();
-            if let Some(r) = process.reader.take() {
-                let _ = r.join();
-            }
+            process.log.finish();
             return Err(process.lines());
         };
         let json = serde_json::from_str::<Value>(&listening).ok();
@@ -335,7 +370,7 @@ impl Process {
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        self.log.lines()
     }
 
     pub fn pid(&self) -> u32 {
@@ -367,9 +402,7 @@ impl Process {
             .unwrap();
         assert!(ok.success());
         let exit = self.child.wait().unwrap();
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
+        self.log.finish();
         (exit, self.lines())
     }
 }
@@ -476,8 +509,9 @@ pub async fn until_serving(what: &str, url: &str) {
         let (http, url) = (http.clone(), url.to_string());
         async move {
             let req = Request::get(&url).body(Full::new(Bytes::new())).unwrap();
-            let ok = http.request(req).await.ok()?.status().is_success();
-            ok.then_some(())
+            // An attempt that gets no answer within 2 s counts as "not yet".
+            let resp = tokio::time::timeout(Duration::from_secs(2), http.request(req)).await;
+            resp.ok()?.ok()?.status().is_success().then_some(())
         }
     })
     .await;
