@@ -411,6 +411,13 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // A failing test shows what the proxy said last (captured with the test's output).
+            self.log.finish();
+            let lines = self.lines();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("the proxy's last log lines:\n{}", tail.join("\n"));
+        }
     }
 }
 
