@@ -150,14 +150,18 @@ impl Prometheus {
                 rest[at..].split_whitespace().next().map(str::to_string)
             });
             let exited = p.child.try_wait().unwrap().is_some();
-            async move { found.or_else(|| exited.then(String::new)) }
+            async move {
+                match (found, exited) {
+                    (Some(address), _) => Some(Ok(address)),
+                    (None, true) => Some(Err(())),
+                    (None, false) => None,
+                }
+            }
         })
         .await;
-        assert!(
-            !address.is_empty(),
-            "Prometheus exited at start:\n{}",
-            p.log.lines().join("\n")
-        );
+        let Ok(address) = address else {
+            panic!("Prometheus exited at start:\n{}", p.log.lines().join("\n"));
+        };
         p.url = format!("http://{address}");
         until_serving("Prometheus to be ready", &format!("{}/-/ready", p.url)).await;
         p

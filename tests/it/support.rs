@@ -500,7 +500,7 @@ pub fn redis_url() -> String {
 }
 
 /// A loopback port nothing listens on now, for a server that must be told its port (a process
-/// of someone else's: chromedriver, Prometheus).
+/// of someone else's that cannot report one the kernel chose: chromedriver).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
