@@ -143,22 +143,19 @@ impl Prometheus {
             _dir: dir,
         };
         // Its line `msg="Listening on" address=127.0.0.1:PORT` names the port.
-        let address = eventually("Prometheus to listen", Duration::from_secs(30), || {
-            let found = p.log.lines().iter().find_map(|l| {
-                let rest = &l[l.find("msg=\"Listening on\"")?..];
-                let at = rest.find("address=")? + "address=".len();
-                rest[at..].split_whitespace().next().map(str::to_string)
-            });
-            let exited = p.child.try_wait().unwrap().is_some();
-            async move {
-                match (found, exited) {
-                    (Some(address), _) => Some(Ok(address)),
-                    (None, true) => Some(Err(())),
-                    (None, false) => None,
-                }
-            }
-        })
-        .await;
+        let address = p
+            .log
+            .line_or_exit(
+                "Prometheus to listen",
+                Duration::from_secs(30),
+                &mut p.child,
+                |l| {
+                    let rest = &l[l.find("msg=\"Listening on\"")?..];
+                    let at = rest.find("address=")? + "address=".len();
+                    rest[at..].split_whitespace().next().map(str::to_string)
+                },
+            )
+            .await;
         let Ok(address) = address else {
             panic!("Prometheus exited at start:\n{}", p.log.lines().join("\n"));
         };

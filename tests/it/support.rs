@@ -285,6 +285,29 @@ impl StderrLines {
         self.lines.lock().unwrap().clone()
     }
 
+    /// Waits up to `limit` for a line that `find` takes something from (`Ok`), or for `child`,
+    /// the process followed, to exit without one (`Err`).
+    pub async fn line_or_exit<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        child: &mut std::process::Child,
+        find: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, ()> {
+        eventually(what, limit, || {
+            let found = self.lines().iter().find_map(|l| find(l));
+            let exited = child.try_wait().unwrap().is_some();
+            async move {
+                match (found, exited) {
+                    (Some(v), _) => Some(Ok(v)),
+                    (None, true) => Some(Err(())),
+                    (None, false) => None,
+                }
+            }
+        })
+        .await
+    }
+
     /// Waits for the end of the stream: call once the child has exited.
     pub fn finish(&mut self) {
         if let Some(r) = self.reader.take() {
@@ -322,25 +345,18 @@ impl Process {
             admin: String::new(),
             log,
         };
-        let listening = eventually(
-            "the proxy to listen or exit",
-            Duration::from_secs(20),
-            || {
-                let found = process
-                    .lines()
-                    .into_iter()
-                    .find(|l| l.contains("crm-quota-proxy listening"));
-                let exited = process.child.try_wait().unwrap().is_some();
-                async move {
-                    match (found, exited) {
-                        (Some(l), _) => Some(Ok(l)),
-                        (None, true) => Some(Err(())),
-                        (None, false) => None,
-                    }
-                }
-            },
-        )
-        .await;
+        let listening = process
+            .log
+            .line_or_exit(
+                "the proxy to listen or exit",
+                Duration::from_secs(20),
+                &mut process.child,
+                |l| {
+                    l.contains("crm-quota-proxy listening")
+                        .then(|| l.to_string())
+                },
+            )
+            .await;
         let Ok(listening) = listening else {
             let _ = process.child.wait();
             process.log.finish();
