@@ -121,6 +121,12 @@ fn hop_by_hop(name: &HeaderName) -> Option<usize> {
     Some(i)
 }
 
+/// Whether a field ends at this hop: a hop-by-hop name or a `Proxy-*` one (what
+/// [`strip_hop_by_hop`] removes, but for the fields a `Connection` field names).
+pub fn ends_at_hop(name: &HeaderName) -> bool {
+    hop_by_hop(name).is_some() || name.as_str().starts_with("proxy-")
+}
+
 /// A `Connection` value that names no header: only the connection's own fate.
 pub fn only_framing(value: &[u8]) -> bool {
     value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
@@ -196,13 +202,13 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 /// The name the client's `Host` reaches the CRM under.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Cleans a client's request headers for the upstream: hop-by-hop removed, a buffered body's
-/// framing recomputed, the client's address added to `X-Forwarded-For`. The client's `Host`
-/// stays, to be sent as `X-Forwarded-Host`, unless a front proxy already set that; the
-/// `X-Forwarded-Proto` a front proxy set stays, and a request without one is sent with `http`
-/// (see [`Outbound::headers`]).
+/// Cleans a client's request headers for the upstream: a buffered body's framing recomputed,
+/// the client's address added to `X-Forwarded-For`. The client's `Host` stays, to be sent as
+/// `X-Forwarded-Host`, unless a front proxy already set that; the `X-Forwarded-Proto` a front
+/// proxy set stays, and a request without one is sent with `http` (see
+/// [`Outbound::headers`]). Hop-by-hop fields are already gone: the listeners deliver no
+/// request with one (the HTTP/1.1 reader keeps none, and HTTP/2 requests are stripped).
 pub fn prepare_request_headers(headers: &mut HeaderMap, peer: &Peer) {
-    strip_hop_by_hop(headers);
     // One pass over the names: each lookup hashes its name, so absent ones are not looked up.
     let [
         mut length,

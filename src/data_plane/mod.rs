@@ -21,7 +21,7 @@ use crate::credentials;
 use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId};
 use crate::intake::IntakeError;
 use crate::listener::{InService, RequestBody};
-use crate::message::{IDEMPOTENCY_KEY, Outbound, Peer, prepare_request_headers, strip_hop_by_hop};
+use crate::message::{IDEMPOTENCY_KEY, Outbound, Peer, prepare_request_headers};
 use crate::path;
 use crate::proxy::Proxy;
 use crate::queue::{Enter, Parkable, Ticket, WaitEnd};
@@ -526,7 +526,6 @@ async fn forward_live(
     }
     drop(ticket);
     access::route_outcome(p, route, outcome);
-    strip_hop_by_hop(&mut parts.headers);
     let usage = p.ledger.usage(&route.quotas, now);
     response::add_rate_limit_headers(&mut parts.headers, &p.ledger, &usage, now);
     Ok(Response::from_parts(parts, body))

@@ -344,11 +344,11 @@ fn parse_request(
         let name = names
             .next(field.name)
             .map_err(|()| refused(bad, format!("the header name {:?} is invalid", field.name)))?;
-        let noted = fields.note(&name, field.value);
+        let noted = fields.note(&name.name, field.value);
         if noted.map_err(|e| refused(bad, format!("the request has {e}")))? {
             continue;
         }
-        expect_continue |= name == EXPECT
+        expect_continue |= name.name == EXPECT
             && field
                 .value
                 .trim_ascii()

@@ -23,6 +23,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::Listen;
+use crate::message::strip_hop_by_hop;
 use crate::response::Body;
 
 mod answer;
@@ -388,7 +389,9 @@ pub async fn accept_loop<F, S>(
                     };
                     if let Some(http1::Ended::Http2(mut io, read)) = ended {
                         io.replay = read;
-                        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        // As from the HTTP/1.1 reader: no field that ends at this hop.
+                        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                            strip_hop_by_hop(req.headers_mut());
                             service.call(req.map(RequestBody::http2))
                         });
                         let conn = h2.serve_connection(TokioIo::new(io), service);

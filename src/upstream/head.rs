@@ -9,6 +9,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::http1::Error;
+use crate::message::{ends_at_hop, strip_hop_by_hop};
 
 /// What a message's fields say of its framing and its connection, noted as its head is parsed
 /// (the same for the CRM's answers and the clients' requests).
@@ -100,17 +101,20 @@ pub(crate) const KEPT_PLACES: usize = 32;
 pub(crate) const KEPT_NAME: usize = 64;
 
 /// The names of the first fields of a connection's last messages, by place, each as it was
-/// spelled and as checked; and the kept fields of the message being parsed. One peer's
-/// messages mostly repeat their names, spelled the same, in the same order, so a name spelled
-/// as the one at its place last time is taken from here, not checked again (a comparison of a
-/// few bytes against a parse). The lists keep their allocations from one message to the next.
+/// spelled and as checked, with whether it ends at this hop; and the kept fields of the message
+/// being parsed. One peer's messages mostly repeat their names, spelled the same, in the same
+/// order, so a name spelled as the one at its place last time is taken from here, not checked
+/// again (a comparison of a few bytes against a parse). The lists keep their allocations from
+/// one message to the next.
 #[derive(Default)]
 pub(crate) struct Names {
-    known: Vec<Option<(Box<[u8]>, HeaderName)>>,
+    known: Vec<Option<(Box<[u8]>, Name)>>,
     /// Fields of the message seen so far, kept or not.
     seen: usize,
     /// The message's kept fields: their names and where their values lie in its head.
     kept: Vec<(HeaderName, Range<usize>)>,
+    /// A kept `Connection` field names fields that end at this hop.
+    names_hops: bool,
 }
 
 impl Names {
@@ -118,11 +122,12 @@ impl Names {
     pub fn clear(&mut self) {
         self.seen = 0;
         self.kept.clear();
+        self.names_hops = false;
     }
 
     /// The name of the message's next field, checked; `Err` when it is not a valid one.
     #[inline]
-    pub fn next(&mut self, raw: &str) -> Result<HeaderName, ()> {
+    pub fn next(&mut self, raw: &str) -> Result<Name, ()> {
         let at = self.seen;
         self.seen += 1;
         if let Some(Some((spelled, name))) = self.known.get(at)
@@ -131,6 +136,10 @@ impl Names {
             return Ok(name.clone());
         }
         let name = HeaderName::from_bytes(raw.as_bytes()).map_err(|_| ())?;
+        let name = Name {
+            hop: ends_at_hop(&name),
+            name,
+        };
         if at < KEPT_PLACES {
             let entry = (raw.len() <= KEPT_NAME).then(|| (Box::from(raw.as_bytes()), name.clone()));
             if at >= self.known.len() {
@@ -141,14 +150,25 @@ impl Names {
         Ok(name)
     }
 
-    /// Keeps a field of the message, its value at `value` in the head.
+    /// Keeps a field of the message, its value at `value` in the head, unless it ends at this
+    /// hop: so a message's hop-by-hop fields are gone without a pass over its map (whether a
+    /// name is one was worked out when it was checked). A `Connection` field that names other
+    /// fields is kept all the same, and the map stripped once built: the fields it names may
+    /// come before it.
     #[inline]
-    pub fn keep(&mut self, name: HeaderName, value: Range<usize>) {
-        self.kept.push((name, value));
+    pub fn keep(&mut self, name: Name, value: Range<usize>) {
+        if name.hop {
+            if name.name != CONNECTION {
+                return;
+            }
+            self.names_hops = true;
+        }
+        self.kept.push((name.name, value));
     }
 
     /// Moves the kept fields into `headers`, each value a slice of `head` (the head, frozen
-    /// into one shared buffer): no copy, no allocation and no second check a value.
+    /// into one shared buffer): no copy, no allocation and no second check a value. The map
+    /// holds no field that ends at this hop.
     ///
     /// The values must be ones httparse accepted (with its default config): it takes in a
     /// value exactly the bytes a `HeaderValue` may hold (tab, 0x20 to 0x7e, 0x80 to 0xff), which
@@ -161,12 +181,22 @@ impl Names {
             let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(at)) };
             headers.append(name, value);
         }
+        if std::mem::take(&mut self.names_hops) {
+            strip_hop_by_hop(headers);
+        }
     }
 
     /// How many fields are kept.
     pub fn len(&self) -> usize {
         self.kept.len()
     }
+}
+
+/// A checked field name, and whether the field ends at this hop ([`ends_at_hop`]).
+#[derive(Clone)]
+pub(crate) struct Name {
+    pub name: HeaderName,
+    pub hop: bool,
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {

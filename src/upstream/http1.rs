@@ -274,7 +274,8 @@ fn parse_head(
         };
         // Names are checked now; values are kept as where they lie in the head, which becomes
         // one shared buffer they are all slices of (no copy and no allocation a value). The
-        // fields that frame the answer are read on the way (no lookups after).
+        // fields that frame the answer are read on the way (no lookups after); those that end
+        // at this hop are not kept.
         let mut fields = Fields::default();
         names.clear();
         for field in parsed.headers.iter() {
@@ -282,7 +283,7 @@ fn parse_head(
                 format!("the response has an invalid header name {:?}", field.name)
             })?;
             if fields
-                .note(&name, field.value)
+                .note(&name.name, field.value)
                 .map_err(|e| format!("the response has {e}"))?
             {
                 continue;
@@ -345,6 +346,41 @@ mod tests {
     fn framed(text: &str) -> (Option<Framing>, bool) {
         let h = head(text, false).unwrap().unwrap();
         (h.framing, h.reusable)
+    }
+
+    #[test]
+    fn fields_that_end_at_this_hop_are_not_kept_and_those_connection_names_go_too() {
+        let names_of = |text: &str, names: &mut Names| -> Vec<String> {
+            let mut buf = BytesMut::from(text);
+            let h = parse_head(&mut buf, names, false, &mut HeaderMap::new());
+            let h = h.unwrap().unwrap();
+            h.response.headers().keys().map(|n| n.to_string()).collect()
+        };
+        let mut names = Names::default();
+        // Twice: the second answer's names come from what the first left.
+        for _ in 0..2 {
+            let kept = names_of(
+                "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nServer: s\r\n\
+                 Transfer-Encoding: chunked\r\nTE: trailers\r\nTrailer: x\r\n\
+                 Upgrade: h2c\r\nProxy-Authenticate: Basic\r\nProxy-Connection: close\r\n\
+                 Connection: keep-alive\r\nX-Rate: 1\r\n\r\n",
+                &mut names,
+            );
+            assert_eq!(kept, ["server", "x-rate"]);
+        }
+        // A `Connection` field naming others: they go, before it or after it, and it too.
+        let kept = names_of(
+            "HTTP/1.1 200 OK\r\nX-Before: 1\r\nConnection: x-before, X-After, close\r\n\
+             X-After: 2\r\nX-Rate: 3\r\nContent-Length: 0\r\n\r\n",
+            &mut names,
+        );
+        assert_eq!(kept, ["x-rate", "content-length"]);
+        // And the next answer on the connection is not stripped of its own fields by it.
+        let kept = names_of(
+            "HTTP/1.1 200 OK\r\nX-Before: 1\r\nX-After: 2\r\nContent-Length: 0\r\n\r\n",
+            &mut names,
+        );
+        assert_eq!(kept, ["x-before", "x-after", "content-length"]);
     }
 
     #[test]

@@ -160,7 +160,9 @@ impl UpstreamClient {
         })
     }
 
-    /// Sends a request and returns the response head with its streaming body.
+    /// Sends a request and returns the response head with its streaming body. The head holds
+    /// no field that ends at this hop (see [`strip_hop_by_hop`]): the HTTP/1.1 reader keeps
+    /// none, and an HTTP/2 answer is stripped here.
     pub async fn send(&self, mut out: Outbound) -> Result<Response<UpstreamBody>, ForwardError> {
         if !self.prefix.is_empty() {
             out.path_and_query = format!("{}{}", self.prefix, out.path_and_query)
@@ -184,7 +186,10 @@ impl UpstreamClient {
                 let body = UpstreamBody::http1(conn, head.framing, head.reusable, &pool);
                 Ok(head.response.map(|()| body))
             }
-            Some(Ok(Answer::Http2(resp))) => Ok(resp.map(UpstreamBody::http2)),
+            Some(Ok(Answer::Http2(mut resp))) => {
+                strip_hop_by_hop(resp.headers_mut());
+                Ok(resp.map(UpstreamBody::http2))
+            }
         };
         self.record(&result);
         result
@@ -264,11 +269,9 @@ impl UpstreamClient {
             }
             kept.extend_from_slice(&data);
         }
-        let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
         let mut answer = BufferedResponse {
             status: parts.status,
-            headers: detached(&headers),
+            headers: detached(&parts.headers),
             body: kept.freeze(),
         };
         if let Some(bytes) = dropped {

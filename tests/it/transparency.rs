@@ -104,6 +104,42 @@ async fn request_headers_are_cleaned_and_forwarded_headers_added() {
 }
 
 #[tokio::test]
+async fn an_http2_requests_hop_by_hop_fields_are_not_forwarded_either() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let h = Harness::start(roomy_sim(), ROOMY).await;
+    let tcp = tokio::net::TcpStream::connect(h.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // HTTP/2 has no `Connection` field; these are the hop-by-hop ones it may carry.
+    let req = http::Request::get(format!("{}/echo/h", h.url))
+        .header("authorization", TOKEN)
+        .header("x-custom", "kept")
+        .header("te", "trailers")
+        .header("trailer", "x-t")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let headers = &echoed["headers"];
+    assert_eq!(headers["x-custom"][0], "kept");
+    for gone in ["te", "trailer", "proxy-authorization"] {
+        assert!(headers.get(gone).is_none(), "{gone} must not be forwarded");
+    }
+    drop(sender);
+    conn.abort();
+}
+
+#[tokio::test]
 async fn large_request_and_streamed_chunked_responses_arrive_intact() {
     let h = Harness::start(roomy_sim(), ROOMY).await;
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
