@@ -316,8 +316,9 @@ s = lambda t, k: med("saturation", t, k)
 r = lambda t, k: med("rate", t, k)
 print(f"- saturation throughput: proxy/direct {s('proxy', 'rps') / s('direct', 'rps'):.2f}, "
       f"proxy/nginx {s('proxy', 'rps') / s('nginx', 'rps'):.2f}")
+# Two decimals (a round's CPU time is hundreds of clock ticks): the target compares these two.
 print(f"- CPU per request at saturation (the server's processes, user + system): proxy "
-      f"{s('proxy', 'cpu_us'):.1f} µs, nginx {s('nginx', 'cpu_us'):.1f} µs, proxy/nginx "
+      f"{s('proxy', 'cpu_us'):.2f} µs, nginx {s('nginx', 'cpu_us'):.2f} µs, proxy/nginx "
       f"{s('proxy', 'cpu_us') / max(s('nginx', 'cpu_us'), 0.01):.2f}; the proxy on the shared runtime "
       f"(`data_threads: 0`) {s('proxy_shared', 'cpu_us'):.1f} µs and {s('proxy_shared', 'rps'):,.0f} req/s "
       f"(the upstream itself: {s('direct', 'cpu_us'):.1f} µs)")

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 
 use crate::client::Caller;
 use crate::clock::Time;
@@ -30,7 +30,7 @@ use crate::response::{self, Body, PROXY_PREFIX, ProxyError};
 use crate::route::Route;
 use crate::shared_ledger::Admission;
 use crate::units::format_duration;
-use crate::upstream::ForwardError;
+use crate::upstream::{ForwardError, UpstreamBody};
 use crate::verdict::{Attempt, Verdict};
 
 /// The methods CRM APIs use; any other gets 405 at once, before its body is read.
@@ -473,18 +473,16 @@ async fn forward_live(
     route
         .series(&p.metrics)
         .upstream_response(resp.status(), took.as_secs_f64());
-    let (mut parts, body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     let crm = p.config().upstream.crm;
-    let (body, read): (Body, Option<Bytes>) = if crm.needs_body(parts.status) {
+    // The body streams through, or was read (then it is both the answer's and what `learn` reads).
+    let (body, read): (Option<UpstreamBody>, Option<Bytes>) = if crm.needs_body(parts.status) {
         // Small error bodies (a Salesforce 403, a HubSpot 429) say whether it is a throttle.
         match Limited::new(body, p.config().max_body_bytes)
             .collect()
             .await
         {
-            Ok(c) => {
-                let bytes = c.to_bytes();
-                (response::full(bytes.clone()), Some(bytes))
-            }
+            Ok(c) => (None, Some(c.to_bytes())),
             Err(e) => {
                 return Err(ProxyError::Upstream(ForwardError::Io(format!(
                     "reading the CRM's error body: {e}"
@@ -492,7 +490,7 @@ async fn forward_live(
             }
         }
     } else {
-        (body.boxed(), None)
+        (Some(body), None)
     };
     let throttled = p
         .learn(
@@ -527,7 +525,12 @@ async fn forward_live(
     drop(ticket);
     access::route_outcome(p, route, outcome);
     let usage = p.ledger.usage(&route.quotas, now);
-    response::add_rate_limit_headers(&mut parts.headers, &p.ledger, &usage, now);
+    let fields = response::rate_limit_fields(&p.ledger, &usage, now);
+    // The body carries the `RateLimit` fields to the writer (see `response::Body`).
+    let body = match body {
+        Some(streamed) => Body::carrying(streamed, fields),
+        None => Body::carrying(Full::new(read.unwrap_or_default()), fields),
+    };
     Ok(Response::from_parts(parts, body))
 }
 

@@ -73,6 +73,10 @@ pub(super) async fn write_response(
             out.extend_from_slice(part);
         }
     }
+    // The `RateLimit` fields a CRM answer's body carries (see `response::Body`).
+    if let Some(fields) = body.take_fields() {
+        fields.write(out);
+    }
     if let Some(n) = length {
         out.extend_from_slice(b"content-length: ");
         push_decimal(out, n);

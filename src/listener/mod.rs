@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::config::Listen;
 use crate::message::strip_hop_by_hop;
-use crate::response::Body;
+use crate::response::{Body, fields_into_head};
 
 mod answer;
 mod body;
@@ -389,10 +389,17 @@ pub async fn accept_loop<F, S>(
                     };
                     if let Some(http1::Ended::Http2(mut io, read)) = ended {
                         io.replay = read;
-                        // As from the HTTP/1.1 reader: no field that ends at this hop.
+                        // As from the HTTP/1.1 reader: no field that ends at this hop. And
+                        // as to the HTTP/1.1 writer: hyper writes the map's fields only, so
+                        // those a body carries go into the map.
                         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                             strip_hop_by_hop(req.headers_mut());
-                            service.call(req.map(RequestBody::http2))
+                            let call = service.call(req.map(RequestBody::http2));
+                            async move {
+                                let mut resp = call.await?;
+                                fields_into_head(&mut resp);
+                                Ok::<_, S::Error>(resp)
+                            }
                         });
                         let conn = h2.serve_connection(TokioIo::new(io), service);
                         tokio::pin!(conn);

@@ -188,7 +188,7 @@ async fn echo(req: Request<RequestBody>) -> Response<Body> {
         .unwrap_or(StatusCode::OK);
     if let Some(n) = query.get("bytes").and_then(|v| v.parse::<usize>().ok()) {
         let body = Chunked { left: n, sent: 0 };
-        let mut resp = Response::new(body.map_err(|never| match never {}).boxed());
+        let mut resp = Response::new(Body::new(body));
         *resp.status_mut() = status;
         return resp;
     }

@@ -4,10 +4,9 @@ use std::cell::RefCell;
 use std::fmt;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use serde::Serialize;
 use serde_json::json;
 
@@ -19,16 +18,15 @@ use crate::quota::{Ledger, QuotaUsage};
 use crate::units::{format_duration, push_decimal};
 use crate::upstream::ForwardError;
 
-/// The body type of every data-plane and admin response (CRM bodies stream through).
-pub type Body = BoxBody<Bytes, crate::upstream::BodyError>;
+mod body;
+
+pub use body::{Body, RateLimitFields, fields_into_head};
 
 /// Path prefix of the proxy's own endpoints on the data listener (cannot collide with CRM APIs).
 pub const PROXY_PREFIX: &str = "/_proxy/";
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Body::new(Full::new(bytes.into()))
 }
 
 fn respond(
@@ -304,22 +302,31 @@ pub fn problem(status: StatusCode, code: &str, description: impl fmt::Display) -
     )
 }
 
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-
-/// Adds the proxy's `RateLimit-Policy` and `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers-10
-/// structured lists), one item per quota the route consumes, the binding quota first. The CRM's
-/// own headers are left untouched.
+/// Adds the proxy's `RateLimit-Policy` and `RateLimit` fields ([`rate_limit_fields`]) to
+/// `headers`. The CRM's own headers are left untouched.
 pub fn add_rate_limit_headers(
     headers: &mut HeaderMap,
     ledger: &Ledger,
     usage: &[QuotaUsage],
     now: Time,
 ) {
-    if usage.is_empty() {
-        return;
+    if let Some(fields) = rate_limit_fields(ledger, usage, now) {
+        fields.append_to(headers);
     }
-    let fields = QUOTA_ITEMS.with_borrow_mut(|kept| {
+}
+
+/// The proxy's `RateLimit-Policy` and `RateLimit` values (draft-ietf-httpapi-ratelimit-headers-10
+/// structured lists), one item per quota the route consumes, the binding quota first; `None`
+/// for a route that consumes none.
+pub fn rate_limit_fields(
+    ledger: &Ledger,
+    usage: &[QuotaUsage],
+    now: Time,
+) -> Option<RateLimitFields> {
+    if usage.is_empty() {
+        return None;
+    }
+    QUOTA_ITEMS.with_borrow_mut(|kept| {
         let id = ledger.configs_id();
         let items = match kept {
             Some((written_for, items)) if *written_for == id => items,
@@ -347,12 +354,8 @@ pub fn add_rate_limit_headers(
         // same name between quotes with parameters of digits, passed the value check; so did
         // this value's every other byte (`"`, `;`, `=`, `,`, a space, letters and digits).
         let state = unsafe { HeaderValue::from_maybe_shared_unchecked(state) };
-        Some((policy, state))
-    });
-    if let Some((policy, state)) = fields {
-        headers.append(RATELIMIT_POLICY.clone(), policy);
-        headers.append(RATELIMIT.clone(), state);
-    }
+        Some(RateLimitFields { policy, state })
+    })
 }
 
 thread_local! {
