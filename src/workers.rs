@@ -1,10 +1,10 @@
 //! The data plane's threads (`listen.data_threads`): each runs a single-threaded runtime of its
-//! own, and the data listener hands every accepted connection to one of them in turn. The
+//! own. The first accepts the data listener's connections and serves each itself, or hands it to
+//! the least busy thread when it serves more than that one (`listener::accept`). The
 //! connection's requests, and the CRM calls they make (each thread keeps its own CRM
 //! connection pool: [`upstream::use_thread_pool`]), then all run on that one thread, with no
-//! wake-up crossing threads; the ledger and the queue stay shared. Accepting stays on the shared
-//! runtime, on one listener: a second process cannot join the port unnoticed, as it could with
-//! `SO_REUSEPORT`.
+//! wake-up crossing threads; the ledger and the queue stay shared. There is one listening
+//! socket: a second process cannot join the port unnoticed, as it could with `SO_REUSEPORT`.
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;

@@ -4,9 +4,7 @@
 //! process runs out of file descriptors the listener backs off and says so once, not per try.
 //! HTTP/1.1 is the proxy's own server (`http1`), HTTP/2 hyper's.
 
-use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -14,32 +12,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::Listen;
-use crate::message::strip_hop_by_hop;
-use crate::response::{Body, fields_into_head};
 
+mod accept;
 mod answer;
 mod body;
 mod http1;
 mod lifetime;
 
-use lifetime::watch_connection;
-
+pub use accept::accept_loop;
 pub use body::RequestBody;
 
 /// Connections the admin listener keeps open at once (scrapes, probes, an operator).
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
-
-/// A repeated accept failure or refusal is logged at most this often.
-const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What one listener allows each connection.
 #[derive(Debug, Clone)]
@@ -278,164 +267,6 @@ impl AsyncWrite for Watched {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// Logs a repeated event at most every [`LOG_EVERY`], with how many were not logged.
-struct Throttled {
-    last: Option<Instant>,
-    unlogged: u64,
-}
-
-impl Throttled {
-    fn due(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self.last.is_some_and(|t| now < t + LOG_EVERY) {
-            self.unlogged += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
-    }
-}
-
-/// Accepts connections until `stop` completes, then closes the listener, asks every open
-/// connection to finish its requests and close, and waits up to `grace` for them. Each
-/// connection is served on the next of `runtimes` in turn (its requests stay on that one
-/// thread), or on the calling runtime when there are none.
-pub async fn accept_loop<F, S>(
-    listener: TcpListener,
-    limits: ConnLimits,
-    stats: Arc<ListenerStats>,
-    make_service: F,
-    stop: impl Future<Output = ()>,
-    grace: Duration,
-    runtimes: &[tokio::runtime::Handle],
-) where
-    F: Fn(SocketAddr, Arc<Activity>) -> S,
-    S: hyper::service::Service<Request<RequestBody>, Response = Response<Body>>
-        + Send
-        + Sync
-        + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::Future: Send + 'static,
-{
-    // HTTP/1.1 is served by `http1`; a connection opening with HTTP/2's preface goes to hyper.
-    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_streams)
-        .keep_alive_interval(Some(limits.idle_timeout.min(Duration::from_secs(30))))
-        .keep_alive_timeout(limits.header_timeout);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut next_runtime = 0usize;
-    let (closing_tx, closing) = watch::channel(false);
-    let (done_tx, mut done) = mpsc::channel::<()>(1);
-    let (mut refused_log, mut failed_log) = (
-        Throttled {
-            last: None,
-            unlogged: 0,
-        },
-        Throttled {
-            last: None,
-            unlogged: 0,
-        },
-    );
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        stats.accept_errors.fetch_add(1, Relaxed);
-                        stats.accept_result(false);
-                        if let Some(unlogged) = failed_log.due() {
-                            tracing::warn!(error = %e, repeated = unlogged, "accepting a connection failed; retrying in 100ms (out of file descriptors? see listen.max_connections)");
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                stats.accept_result(true);
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    stats.over_cap.fetch_add(1, Relaxed);
-                    if let Some(unlogged) = refused_log.due() {
-                        tracing::warn!(max_connections = limits.max_connections, repeated = unlogged, "connection refused: max_connections are open");
-                    }
-                    drop(stream);
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let activity = Activity::new();
-                let service = make_service(peer, activity.clone());
-                let (h2, limits, stats, closing, done) = (
-                    h2.clone(),
-                    limits.clone(),
-                    stats.clone(),
-                    closing.clone(),
-                    done_tx.clone(),
-                );
-                let serve = move |stream: TcpStream| async move {
-                    let io = Watched { io: stream, activity: activity.clone(), replay: Bytes::new() };
-                    stats.open.fetch_add(1, Relaxed);
-                    // HTTP/1.1 is served by the proxy's own loop; a close asked of it is taken
-                    // between requests.
-                    let ended = {
-                        let shut = AtomicBool::new(false);
-                        let conn = http1::serve(http1::Conn::new(io), &service, &shut);
-                        tokio::pin!(conn);
-                        let close = |_: Pin<&mut _>| shut.store(true, Relaxed);
-                        watch_connection(conn, close, &activity, &limits, &stats, closing.clone(), peer).await
-                    };
-                    if let Some(http1::Ended::Http2(mut io, read)) = ended {
-                        io.replay = read;
-                        // As from the HTTP/1.1 reader: no field that ends at this hop. And
-                        // as to the HTTP/1.1 writer: hyper writes the map's fields only, so
-                        // those a body carries go into the map.
-                        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                            strip_hop_by_hop(req.headers_mut());
-                            let call = service.call(req.map(RequestBody::http2));
-                            async move {
-                                let mut resp = call.await?;
-                                fields_into_head(&mut resp);
-                                Ok::<_, S::Error>(resp)
-                            }
-                        });
-                        let conn = h2.serve_connection(TokioIo::new(io), service);
-                        tokio::pin!(conn);
-                        let close = |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
-                        watch_connection(conn, close, &activity, &limits, &stats, closing, peer).await;
-                    }
-                    stats.open.fetch_sub(1, Relaxed);
-                    drop((slot, done));
-                };
-                if runtimes.is_empty() {
-                    tokio::spawn(serve(stream));
-                    continue;
-                }
-                // The socket moves to the runtime that serves it: registered with its driver there.
-                let runtime = &runtimes[next_runtime % runtimes.len()];
-                next_runtime = next_runtime.wrapping_add(1);
-                match stream.into_std() {
-                    Ok(stream) => {
-                        runtime.spawn(async move {
-                            match TcpStream::from_std(stream) {
-                                Ok(stream) => serve(stream).await,
-                                Err(e) => tracing::warn!(error = %e, %peer, "cannot serve an accepted connection on its thread; closed"),
-                            }
-                        });
-                    }
-                    Err(e) => tracing::warn!(error = %e, %peer, "cannot hand an accepted connection to a data thread; closed"),
-                }
-            }
-            _ = &mut stop => break,
-        }
-    }
-    drop(listener);
-    let _ = closing_tx.send(true);
-    drop(done_tx);
-    if tokio::time::timeout(grace, done.recv()).await.is_err() {
-        tracing::warn!("grace period over; closing connections still open");
     }
 }
 
