@@ -241,6 +241,69 @@ async fn every_metric_of_the_readme_is_there_from_the_start() {
     assert!(text.contains("crm_proxy_build_info{profile="), "build info");
 }
 
+/// Connections held open at once are spread over the data threads: the accepting thread hands
+/// a new one to the least busy once it serves more than one connection more. Every connection,
+/// kept or handed over, serves its requests to the end, and a connection closed frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_held_open_at_once_are_served_on_every_data_thread() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+
+    let yaml =
+        format!("listen: {{ data: 127.0.0.1:0, admin: 127.0.0.1:0, data_threads: 3 }}\n{ROOMY}");
+    let h = Harness::start(roomy_sim(), &yaml).await;
+    let addr = h.url.trim_start_matches("http://").to_string();
+    let connect = |addr: &str| {
+        let addr = addr.to_string();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            (sender, tokio::spawn(conn))
+        }
+    };
+    let mut conns = Vec::new();
+    for _ in 0..7 {
+        conns.push(connect(&addr).await);
+    }
+    for round in 0..3 {
+        if round > 0 {
+            // One connection closes and a new one takes its place.
+            let (sender, conn) = conns.remove(0);
+            drop(sender);
+            conn.await.unwrap().unwrap();
+            conns.push(connect(&addr).await);
+        }
+        for (i, (sender, _)) in conns.iter_mut().enumerate() {
+            let req = http::Request::get(format!("/echo/c{i}/r{round}"))
+                .header("host", &addr)
+                .header("authorization", TOKEN)
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(
+                resp.status(),
+                http::StatusCode::OK,
+                "connection {i}, round {round}"
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(echoed["path"], format!("/echo/c{i}/r{round}"));
+        }
+    }
+    assert_eq!(h.sim.stats().calls, 21);
+    // The two closed are counted out once the proxy has seen them close.
+    eventually(
+        "7 open data connections",
+        Duration::from_secs(5),
+        || async {
+            (h.metric("crm_proxy_connections{listener=\"data\"}").await == 7.0).then_some(())
+        },
+    )
+    .await;
+}
+
 /// The data plane on threads of its own (the default, one per core) and on the shared runtime
 /// (`listen.data_threads: 0`) answer alike, over many connections spread across the threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
