@@ -7,7 +7,7 @@
 //! - leaves: [`clock`] (the injected time), [`units`] (durations, sizes), [`ids`], [`status`]
 //!   (a parked write's status and fail reasons), [`matching`] (path patterns, CIDR, globs),
 //!   [`tls`], [`message`] (HTTP messages between hops), [`crm`] (each CRM's headers, throttle
-//!   signals and Zendesk's batch endpoints);
+//!   signals and Zendesk's batch endpoints), [`frames`] (small stack frames on the request path);
 //! - [`config`]: YAML → validated [`config::Config`], every error with its field path;
 //! - domain: [`store`] (the write-ahead log), [`client`] (who a request belongs to), [`route`]
 //!   (classification into routes and lanes), [`quota`] (the ledger), [`metrics`] (Prometheus
@@ -29,6 +29,7 @@ pub mod crm;
 pub mod data_plane;
 pub mod demo;
 pub mod dispatch;
+pub mod frames;
 pub mod ids;
 pub mod intake;
 pub mod listener;

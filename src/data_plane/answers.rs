@@ -6,6 +6,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use super::access;
 use crate::clock::Time;
 use crate::config::{Class, OnLimit};
+use crate::frames;
 use crate::ids::{EntryId, QuotaId};
 use crate::proxy::Proxy;
 use crate::queue::{Accepted, Settled};
@@ -24,7 +25,7 @@ pub(super) async fn accepted(
     why: &str,
 ) -> Result<Response<Body>, ProxyError> {
     // Boxed: the store's future is large, and every caller's would carry its size.
-    if let Err(e) = Box::pin(a.commit.durable()).await {
+    if let Err(e) = frames::boxed(|| a.commit.durable()).await {
         p.queue.settle(a.id, false);
         tracing::error!(request_id = %a.id, route = %route.name, error = %e, "cannot store a parked write; answering 503");
         return Err(ProxyError::NotStored {

@@ -18,6 +18,7 @@ use crate::client::Caller;
 use crate::clock::Time;
 use crate::config::{Class, DEFAULT_ROUTE, KeyPart, OnLimit};
 use crate::credentials;
+use crate::frames;
 use crate::ids::{ClientId, EntryId, Fingerprint, QuotaId};
 use crate::intake::IntakeError;
 use crate::listener::{InService, RequestBody};
@@ -61,9 +62,11 @@ pub async fn handle(
     let resp = if settings.enabled {
         // Boxed: otherwise every request's future would hold room for the request's handling
         // twice, logged or not.
-        Box::pin(access::logged(&proxy, settings, req, peer.addr, |req| {
-            answer(&proxy, req, &peer)
-        }))
+        frames::boxed(|| {
+            access::logged(&proxy, settings, req, peer.addr, |req| {
+                answer(&proxy, req, &peer)
+            })
+        })
         .await
     } else {
         // Straight on: the request is not moved through the access log's layer.
@@ -196,7 +199,7 @@ async fn forward(
             keys: &keys,
             token: None,
         };
-        return Box::pin(shadow(p, &call, out, now)).await;
+        return frames::boxed(|| shadow(p, &call, out, now)).await;
     }
 
     if !route.parks() {
@@ -254,11 +257,11 @@ async fn forward(
                 shadow_decision(p, route, grant.would, now);
             }
             let next = Some((out, grant, "forwarded"));
-            Box::pin(live_write(p, &call, ticket, next, deadline)).await
+            frames::boxed(|| live_write(p, &call, ticket, next, deadline)).await
         }
         Enter::Parked(ticket) => {
             access::id(ticket.id());
-            Box::pin(live_write(p, &call, ticket, None, deadline)).await
+            frames::boxed(|| live_write(p, &call, ticket, None, deadline)).await
         }
         Enter::Full => {
             let retry_at = p

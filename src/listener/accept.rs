@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::lifetime::watch_connection;
 use super::{Activity, ConnLimits, ListenerStats, RequestBody, Watched, http1};
+use crate::frames;
 use crate::message::strip_hop_by_hop;
 use crate::response::{Body, fields_into_head};
 
@@ -296,6 +297,7 @@ async fn serve<F, S>(
     slot: OwnedSemaphorePermit,
     on: Option<usize>,
 ) where
+    F: Send + Sync + 'static,
     S: Serves,
 {
     let _open = on.map(|i| OpenOn(&a.open, i));
@@ -325,33 +327,49 @@ async fn serve<F, S>(
     };
     if let Some(http1::Ended::Http2(mut io, read)) = ended {
         io.replay = read;
-        // As from the HTTP/1.1 reader: no field that ends at this hop. And as to the HTTP/1.1
-        // writer: hyper writes the map's fields only, so those a body carries go into the map.
-        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            strip_hop_by_hop(req.headers_mut());
-            let call = service.call(req.map(RequestBody::http2));
-            async move {
-                let mut resp = call.await?;
-                fields_into_head(&mut resp);
-                Ok::<_, S::Error>(resp)
-            }
-        });
-        let conn = a.h2.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let close = |c: Pin<&mut _>| http2::Connection::graceful_shutdown(c);
-        watch_connection(
-            conn,
-            close,
-            &activity,
-            limits,
-            stats,
-            a.closing.clone(),
-            peer,
-        )
-        .await;
+        // Boxed: hyper's connection is large; inside this future it would make every HTTP/1.1
+        // connection's task larger, and this poll's stack frame deeper.
+        frames::boxed(|| serve_http2(io, service, &activity, &a, peer)).await;
     }
     stats.open.fetch_sub(1, Relaxed);
     drop(slot);
+}
+
+/// Serves a connection that opened with HTTP/2's preface, by hyper.
+async fn serve_http2<F, S>(
+    io: Watched,
+    service: S,
+    activity: &Activity,
+    a: &Accepting<F>,
+    peer: SocketAddr,
+) where
+    F: Send + Sync + 'static,
+    S: Serves,
+{
+    // As from the HTTP/1.1 reader: no field that ends at this hop. And as to the HTTP/1.1
+    // writer: hyper writes the map's fields only, so those a body carries go into the map.
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        strip_hop_by_hop(req.headers_mut());
+        let call = service.call(req.map(RequestBody::http2));
+        async move {
+            let mut resp = call.await?;
+            fields_into_head(&mut resp);
+            Ok::<_, S::Error>(resp)
+        }
+    });
+    let conn = a.h2.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let close = |c: Pin<&mut _>| http2::Connection::graceful_shutdown(c);
+    watch_connection(
+        conn,
+        close,
+        activity,
+        &a.limits,
+        &a.stats,
+        a.closing.clone(),
+        peer,
+    )
+    .await;
 }
 
 #[cfg(test)]

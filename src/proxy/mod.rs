@@ -19,6 +19,7 @@ use crate::clock::{SharedClock, Time};
 use crate::config::{Class, Config, DEFAULT_ROUTE, QueueConfig};
 use crate::credentials::Credentials;
 use crate::crm::{Observation, Throttle};
+use crate::frames;
 use crate::ids::QuotaId;
 use crate::intake::Intake;
 use crate::listener::ListenerStats;
@@ -439,10 +440,10 @@ impl Proxy {
         match self.shared {
             SharedLedger::Local => Admission::Granted,
             // Boxed: a Redis round trip's future is large, and every caller's future would
-            // carry its size (and copy it with every request) for the local ledger too.
+            // carry its size (and its frame the room to build it) for the local ledger too.
             SharedLedger::Redis(_) => {
                 let demand = crate::shared_ledger::demand(quotas, keys);
-                Box::pin(self.admit_demand(&demand, grant)).await
+                frames::boxed(|| self.admit_demand(&demand, grant)).await
             }
         }
     }

@@ -28,6 +28,7 @@ use tower_service::Service;
 
 use super::http1::{Conn, Head};
 use super::{ForwardError, error_chain};
+use crate::frames;
 use crate::message::{Outbound, forwarded_fields};
 
 type Body = Full<Bytes>;
@@ -139,8 +140,8 @@ impl Pool {
             Checkout::None => out,
         };
         // Boxed: opening a connection (TLS, an HTTP/2 handshake) takes a large future that a
-        // request on a kept connection should not carry.
-        match Box::pin(self.connect()).await? {
+        // request on a kept connection should not carry, nor have room for in its frame.
+        match frames::boxed(|| self.connect()).await? {
             Sender::Http1(conn) => self.exchange(conn, out).await,
             Sender::Http2(mut h2) => {
                 self.keep(|conns| conns.http2 = Some(h2.clone()));
