@@ -10,6 +10,9 @@ RUN mkdir -p src benches \
     && cargo build --release --locked --bin crm-quota-proxy \
     && rm -rf src
 COPY src src
+# build.rs lays the request path's functions out together (layout/hot-symbols.txt).
+COPY build.rs ./
+COPY layout layout
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin crm-quota-proxy
 # The disk store's directory, private to the runtime user (distroless has no shell to make it).
 RUN mkdir -m 0700 /data

@@ -17,7 +17,9 @@
 #      callgrind (a count, not a time: the same whatever else the machine is doing), with the
 #      misses of its simulated first-level caches (32 KiB of instructions, 32 KiB of data, as
 #      on this machine): how much code and data a request goes through beyond what they hold;
-#   7. system calls per proxied request, proxy and nginx, counted by strace (a count too).
+#   7. system calls per proxied request, proxy and nginx, counted by strace (a count too);
+#   8. how many of the functions layout/hot-symbols.txt lists the binary has (build.rs lays them
+#      out together; bench/hot-symbols.sh writes the list again when the names changed).
 # Prints a Markdown report. Everything binds 127.0.0.1 only.
 #
 #   bench/run.sh            the full run (about 10 minutes; release build)
@@ -40,13 +42,9 @@ else
     # the time under a lock, for a clock tests can pause): 2% more instructions per request.
     build() { cargo build --release --example loadgen && cargo build --release --bin crm-quota-proxy; }
 fi
-
-# Tools: wrk and nginx from the system packages.
-install() {
-    command -v apt-get >/dev/null || { echo "bench: install $* (no apt-get here)" >&2; exit 1; }
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 ||
-        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
-}
+# Tools: wrk, nginx, redis-server, valgrind and strace from the system packages.
+# shellcheck source=bench/common.sh
+source bench/common.sh
 command -v wrk >/dev/null || install wrk
 command -v nginx >/dev/null || install nginx-light
 command -v redis-server >/dev/null || install redis-server
@@ -58,48 +56,12 @@ build >&2
 BIN=target/$PROFILE/crm-quota-proxy
 LOADGEN=target/$PROFILE/examples/loadgen
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+work_dir
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() {
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "bench: nothing listens on port $1" >&2
-    exit 1
-}
 UP=$(free_port) NGX=$(free_port) PX=$(free_port) PXA=$(free_port)
 RP=$(free_port) PXR=$(free_port) PXRA=$(free_port) PXS=$(free_port) PXSA=$(free_port)
 
-# The fast upstream: nginx answering every request with a small JSON body.
-nginx_conf() { # name workers server-block
-    mkdir -p "$WORK/$1"
-    cat >"$WORK/$1/nginx.conf" <<EOF
-daemon off;
-worker_processes $2;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/$1; proxy_temp_path $WORK/$1; fastcgi_temp_path $WORK/$1;
-    uwsgi_temp_path $WORK/$1; scgi_temp_path $WORK/$1;
-    keepalive_requests 1000000;
-    $3
-}
-EOF
-}
-nginx_conf upstream 1 "server { listen 127.0.0.1:$UP; location / { default_type application/json; return 200 '{\"users\":[{\"id\":1,\"name\":\"Ada\"}]}'; } }"
+upstream_conf "$UP"
 # nginx as the proxy: the same never-binding budget as the proxy's (6,000,000 per minute).
 nginx_conf nginx auto "limit_req_zone \$server_name zone=crm:1m rate=100000r/s;
     upstream crm { server 127.0.0.1:$UP; keepalive 64; }
@@ -112,14 +74,7 @@ declare -A SERVER=([direct]=$!)
 "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" &
 PIDS+=($!)
 SERVER[nginx]=$!
-cat >"$WORK/proxy.yaml" <<EOF
-listen: { data: 127.0.0.1:$PX, admin: 127.0.0.1:$PXA }
-upstream: { url: http://127.0.0.1:$UP }
-quotas:
-  - { name: minute, limit: 6000000, window: 1m }
-routes:
-  - { name: contact-search, methods: [GET], path: /api/v2/**, on_limit: reject }
-EOF
+proxy_conf
 RUST_LOG=warn "$BIN" run --config "$WORK/proxy.yaml" 2>"$WORK/proxy.log" &
 PIDS+=($!)
 SERVER[proxy]=$!
@@ -165,6 +120,11 @@ cpu_ticks() {
 TICK=$(getconf CLK_TCK)
 
 RESULTS="$WORK/results"
+# How much of the request path's layout list (build.rs) this binary has: names the code no longer
+# has were skipped by the linker (bench/hot-symbols.sh writes the list again).
+listed=$(grep -vc '^#' layout/hot-symbols.txt)
+found=$(grep -v '^#' layout/hot-symbols.txt | sort -u | comm -12 - <(nm --defined-only "$BIN" | awk '{ print $3 }' | sort -u) | wc -l)
+echo "layout - listed=$listed found=$found profile=$PROFILE" >>"$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
     for target in direct proxy nginx proxy_shared; do
         echo "bench: round $round, $target" >&2
@@ -205,18 +165,6 @@ echo "scrape - $("$LOADGEN" scrape "$BIN" "${SCRAPE_ARGS[@]}")" >>"$RESULTS"
 
 # Instructions per proxied request: each target under callgrind, warmed up, its counter zeroed,
 # then INSTR_N requests one after another on one keep-alive connection, and the count dumped.
-sequential() { # port count
-    python3 - "$1" "$2" <<'PY'
-import http.client, sys
-c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=60)
-for _ in range(int(sys.argv[2])):
-    c.request("GET", "/api/v2/users/search.json?query=ada")
-    r = c.getresponse()
-    r.read()
-    if r.status != 200:
-        sys.exit(f"bench: status {r.status} under callgrind")
-PY
-}
 counted() { # name port pid
     sequential "$2" 200
     callgrind_control -z "$3" >/dev/null 2>&1
@@ -347,6 +295,10 @@ for k, title in (("sliding", "local window `sliding`"), ("fixed", "local window 
         failed.append(f"backlog {k}: {d}")
     print(f"| {title} | {d['offered']} | {d['tickets']} | {d['crm_429']} | {d['windows']} "
           f"| {float(d['utilization']) * 100:.1f}% | {d['first_call_p50_ms']} / {d['first_call_max_ms']} ms |")
+lay = rows[("layout", "-")][0]
+print(f"\nrequest path laid out together (layout/hot-symbols.txt, build.rs): "
+      + (f"{lay['found']} of the {lay['listed']} listed functions in this binary"
+         if lay["profile"] == "release" else "not in a debug build"))
 ip, ing = (int(rows[("instructions", t)][0]["per_request"]) for t in ("proxy", "nginx"))
 print(f"\ninstructions per proxied request (callgrind, user space, {rows[('instructions', 'proxy')][0]['requests']} "
       f"requests one after another): proxy {ip:,}, nginx {ing:,}, proxy/nginx {ip / max(ing, 1):.2f}")
