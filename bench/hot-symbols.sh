@@ -9,7 +9,7 @@
 # connection, and every function of the binary that spent at least one instruction a request
 # (callgrind's count of its own instructions) goes in the list, under its linker name.
 #
-#   bench/hot-symbols.sh    (about two minutes after the release build)
+#   bench/hot-symbols.sh    (a few seconds after the release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/common.sh
