@@ -56,7 +56,8 @@ upstream_conf() {
 }
 
 # $WORK/proxy.yaml: the proxy on ports $PX and $PXA in front of the upstream on $UP, with a
-# budget that never binds (6,000,000 a minute) and the contact search's route.
+# budget that never binds (6,000,000 a minute), the contact search's route and any route given
+# (one YAML flow mapping an argument).
 proxy_conf() {
     cat >"$WORK/proxy.yaml" <<EOF
 listen: { data: 127.0.0.1:$PX, admin: 127.0.0.1:$PXA }
@@ -66,6 +67,7 @@ quotas:
 routes:
   - { name: contact-search, methods: [GET], path: /api/v2/**, on_limit: reject }
 EOF
+    for route in "$@"; do echo "  - $route" >>"$WORK/proxy.yaml"; done
 }
 
 # Requests one after another on one keep-alive connection: `count` contact searches, then

@@ -26,8 +26,7 @@ UP=$(free_port) PX=$(free_port) PXA=$(free_port)
 upstream_conf "$UP"
 nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -e "$WORK/upstream/error.log" &
 PIDS+=($!)
-proxy_conf
-echo "  - { name: ticket-create, methods: [POST], path: /api/v2/tickets.json }" >>"$WORK/proxy.yaml"
+proxy_conf "{ name: ticket-create, methods: [POST], path: /api/v2/tickets.json }"
 wait_port "$UP"
 RUST_LOG=warn valgrind --tool=callgrind --demangle=no --callgrind-out-file="$WORK/callgrind" \
     "$BIN" run --config "$WORK/proxy.yaml" 2>"$WORK/proxy.log" &
@@ -84,7 +83,8 @@ def hot(path, requests):
         sys.exit(f"bench: only {len(found)} functions found in {path}")
     return found
 searches = hot(sys.argv[2], int(sys.argv[3]))
-creates = [f for f in hot(sys.argv[4], int(sys.argv[5])) if f not in set(searches)]
+seen = set(searches)
+creates = [f for f in hot(sys.argv[4], int(sys.argv[5])) if f not in seen]
 print("# The proxy's request path: release builds place these functions together (build.rs).")
 print("# Written by bench/hot-symbols.sh under callgrind: the functions contact searches run")
 print("# through, hottest first, then those only ticket creates add. Regenerate after changing")
